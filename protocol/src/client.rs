@@ -1,0 +1,351 @@
+//! Client side of the sync flow: the agent's session with its aggregator.
+//! Sans-IO: the driver feeds `connected`, `disconnected`, received messages
+//! and timeouts, and sends whatever `poll_transmit` returns.
+//!
+//! The store, not this session, is the source of truth: after a disconnect
+//! all in-flight work is forgotten and re-derived from the store and the
+//! server's knowledge on the next connect. Every message it sends is
+//! idempotent at the server, so resending after a timeout is always safe.
+
+use crate::ids::{DeviceRef, Hash32, ReplicaId};
+use crate::knowledge::Knowledge;
+use crate::manifest::Change;
+use crate::msg::*;
+use crate::{Result, PROTO_VERSION};
+use std::collections::{HashMap, VecDeque};
+
+/// What the client session needs from storage.
+pub trait ClientStore {
+    fn device(&self) -> DeviceRef;
+    /// The replica new changes are recorded under.
+    fn replica(&self) -> ReplicaId;
+    /// Up to `max` recorded changes that `have` does not contain, in seq
+    /// order, whose encodings add up to at most `max_bytes` (at least one
+    /// change is returned if any is pending).
+    fn pending(&mut self, have: &Knowledge, max: usize, max_bytes: usize) -> Result<Vec<Change>>;
+    /// Stored bytes of chunk `id` of `change`, re-read from the source and
+    /// checked against `id`; `None` if the source changed since.
+    fn chunk(&mut self, change: &Change, id: &Hash32) -> Result<Option<Vec<u8>>>;
+    /// The bytes of `change` are gone: record it as superseded (same seq)
+    /// and arrange for the file to be recorded again.
+    fn supersede(&mut self, change: &Change) -> Result<()>;
+    /// New knowledge from the server: regional (durable at the aggregator)
+    /// and cloud (durable in the cloud; the store may now prune).
+    fn on_knowledge(&mut self, regional: &Knowledge, cloud: &Knowledge) -> Result<()>;
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub response_timeout_ms: u64,
+    pub max_batch: usize,
+    pub max_batch_bytes: usize,
+    /// Target payload of one Data message.
+    pub data_bytes: usize,
+    /// Back-off after a round that made no progress (doubles up to 64×).
+    pub idle_backoff_ms: u64,
+    pub software: String,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            response_timeout_ms: 30_000,
+            max_batch: 256,
+            max_batch_bytes: 2 << 20,
+            data_bytes: 1 << 20,
+            idle_backoff_ms: 1_000,
+            software: String::new(),
+        }
+    }
+}
+
+/// Things the driver may want to log or count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Rejected { seq: u64, reason: String },
+    Backoff { ms: u64 },
+    Applied { count: usize },
+    Superseded { seq: u64 },
+    Nack { reason: String },
+    Resent { kind: &'static str },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ClientStats {
+    pub batches: u64,
+    pub chunks_sent: u64,
+    pub chunk_bytes_sent: u64,
+    pub changes_applied: u64,
+    pub resends: u64,
+}
+
+enum State {
+    Offline,
+    AwaitKnowledge,
+    Idle,
+    AwaitPrepare { id: u64, batch: Vec<Change> },
+    Sending { id: u64, batch: Vec<Change>, todo: VecDeque<(usize, Hash32)> },
+    AwaitCommitted { id: u64 },
+    Backoff { id: u64, batch: Vec<Change>, until: u64 },
+}
+
+pub struct ClientSession {
+    cfg: ClientConfig,
+    state: State,
+    regional: Knowledge,
+    cloud: Knowledge,
+    next_id: u64,
+    /// Set when the store may hold something to send.
+    dirty: bool,
+    out: VecDeque<Message>,
+    deadline: Option<u64>,
+    idle_until: u64,
+    backoff_mult: u64,
+    events: VecDeque<Event>,
+    pub stats: ClientStats,
+}
+
+impl ClientSession {
+    /// `first_batch_id` should differ across restarts (e.g. from the clock)
+    /// so a stale Prepare for an old batch is never mistaken for a new one.
+    pub fn new(cfg: ClientConfig, first_batch_id: u64) -> ClientSession {
+        ClientSession {
+            cfg,
+            state: State::Offline,
+            regional: Knowledge::default(),
+            cloud: Knowledge::default(),
+            next_id: first_batch_id.max(1),
+            dirty: true,
+            out: VecDeque::new(),
+            deadline: None,
+            idle_until: 0,
+            backoff_mult: 1,
+            events: VecDeque::new(),
+            stats: ClientStats::default(),
+        }
+    }
+
+    pub fn is_online(&self) -> bool {
+        !matches!(self.state, State::Offline)
+    }
+    /// True when connected, nothing in flight and the store had nothing to send.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Idle) && !self.dirty && self.out.is_empty()
+    }
+    pub fn regional(&self) -> &Knowledge {
+        &self.regional
+    }
+    pub fn cloud(&self) -> &Knowledge {
+        &self.cloud
+    }
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// New local changes may exist.
+    pub fn wake(&mut self) {
+        self.dirty = true;
+    }
+
+    /// The transport is up (and subscribed): start with Hello.
+    pub fn connected(&mut self, now: u64, store: &dyn ClientStore) {
+        self.out.clear();
+        self.state = State::AwaitKnowledge;
+        self.out.push_back(self.hello(store));
+        self.deadline = Some(now + self.cfg.response_timeout_ms);
+    }
+
+    /// The transport dropped: in-flight work goes back to the store.
+    pub fn disconnected(&mut self) {
+        self.state = State::Offline;
+        self.out.clear();
+        self.deadline = None;
+        self.dirty = true;
+    }
+
+    fn hello(&self, store: &dyn ClientStore) -> Message {
+        Message::Hello(Hello {
+            proto: PROTO_VERSION,
+            device: Some(store.device()),
+            replica: Some(store.replica()),
+            software: self.cfg.software.clone(),
+        })
+    }
+
+    /// Earliest time `handle_timeout` should run.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match (&self.state, self.deadline) {
+            (State::Backoff { until, .. }, _) => Some(*until),
+            (State::Idle, _) if self.dirty && self.idle_until > 0 => Some(self.idle_until),
+            (_, d) => d,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: u64, store: &dyn ClientStore) {
+        match std::mem::replace(&mut self.state, State::Offline) {
+            State::Backoff { id, batch, until } if now >= until => {
+                self.send_batch(now, id, batch);
+            }
+            s @ State::Backoff { .. } => self.state = s,
+            s => {
+                self.state = s;
+                if self.deadline.is_some_and(|d| now >= d) {
+                    self.stats.resends += 1;
+                    self.deadline = Some(now + self.cfg.response_timeout_ms);
+                    let resend = match &self.state {
+                        State::AwaitKnowledge => Some(self.hello(store)),
+                        State::AwaitPrepare { id, batch } => {
+                            Some(Message::Batch(Batch { batch_id: *id, changes: batch.clone() }))
+                        }
+                        State::AwaitCommitted { id } => Some(Message::Commit(Commit { batch_id: *id })),
+                        _ => None,
+                    };
+                    if let Some(m) = resend {
+                        self.events.push_back(Event::Resent { kind: m.kind() });
+                        self.out.push_back(m);
+                    } else {
+                        self.deadline = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_batch(&mut self, now: u64, id: u64, batch: Vec<Change>) {
+        self.stats.batches += 1;
+        self.out.push_back(Message::Batch(Batch { batch_id: id, changes: batch.clone() }));
+        self.state = State::AwaitPrepare { id, batch };
+        self.deadline = Some(now + self.cfg.response_timeout_ms);
+    }
+
+    /// Feeds one message from the server.
+    pub fn handle(&mut self, now: u64, msg: Message, store: &mut dyn ClientStore) -> Result<()> {
+        match msg {
+            Message::Knowledge(k) => {
+                // Authoritative at connect: if the server lost data, we resend it.
+                self.regional = k.regional;
+                self.cloud.union_with(&k.cloud);
+                self.cfg.max_batch = self.cfg.max_batch.min(k.max_batch.max(1) as usize);
+                self.cfg.max_batch_bytes = self.cfg.max_batch_bytes.min(k.max_message as usize / 2);
+                store.on_knowledge(&self.regional, &self.cloud)?;
+                if matches!(self.state, State::AwaitKnowledge) {
+                    self.state = State::Idle;
+                    self.deadline = None;
+                    self.dirty = true;
+                }
+            }
+            Message::Prepare(p) => {
+                for (seq, reason) in &p.rejected {
+                    self.events.push_back(Event::Rejected { seq: *seq, reason: reason.clone() });
+                }
+                let current = matches!(&self.state, State::AwaitPrepare { id, .. } if *id == p.batch_id);
+                if !current {
+                    return Ok(());
+                }
+                let State::AwaitPrepare { id, batch } = std::mem::replace(&mut self.state, State::Offline) else {
+                    return Ok(());
+                };
+                if p.retry_after_ms > 0 {
+                    self.events.push_back(Event::Backoff { ms: p.retry_after_ms });
+                    self.state = State::Backoff { id, batch, until: now + p.retry_after_ms };
+                    self.deadline = None;
+                    return Ok(());
+                }
+                // Map each missing chunk to the first change that holds it.
+                let mut where_: HashMap<Hash32, usize> = HashMap::new();
+                for (i, c) in batch.iter().enumerate() {
+                    for r in c.chunk_refs() {
+                        where_.entry(r.id).or_insert(i);
+                    }
+                }
+                let todo = p.missing.iter().filter_map(|m| where_.get(m).map(|i| (*i, *m))).collect();
+                self.state = State::Sending { id, batch, todo };
+                self.deadline = None;
+            }
+            Message::Committed(c) => {
+                self.regional.union_with(&c.regional);
+                self.cloud.union_with(&c.cloud);
+                store.on_knowledge(&self.regional, &self.cloud)?;
+                let applied = c.results.iter().filter(|r| r.status == Status::Applied).count();
+                self.stats.changes_applied += applied as u64;
+                if applied > 0 {
+                    self.events.push_back(Event::Applied { count: applied });
+                }
+                if matches!(&self.state, State::AwaitCommitted { id } if *id == c.batch_id) {
+                    self.state = State::Idle;
+                    self.deadline = None;
+                    self.dirty = true;
+                    if applied == 0 {
+                        // No progress (rejections, unknown batch, missing chunks):
+                        // wait a little before offering again, growing to ~1 min.
+                        self.idle_until = now + self.cfg.idle_backoff_ms * self.backoff_mult;
+                        self.backoff_mult = (self.backoff_mult * 2).min(64);
+                    } else {
+                        self.idle_until = 0;
+                        self.backoff_mult = 1;
+                    }
+                }
+            }
+            Message::CloudAck(a) => {
+                self.cloud.union_with(&a.cloud);
+                store.on_knowledge(&self.regional, &self.cloud)?;
+            }
+            Message::Nack(n) => self.events.push_back(Event::Nack { reason: n.reason }),
+            // Client-bound only; anything else is a confused peer.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Next message to send, if any.
+    pub fn poll_transmit(&mut self, now: u64, store: &mut dyn ClientStore) -> Result<Option<Message>> {
+        if let Some(m) = self.out.pop_front() {
+            return Ok(Some(m));
+        }
+        match &mut self.state {
+            State::Idle if self.dirty && now >= self.idle_until => {
+                let mut have = self.regional.clone();
+                have.union_with(&self.cloud);
+                let batch = store.pending(&have, self.cfg.max_batch, self.cfg.max_batch_bytes)?;
+                if batch.is_empty() {
+                    self.dirty = false;
+                    return Ok(None);
+                }
+                let id = self.next_id;
+                self.next_id += 1;
+                self.send_batch(now, id, batch);
+                Ok(self.out.pop_front())
+            }
+            State::Sending { id, batch, todo } => {
+                let id = *id;
+                let mut chunks = Vec::new();
+                let mut bytes = 0usize;
+                while bytes < self.cfg.data_bytes {
+                    let Some((i, cid)) = todo.pop_front() else { break };
+                    match store.chunk(&batch[i], &cid)? {
+                        Some(b) => {
+                            bytes += b.len();
+                            chunks.push(ChunkData { id: cid, bytes: b });
+                        }
+                        None => {
+                            // Source changed: the change becomes Superseded and the
+                            // file is recorded again; drop its other chunks.
+                            store.supersede(&batch[i])?;
+                            self.events.push_back(Event::Superseded { seq: batch[i].seq });
+                            todo.retain(|(j, _)| *j != i);
+                        }
+                    }
+                }
+                if !chunks.is_empty() {
+                    self.stats.chunks_sent += chunks.len() as u64;
+                    self.stats.chunk_bytes_sent += bytes as u64;
+                    return Ok(Some(Message::Data(Data { batch_id: id, chunks })));
+                }
+                self.state = State::AwaitCommitted { id };
+                self.deadline = Some(now + self.cfg.response_timeout_ms);
+                Ok(Some(Message::Commit(Commit { batch_id: id })))
+            }
+            _ => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Server side of the sync flow, shared by the aggregator (agents over MQTT)
+//! and the cloud-sink (aggregators over HTTP). Sans-IO: storage is reached
+//! through [`ServerStore`], time comes in as `now_ms`.
+
+use crate::ids::{DeviceRef, Hash32};
+use crate::knowledge::Knowledge;
+use crate::manifest::Change;
+use crate::msg::*;
+use crate::pack::MAX_CHUNK;
+use crate::{Result, PROTO_VERSION};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+
+/// What the server logic needs from storage.
+pub trait ServerStore {
+    /// What this node holds durably of these devices' replicas, and what the
+    /// cloud holds of them as far as this node knows.
+    fn knowledge(&mut self, devices: &[DeviceRef]) -> Result<(Knowledge, Knowledge)>;
+    fn has_chunk(&mut self, id: &Hash32) -> Result<bool>;
+    /// Stores chunks (ids already verified) so they survive a crash.
+    fn put_chunks(&mut self, chunks: &[ChunkData]) -> Result<()>;
+    /// The pinned signing key of a device (trust on first use), if any.
+    fn device_key(&mut self, device: &DeviceRef) -> Result<Option<Vec<u8>>>;
+    /// Durably records changes (all chunks present, signatures checked) and
+    /// pins the keys of devices seen for the first time, before returning.
+    fn apply(&mut self, changes: &[Change]) -> Result<()>;
+    /// `Some(ms)` when out of room: clients back off that long.
+    fn backpressure(&mut self) -> Option<u64>;
+}
+
+/// Who sent a message. `device` is the identity the transport vouches for
+/// (the MQTT topic under broker ACLs); `None` for a trusted aggregator.
+pub struct Peer<'a> {
+    pub name: &'a str,
+    pub device: Option<&'a DeviceRef>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub max_batch: u32,
+    /// Batches held between Batch and Commit, over all peers.
+    pub max_pending: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { max_batch: 512, max_pending: 20_000 }
+    }
+}
+
+#[derive(Default, Clone, Debug)]
+pub struct ServerStats {
+    pub batches: u64,
+    pub changes_applied: u64,
+    pub changes_rejected: u64,
+    pub chunks_received: u64,
+    pub chunk_bytes_received: u64,
+    pub chunks_duplicate: u64,
+    pub chunks_bad: u64,
+    pub backpressure: u64,
+}
+
+struct Pending {
+    changes: Vec<Change>,
+    rejected: Vec<Change>,
+    /// Chunks asked for in Prepare: the only ones Data may deliver.
+    wanted: HashSet<Hash32>,
+}
+
+pub struct Server {
+    cfg: ServerConfig,
+    pending: HashMap<(String, u64), Pending>,
+    order: VecDeque<(String, u64)>,
+    pub stats: ServerStats,
+}
+
+impl Server {
+    pub fn new(cfg: ServerConfig) -> Server {
+        Server { cfg, pending: HashMap::new(), order: VecDeque::new(), stats: ServerStats::default() }
+    }
+
+    /// Handles one message and returns the replies, in order.
+    pub fn handle(&mut self, _now_ms: u64, peer: &Peer, msg: Message, store: &mut dyn ServerStore) -> Result<Vec<Message>> {
+        match msg {
+            Message::Hello(h) => self.hello(peer, h, store),
+            Message::Batch(b) => self.batch(peer, b, store),
+            Message::Data(d) => self.data(peer, d, store),
+            Message::Commit(c) => self.commit(peer, c, store),
+            other => Ok(vec![nack(format!("a server does not accept {}", other.kind()))]),
+        }
+    }
+
+    fn hello(&mut self, peer: &Peer, h: Hello, store: &mut dyn ServerStore) -> Result<Vec<Message>> {
+        if h.proto != PROTO_VERSION {
+            return Ok(vec![nack(format!("protocol {} not supported; this server speaks {PROTO_VERSION}", h.proto))]);
+        }
+        let device = match (peer.device, &h.device) {
+            (Some(p), Some(d)) if p != d => return Ok(vec![nack(format!("hello for {d} on {p}'s topic"))]),
+            (Some(p), _) => Some(p.clone()),
+            (None, d) => d.clone(),
+        };
+        let (regional, cloud) = match device {
+            Some(d) => store.knowledge(&[d])?,
+            None => Default::default(),
+        };
+        Ok(vec![Message::Knowledge(KnowledgeMsg {
+            regional,
+            cloud,
+            max_message: MAX_MESSAGE as u32,
+            max_batch: self.cfg.max_batch,
+        })])
+    }
+
+    fn batch(&mut self, peer: &Peer, b: Batch, store: &mut dyn ServerStore) -> Result<Vec<Message>> {
+        self.stats.batches += 1;
+        if b.changes.len() > self.cfg.max_batch as usize {
+            return Ok(vec![nack(format!("batch of {} changes exceeds {}", b.changes.len(), self.cfg.max_batch))]);
+        }
+        let devices: Vec<DeviceRef> =
+            b.changes.iter().map(|c| c.replica.device.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let (regional, _) = store.knowledge(&devices)?;
+        let mut keys: HashMap<DeviceRef, Option<Vec<u8>>> = HashMap::new();
+        let mut accepted = Vec::new();
+        let mut rejected = Vec::new();
+        let mut reasons = Vec::new();
+        for c in b.changes {
+            let reason = match peer.device {
+                Some(d) if *d != c.replica.device => Some(format!("change for {} sent by {d}", c.replica.device)),
+                _ => match c.verify() {
+                    Err(e) => Some(e.to_string()),
+                    Ok(()) => {
+                        let pinned = match keys.get(&c.replica.device) {
+                            Some(k) => k.clone(),
+                            None => {
+                                let k = store.device_key(&c.replica.device)?;
+                                keys.insert(c.replica.device.clone(), k.clone());
+                                k
+                            }
+                        };
+                        match pinned {
+                            Some(k) if k != c.pubkey => {
+                                Some(format!("{} is signed by a key other than the one pinned for the device", c.label()))
+                            }
+                            _ => None,
+                        }
+                    }
+                },
+            };
+            match reason {
+                Some(r) => {
+                    self.stats.changes_rejected += 1;
+                    reasons.push((c.seq, r));
+                    rejected.push(c);
+                }
+                None => accepted.push(c),
+            }
+        }
+        let todo: Vec<&Change> = accepted.iter().filter(|c| !regional.contains(&c.replica, c.seq)).collect();
+        if !todo.is_empty() {
+            if let Some(ms) = store.backpressure() {
+                self.stats.backpressure += 1;
+                return Ok(vec![Message::Prepare(Prepare {
+                    batch_id: b.batch_id,
+                    missing: Vec::new(),
+                    retry_after_ms: ms.max(1),
+                    rejected: reasons,
+                })]);
+            }
+        }
+        let mut wanted = HashSet::new();
+        let mut missing = Vec::new();
+        for c in &todo {
+            for r in c.chunk_refs() {
+                if !wanted.contains(&r.id) && !store.has_chunk(&r.id)? {
+                    wanted.insert(r.id);
+                    missing.push(r.id);
+                }
+            }
+        }
+        self.remember(peer.name, b.batch_id, Pending { changes: accepted, rejected, wanted });
+        Ok(vec![Message::Prepare(Prepare { batch_id: b.batch_id, missing, retry_after_ms: 0, rejected: reasons })])
+    }
+
+    fn remember(&mut self, peer: &str, id: u64, p: Pending) {
+        let key = (peer.to_string(), id);
+        if self.pending.insert(key.clone(), p).is_none() {
+            self.order.push_back(key);
+        }
+        // Oldest batches go first; their clients get an empty Committed and resend.
+        while self.pending.len() > self.cfg.max_pending {
+            match self.order.pop_front() {
+                Some(k) => {
+                    self.pending.remove(&k);
+                }
+                None => break,
+            }
+        }
+        if self.order.len() > 2 * self.cfg.max_pending.max(1) {
+            let pending = &self.pending;
+            self.order.retain(|k| pending.contains_key(k));
+        }
+    }
+
+    fn data(&mut self, peer: &Peer, d: Data, store: &mut dyn ServerStore) -> Result<Vec<Message>> {
+        let Some(p) = self.pending.get(&(peer.name.to_string(), d.batch_id)) else {
+            // Unknown batch: ignore; the Commit that follows says so.
+            return Ok(Vec::new());
+        };
+        let mut good = Vec::with_capacity(d.chunks.len());
+        for c in d.chunks {
+            if c.bytes.len() > MAX_CHUNK || !p.wanted.contains(&c.id) || Hash32::of(&c.bytes) != c.id {
+                self.stats.chunks_bad += 1;
+                continue;
+            }
+            if store.has_chunk(&c.id)? {
+                self.stats.chunks_duplicate += 1;
+                continue;
+            }
+            self.stats.chunks_received += 1;
+            self.stats.chunk_bytes_received += c.bytes.len() as u64;
+            good.push(c);
+        }
+        if !good.is_empty() {
+            store.put_chunks(&good)?;
+        }
+        Ok(Vec::new())
+    }
+
+    fn commit(&mut self, peer: &Peer, c: Commit, store: &mut dyn ServerStore) -> Result<Vec<Message>> {
+        let key = (peer.name.to_string(), c.batch_id);
+        let Some(p) = self.pending.remove(&key) else {
+            let (regional, cloud) = match peer.device {
+                Some(d) => store.knowledge(std::slice::from_ref(d))?,
+                None => Default::default(),
+            };
+            return Ok(vec![Message::Committed(Committed { batch_id: c.batch_id, results: Vec::new(), regional, cloud })]);
+        };
+        let devices: Vec<DeviceRef> = p
+            .changes
+            .iter()
+            .chain(&p.rejected)
+            .map(|c| c.replica.device.clone())
+            .chain(peer.device.cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let (regional, _) = store.knowledge(&devices)?;
+        let mut results = Vec::with_capacity(p.changes.len() + p.rejected.len());
+        let mut ready = Vec::new();
+        for ch in p.changes {
+            let status = if regional.contains(&ch.replica, ch.seq) {
+                Status::Applied
+            } else {
+                let mut complete = true;
+                for r in ch.chunk_refs() {
+                    if !store.has_chunk(&r.id)? {
+                        complete = false;
+                        break;
+                    }
+                }
+                if complete {
+                    Status::Applied
+                } else {
+                    Status::Missing
+                }
+            };
+            results.push(SeqStatus { replica: ch.replica.clone(), seq: ch.seq, status });
+            if status == Status::Applied && !regional.contains(&ch.replica, ch.seq) {
+                ready.push(ch);
+            }
+        }
+        for ch in p.rejected {
+            results.push(SeqStatus { replica: ch.replica, seq: ch.seq, status: Status::Rejected });
+        }
+        if !ready.is_empty() {
+            store.apply(&ready)?;
+            self.stats.changes_applied += ready.len() as u64;
+        }
+        let (regional, cloud) = store.knowledge(&devices)?;
+        Ok(vec![Message::Committed(Committed { batch_id: c.batch_id, results, regional, cloud })])
+    }
+}
+
+fn nack(reason: String) -> Message {
+    Message::Nack(Nack { reason })
+}
