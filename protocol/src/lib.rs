@@ -16,6 +16,7 @@ pub mod pack;
 pub mod seal;
 pub mod server;
 pub mod sha;
+pub mod topic;
 
 pub use ids::{DeviceRef, Hash32, Id, ReplicaId};
 pub use knowledge::{Knowledge, RangeSet};
