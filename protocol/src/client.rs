@@ -83,10 +83,23 @@ enum State {
     Offline,
     AwaitKnowledge,
     Idle,
-    AwaitPrepare { id: u64, batch: Vec<Change> },
-    Sending { id: u64, batch: Vec<Change>, todo: VecDeque<(usize, Hash32)> },
-    AwaitCommitted { id: u64 },
-    Backoff { id: u64, batch: Vec<Change>, until: u64 },
+    AwaitPrepare {
+        id: u64,
+        batch: Vec<Change>,
+    },
+    Sending {
+        id: u64,
+        batch: Vec<Change>,
+        todo: VecDeque<(usize, Hash32)>,
+    },
+    AwaitCommitted {
+        id: u64,
+    },
+    Backoff {
+        id: u64,
+        batch: Vec<Change>,
+        until: u64,
+    },
 }
 
 pub struct ClientSession {
@@ -194,9 +207,10 @@ impl ClientSession {
                     self.deadline = Some(now + self.cfg.response_timeout_ms);
                     let resend = match &self.state {
                         State::AwaitKnowledge => Some(self.hello(store)),
-                        State::AwaitPrepare { id, batch } => {
-                            Some(Message::Batch(Batch { batch_id: *id, changes: batch.clone() }))
-                        }
+                        State::AwaitPrepare { id, batch } => Some(Message::Batch(Batch {
+                            batch_id: *id,
+                            changes: batch.clone(),
+                        })),
                         State::AwaitCommitted { id } => Some(Message::Commit(Commit { batch_id: *id })),
                         _ => None,
                     };
@@ -213,7 +227,10 @@ impl ClientSession {
 
     fn send_batch(&mut self, now: u64, id: u64, batch: Vec<Change>) {
         self.stats.batches += 1;
-        self.out.push_back(Message::Batch(Batch { batch_id: id, changes: batch.clone() }));
+        self.out.push_back(Message::Batch(Batch {
+            batch_id: id,
+            changes: batch.clone(),
+        }));
         self.state = State::AwaitPrepare { id, batch };
         self.deadline = Some(now + self.cfg.response_timeout_ms);
     }
@@ -236,7 +253,10 @@ impl ClientSession {
             }
             Message::Prepare(p) => {
                 for (seq, reason) in &p.rejected {
-                    self.events.push_back(Event::Rejected { seq: *seq, reason: reason.clone() });
+                    self.events.push_back(Event::Rejected {
+                        seq: *seq,
+                        reason: reason.clone(),
+                    });
                 }
                 let current = matches!(&self.state, State::AwaitPrepare { id, .. } if *id == p.batch_id);
                 if !current {
@@ -247,7 +267,11 @@ impl ClientSession {
                 };
                 if p.retry_after_ms > 0 {
                     self.events.push_back(Event::Backoff { ms: p.retry_after_ms });
-                    self.state = State::Backoff { id, batch, until: now + p.retry_after_ms };
+                    self.state = State::Backoff {
+                        id,
+                        batch,
+                        until: now + p.retry_after_ms,
+                    };
                     self.deadline = None;
                     return Ok(());
                 }
@@ -258,7 +282,11 @@ impl ClientSession {
                         where_.entry(r.id).or_insert(i);
                     }
                 }
-                let todo = p.missing.iter().filter_map(|m| where_.get(m).map(|i| (*i, *m))).collect();
+                let todo = p
+                    .missing
+                    .iter()
+                    .filter_map(|m| where_.get(m).map(|i| (*i, *m)))
+                    .collect();
                 self.state = State::Sending { id, batch, todo };
                 self.deadline = None;
             }

@@ -20,7 +20,11 @@ impl Hlc {
     /// Next timestamp for a local event at wall time `now_ms`.
     pub fn tick(&mut self, now_ms: u64) -> Hlc {
         let now = now_ms & ((1 << 48) - 1);
-        *self = if now > self.millis() { Hlc::from_parts(now, 0) } else { Hlc(self.0.saturating_add(1)) };
+        *self = if now > self.millis() {
+            Hlc::from_parts(now, 0)
+        } else {
+            Hlc(self.0.saturating_add(1))
+        };
         *self
     }
 

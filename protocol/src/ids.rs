@@ -66,7 +66,11 @@ pub struct DeviceRef {
 
 impl DeviceRef {
     pub fn new(tenant: &str, site: &str, device: &str) -> Result<DeviceRef> {
-        Ok(DeviceRef { tenant: Id::new(tenant)?, site: Id::new(site)?, device: Id::new(device)? })
+        Ok(DeviceRef {
+            tenant: Id::new(tenant)?,
+            site: Id::new(site)?,
+            device: Id::new(device)?,
+        })
     }
     /// `tenant/site/device`: used in topics, object keys and table keys.
     pub fn key(&self) -> String {
@@ -125,7 +129,10 @@ impl Hash32 {
     pub fn from_hex(s: &str) -> Result<Hash32> {
         let b = s.as_bytes();
         if b.len() != 64 {
-            return Err(Error::Decode(format!("hash must be 64 hex digits, got {} chars", b.len())));
+            return Err(Error::Decode(format!(
+                "hash must be 64 hex digits, got {} chars",
+                b.len()
+            )));
         }
         let mut out = [0u8; 32];
         for (i, pair) in b.chunks(2).enumerate() {
@@ -164,7 +171,9 @@ impl<C> Encode<C> for Hash32 {
 impl<'b, C> Decode<'b, C> for Hash32 {
     fn decode(d: &mut Decoder<'b>, _: &mut C) -> Result<Self, decode::Error> {
         let b = d.bytes()?;
-        let arr: [u8; 32] = b.try_into().map_err(|_| decode::Error::message("hash must be 32 bytes"))?;
+        let arr: [u8; 32] = b
+            .try_into()
+            .map_err(|_| decode::Error::message("hash must be 32 bytes"))?;
         Ok(Hash32(arr))
     }
 }
@@ -194,7 +203,10 @@ mod tests {
     #[test]
     fn hash_hex_round_trip() {
         let h = Hash32::of(b"abc");
-        assert_eq!(h.to_hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            h.to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(Hash32::from_hex(&h.to_hex()).ok(), Some(h));
         assert!(Hash32::from_hex("zz").is_err());
     }

@@ -83,7 +83,9 @@ impl<C> Encode<C> for RangeSet {
 
 impl<'b, C> Decode<'b, C> for RangeSet {
     fn decode(d: &mut Decoder<'b>, _: &mut C) -> Result<Self, decode::Error> {
-        let n = d.array()?.ok_or_else(|| decode::Error::message("indefinite range set"))?;
+        let n = d
+            .array()?
+            .ok_or_else(|| decode::Error::message("indefinite range set"))?;
         if n % 2 != 0 || n / 2 > MAX_RANGES as u64 {
             return Err(decode::Error::message("range set has odd length or too many ranges"));
         }
@@ -126,7 +128,12 @@ impl Knowledge {
     /// Only the replicas of one device.
     pub fn for_device(&self, d: &DeviceRef) -> Knowledge {
         Knowledge {
-            map: self.map.iter().filter(|(r, _)| &r.device == d).map(|(r, s)| (r.clone(), s.clone())).collect(),
+            map: self
+                .map
+                .iter()
+                .filter(|(r, _)| &r.device == d)
+                .map(|(r, s)| (r.clone(), s.clone()))
+                .collect(),
         }
     }
 }
@@ -145,7 +152,9 @@ impl<C> Encode<C> for Knowledge {
 
 impl<'b, C> Decode<'b, C> for Knowledge {
     fn decode(d: &mut Decoder<'b>, ctx: &mut C) -> Result<Self, decode::Error> {
-        let n = d.array()?.ok_or_else(|| decode::Error::message("indefinite knowledge"))?;
+        let n = d
+            .array()?
+            .ok_or_else(|| decode::Error::message("indefinite knowledge"))?;
         let mut map = BTreeMap::new();
         for _ in 0..n {
             if d.array()? != Some(2) {
@@ -187,7 +196,12 @@ mod tests {
         // [5,6, 1,2] is unsorted.
         let mut buf = Vec::new();
         let mut e = Encoder::new(&mut buf);
-        e.array(4).and_then(|e| e.u64(5)).and_then(|e| e.u64(6)).and_then(|e| e.u64(1)).and_then(|e| e.u64(2)).ok();
+        e.array(4)
+            .and_then(|e| e.u64(5))
+            .and_then(|e| e.u64(6))
+            .and_then(|e| e.u64(1))
+            .and_then(|e| e.u64(2))
+            .ok();
         assert!(crate::from_cbor::<RangeSet>(&buf, 1024).is_err());
     }
 

@@ -116,7 +116,14 @@ impl Change {
 
     /// Builds and signs a change.
     pub fn sign(replica: ReplicaId, seq: u64, hlc: Hlc, body: ChangeBody, key: &Ed25519KeyPair) -> Change {
-        let mut c = Change { replica, seq, hlc, body, pubkey: key.public_key().as_ref().to_vec(), signature: Vec::new() };
+        let mut c = Change {
+            replica,
+            seq,
+            hlc,
+            body,
+            pubkey: key.public_key().as_ref().to_vec(),
+            signature: Vec::new(),
+        };
         c.signature = key.sign(&c.signed_bytes()).as_ref().to_vec();
         c
     }
@@ -128,7 +135,10 @@ impl Change {
         if let ChangeBody::File(f) = &self.body {
             let total: u64 = f.chunks.iter().map(|c| u64::from(c.len)).sum();
             if total != f.size {
-                return Err(Error::BadSignature(format!("{} (chunk lengths do not add up to size)", self.label())));
+                return Err(Error::BadSignature(format!(
+                    "{} (chunk lengths do not add up to size)",
+                    self.label()
+                )));
             }
         }
         UnparsedPublicKey::new(&ED25519, &self.pubkey)
@@ -183,17 +193,26 @@ mod tests {
 
     fn key() -> Ed25519KeyPair {
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map(|d| d.as_ref().to_vec());
-        pkcs8.ok().and_then(|p| Ed25519KeyPair::from_pkcs8(&p).ok()).expect("keygen")
+        pkcs8
+            .ok()
+            .and_then(|p| Ed25519KeyPair::from_pkcs8(&p).ok())
+            .expect("keygen")
     }
 
     fn change(path: &str) -> Change {
-        let replica = ReplicaId { device: DeviceRef::new("t", "s", "d").expect("ids"), epoch: 1 };
+        let replica = ReplicaId {
+            device: DeviceRef::new("t", "s", "d").expect("ids"),
+            epoch: 1,
+        };
         let body = ChangeBody::File(FileVersion {
             path: path.into(),
             size: 5,
             mtime_ns: 0,
             class: "default".into(),
-            chunks: vec![ChunkRef { id: Hash32::of(b"x"), len: 5 }],
+            chunks: vec![ChunkRef {
+                id: Hash32::of(b"x"),
+                len: 5,
+            }],
             sha256: Hash32::of(b"hello"),
             mode: 0o644,
         });
@@ -218,7 +237,16 @@ mod tests {
 
     #[test]
     fn traversal_paths_are_rejected() {
-        for p in ["../x", "a/../../x", "/etc/passwd", "a//b", "a/./b", "", "a\0b", "a\\..\\b"] {
+        for p in [
+            "../x",
+            "a/../../x",
+            "/etc/passwd",
+            "a//b",
+            "a/./b",
+            "",
+            "a\0b",
+            "a\\..\\b",
+        ] {
             assert!(validate_path(p).is_err(), "{p:?}");
         }
         assert!(validate_path("line1/logs/a.csv").is_ok());

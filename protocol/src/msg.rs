@@ -182,9 +182,15 @@ impl Message {
 
     /// Encodes into a versioned envelope; fails if over `MAX_MESSAGE`.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let out = crate::to_cbor(&EnvelopeRef { version: PROTO_VERSION, msg: self });
+        let out = crate::to_cbor(&EnvelopeRef {
+            version: PROTO_VERSION,
+            msg: self,
+        });
         if out.len() > MAX_MESSAGE {
-            return Err(Error::TooLarge { size: out.len(), limit: MAX_MESSAGE });
+            return Err(Error::TooLarge {
+                size: out.len(),
+                limit: MAX_MESSAGE,
+            });
         }
         Ok(out)
     }
@@ -192,7 +198,10 @@ impl Message {
     /// Decodes an envelope of at most `MAX_MESSAGE` bytes. Never panics.
     pub fn decode(b: &[u8]) -> Result<Message> {
         if b.len() > MAX_MESSAGE {
-            return Err(Error::TooLarge { size: b.len(), limit: MAX_MESSAGE });
+            return Err(Error::TooLarge {
+                size: b.len(),
+                limit: MAX_MESSAGE,
+            });
         }
         let mut d = minicbor::Decoder::new(b);
         // Read the version first so a newer peer gets a precise error.
@@ -242,7 +251,13 @@ mod tests {
     fn oversized_is_refused_both_ways() {
         let big = vec![0u8; MAX_MESSAGE + 1];
         assert!(matches!(Message::decode(&big), Err(Error::TooLarge { .. })));
-        let m = Message::Data(Data { batch_id: 1, chunks: vec![ChunkData { id: Hash32::default(), bytes: big }] });
+        let m = Message::Data(Data {
+            batch_id: 1,
+            chunks: vec![ChunkData {
+                id: Hash32::default(),
+                bytes: big,
+            }],
+        });
         assert!(matches!(m.encode(), Err(Error::TooLarge { .. })));
     }
 

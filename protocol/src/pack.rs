@@ -37,10 +37,17 @@ pub struct PackBuilder {
 
 impl PackBuilder {
     pub fn new() -> Self {
-        PackBuilder { buf: MAGIC.to_vec(), entries: Vec::new() }
+        PackBuilder {
+            buf: MAGIC.to_vec(),
+            entries: Vec::new(),
+        }
     }
     pub fn push(&mut self, id: Hash32, stored: &[u8]) {
-        self.entries.push(PackEntry { id, offset: self.buf.len() as u64, len: stored.len() as u32 });
+        self.entries.push(PackEntry {
+            id,
+            offset: self.buf.len() as u64,
+            len: stored.len() as u32,
+        });
         self.buf.extend_from_slice(stored);
     }
     pub fn len(&self) -> usize {

@@ -61,7 +61,9 @@ impl Cipher {
             "aes-256-gcm" | "aes" => Ok(Cipher::Aes256Gcm),
             "chacha20-poly1305" | "chacha" => Ok(Cipher::ChaCha20Poly1305),
             "auto" => Ok(Cipher::for_this_cpu()),
-            _ => Err(Error::KeyFile(format!("unknown cipher {s:?} (aes-256-gcm, chacha20-poly1305, auto)"))),
+            _ => Err(Error::KeyFile(format!(
+                "unknown cipher {s:?} (aes-256-gcm, chacha20-poly1305, auto)"
+            ))),
         }
     }
 }
@@ -80,9 +82,13 @@ impl TenantKey {
         let rng = SystemRandom::new();
         let mut master = [0u8; 32];
         let mut id = [0u8; 4];
-        rng.fill(&mut master).map_err(|_| Error::Crypto("no system randomness"))?;
+        rng.fill(&mut master)
+            .map_err(|_| Error::Crypto("no system randomness"))?;
         rng.fill(&mut id).map_err(|_| Error::Crypto("no system randomness"))?;
-        Ok(TenantKey { key_id: u32::from_be_bytes(id), master })
+        Ok(TenantKey {
+            key_id: u32::from_be_bytes(id),
+            master,
+        })
     }
     pub fn from_bytes(key_id: u32, master: [u8; 32]) -> TenantKey {
         TenantKey { key_id, master }
@@ -96,9 +102,14 @@ impl TenantKey {
         )
     }
     pub fn parse(s: &str) -> Result<TenantKey> {
-        let mut lines = s.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+        let mut lines = s
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'));
         if lines.next() != Some(KEY_FILE_HEADER) {
-            return Err(Error::KeyFile(format!("not a Ferry tenant key (first line must be {KEY_FILE_HEADER:?})")));
+            return Err(Error::KeyFile(format!(
+                "not a Ferry tenant key (first line must be {KEY_FILE_HEADER:?})"
+            )));
         }
         let (mut id, mut key) = (None, None);
         for l in lines {
@@ -106,8 +117,15 @@ impl TenantKey {
                 Some(("key-id", v)) => {
                     id = Some(u32::from_str_radix(v.trim(), 16).map_err(|_| Error::KeyFile("bad key-id".into()))?)
                 }
-                Some(("key", v)) => key = Some(Hash32::from_hex(v.trim()).map_err(|_| Error::KeyFile("bad key".into()))?),
-                _ => return Err(Error::KeyFile(format!("unexpected line {:?}", l.chars().take(40).collect::<String>()))),
+                Some(("key", v)) => {
+                    key = Some(Hash32::from_hex(v.trim()).map_err(|_| Error::KeyFile("bad key".into()))?)
+                }
+                _ => {
+                    return Err(Error::KeyFile(format!(
+                        "unexpected line {:?}",
+                        l.chars().take(40).collect::<String>()
+                    )))
+                }
             }
         }
         match (id, key) {
@@ -148,9 +166,10 @@ pub struct Sealer {
 
 impl Sealer {
     pub fn new(key: &TenantKey, cipher: Cipher) -> Result<Sealer> {
-        let aes = UnboundKey::new(&AES_256_GCM, &key.derive("enc-aes-256-gcm")).map_err(|_| Error::Crypto("aes key"))?;
-        let chacha =
-            UnboundKey::new(&CHACHA20_POLY1305, &key.derive("enc-chacha20")).map_err(|_| Error::Crypto("chacha key"))?;
+        let aes =
+            UnboundKey::new(&AES_256_GCM, &key.derive("enc-aes-256-gcm")).map_err(|_| Error::Crypto("aes key"))?;
+        let chacha = UnboundKey::new(&CHACHA20_POLY1305, &key.derive("enc-chacha20"))
+            .map_err(|_| Error::Crypto("chacha key"))?;
         Ok(Sealer {
             key_id: key.key_id,
             cipher,
@@ -191,7 +210,9 @@ impl Sealer {
                 }
             };
             self.scratch.reserve(zstd::zstd_safe::compress_bound(plain.len()));
-            let n = c.compress_to_buffer(plain, &mut self.scratch).map_err(|e| Error::Compress(e.to_string()))?;
+            let n = c
+                .compress_to_buffer(plain, &mut self.scratch)
+                .map_err(|e| Error::Compress(e.to_string()))?;
             // Keep the compressed form only when it saves something.
             compressed = n < plain.len();
         }
@@ -243,8 +264,9 @@ impl Sealer {
             _ => return Err(Error::CorruptChunk(id(), "unknown cipher")),
         };
         let header: [u8; HEADER_LEN] = stored[..HEADER_LEN].try_into().map_err(|_| Error::Crypto("header"))?;
-        let nonce: [u8; NONCE_LEN] =
-            stored[HEADER_LEN..HEADER_LEN + NONCE_LEN].try_into().map_err(|_| Error::Crypto("nonce"))?;
+        let nonce: [u8; NONCE_LEN] = stored[HEADER_LEN..HEADER_LEN + NONCE_LEN]
+            .try_into()
+            .map_err(|_| Error::Crypto("nonce"))?;
         let mut buf = stored[HEADER_LEN + NONCE_LEN..].to_vec();
         let plain_len = key
             .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(header), &mut buf)
@@ -259,7 +281,8 @@ impl Sealer {
                     Some(d) => d,
                     slot => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| Error::Compress(e.to_string()))?),
                 };
-                d.decompress(&buf, max_plain).map_err(|_| Error::CorruptChunk(id(), "bad or oversized zstd payload"))
+                d.decompress(&buf, max_plain)
+                    .map_err(|_| Error::CorruptChunk(id(), "bad or oversized zstd payload"))
             }
             _ => Err(Error::CorruptChunk(id(), "unknown compression")),
         }
@@ -285,6 +308,7 @@ mod tests {
                 let mut b = Vec::new();
                 let ia = s.seal(plain, 3, &mut a).expect("seal");
                 let ib = s.seal(plain, 3, &mut b).expect("seal");
+                assert_eq!(ia, ib);
                 assert_eq!(a, b, "deterministic");
                 assert_eq!(ia, Hash32::of(&a));
                 assert_eq!(s.open(&a, plain.len()).expect("open"), plain);
@@ -301,7 +325,10 @@ mod tests {
         let mut a = sealer(Cipher::Aes256Gcm);
         let mut b = sealer(Cipher::Aes256Gcm);
         let (mut x, mut y) = (Vec::new(), Vec::new());
-        assert_eq!(a.seal(b"same bytes here", 1, &mut x).ok(), b.seal(b"same bytes here", 1, &mut y).ok());
+        assert_eq!(
+            a.seal(b"same bytes here", 1, &mut x).ok(),
+            b.seal(b"same bytes here", 1, &mut y).ok()
+        );
         let mut bad = x.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;

@@ -43,7 +43,10 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_batch: 512, max_pending: 20_000 }
+        ServerConfig {
+            max_batch: 512,
+            max_pending: 20_000,
+        }
     }
 }
 
@@ -75,11 +78,22 @@ pub struct Server {
 
 impl Server {
     pub fn new(cfg: ServerConfig) -> Server {
-        Server { cfg, pending: HashMap::new(), order: VecDeque::new(), stats: ServerStats::default() }
+        Server {
+            cfg,
+            pending: HashMap::new(),
+            order: VecDeque::new(),
+            stats: ServerStats::default(),
+        }
     }
 
     /// Handles one message and returns the replies, in order.
-    pub fn handle(&mut self, _now_ms: u64, peer: &Peer, msg: Message, store: &mut dyn ServerStore) -> Result<Vec<Message>> {
+    pub fn handle(
+        &mut self,
+        _now_ms: u64,
+        peer: &Peer,
+        msg: Message,
+        store: &mut dyn ServerStore,
+    ) -> Result<Vec<Message>> {
         match msg {
             Message::Hello(h) => self.hello(peer, h, store),
             Message::Batch(b) => self.batch(peer, b, store),
@@ -91,7 +105,10 @@ impl Server {
 
     fn hello(&mut self, peer: &Peer, h: Hello, store: &mut dyn ServerStore) -> Result<Vec<Message>> {
         if h.proto != PROTO_VERSION {
-            return Ok(vec![nack(format!("protocol {} not supported; this server speaks {PROTO_VERSION}", h.proto))]);
+            return Ok(vec![nack(format!(
+                "protocol {} not supported; this server speaks {PROTO_VERSION}",
+                h.proto
+            ))]);
         }
         let device = match (peer.device, &h.device) {
             (Some(p), Some(d)) if p != d => return Ok(vec![nack(format!("hello for {d} on {p}'s topic"))]),
@@ -113,10 +130,19 @@ impl Server {
     fn batch(&mut self, peer: &Peer, b: Batch, store: &mut dyn ServerStore) -> Result<Vec<Message>> {
         self.stats.batches += 1;
         if b.changes.len() > self.cfg.max_batch as usize {
-            return Ok(vec![nack(format!("batch of {} changes exceeds {}", b.changes.len(), self.cfg.max_batch))]);
+            return Ok(vec![nack(format!(
+                "batch of {} changes exceeds {}",
+                b.changes.len(),
+                self.cfg.max_batch
+            ))]);
         }
-        let devices: Vec<DeviceRef> =
-            b.changes.iter().map(|c| c.replica.device.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let devices: Vec<DeviceRef> = b
+            .changes
+            .iter()
+            .map(|c| c.replica.device.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let (regional, _) = store.knowledge(&devices)?;
         let mut keys: HashMap<DeviceRef, Option<Vec<u8>>> = HashMap::new();
         let mut accepted = Vec::new();
@@ -137,9 +163,10 @@ impl Server {
                             }
                         };
                         match pinned {
-                            Some(k) if k != c.pubkey => {
-                                Some(format!("{} is signed by a key other than the one pinned for the device", c.label()))
-                            }
+                            Some(k) if k != c.pubkey => Some(format!(
+                                "{} is signed by a key other than the one pinned for the device",
+                                c.label()
+                            )),
                             _ => None,
                         }
                     }
@@ -154,7 +181,10 @@ impl Server {
                 None => accepted.push(c),
             }
         }
-        let todo: Vec<&Change> = accepted.iter().filter(|c| !regional.contains(&c.replica, c.seq)).collect();
+        let todo: Vec<&Change> = accepted
+            .iter()
+            .filter(|c| !regional.contains(&c.replica, c.seq))
+            .collect();
         if !todo.is_empty() {
             if let Some(ms) = store.backpressure() {
                 self.stats.backpressure += 1;
@@ -176,8 +206,21 @@ impl Server {
                 }
             }
         }
-        self.remember(peer.name, b.batch_id, Pending { changes: accepted, rejected, wanted });
-        Ok(vec![Message::Prepare(Prepare { batch_id: b.batch_id, missing, retry_after_ms: 0, rejected: reasons })])
+        self.remember(
+            peer.name,
+            b.batch_id,
+            Pending {
+                changes: accepted,
+                rejected,
+                wanted,
+            },
+        );
+        Ok(vec![Message::Prepare(Prepare {
+            batch_id: b.batch_id,
+            missing,
+            retry_after_ms: 0,
+            rejected: reasons,
+        })])
     }
 
     fn remember(&mut self, peer: &str, id: u64, p: Pending) {
@@ -232,7 +275,12 @@ impl Server {
                 Some(d) => store.knowledge(std::slice::from_ref(d))?,
                 None => Default::default(),
             };
-            return Ok(vec![Message::Committed(Committed { batch_id: c.batch_id, results: Vec::new(), regional, cloud })]);
+            return Ok(vec![Message::Committed(Committed {
+                batch_id: c.batch_id,
+                results: Vec::new(),
+                regional,
+                cloud,
+            })]);
         };
         let devices: Vec<DeviceRef> = p
             .changes
@@ -263,20 +311,33 @@ impl Server {
                     Status::Missing
                 }
             };
-            results.push(SeqStatus { replica: ch.replica.clone(), seq: ch.seq, status });
+            results.push(SeqStatus {
+                replica: ch.replica.clone(),
+                seq: ch.seq,
+                status,
+            });
             if status == Status::Applied && !regional.contains(&ch.replica, ch.seq) {
                 ready.push(ch);
             }
         }
         for ch in p.rejected {
-            results.push(SeqStatus { replica: ch.replica, seq: ch.seq, status: Status::Rejected });
+            results.push(SeqStatus {
+                replica: ch.replica,
+                seq: ch.seq,
+                status: Status::Rejected,
+            });
         }
         if !ready.is_empty() {
             store.apply(&ready)?;
             self.stats.changes_applied += ready.len() as u64;
         }
         let (regional, cloud) = store.knowledge(&devices)?;
-        Ok(vec![Message::Committed(Committed { batch_id: c.batch_id, results, regional, cloud })])
+        Ok(vec![Message::Committed(Committed {
+            batch_id: c.batch_id,
+            results,
+            regional,
+            cloud,
+        })])
     }
 }
 

@@ -5,8 +5,9 @@ use crate::ids::Hash32;
 use crate::{Error, Result};
 use sha2::digest::generic_array::GenericArray;
 
-const H0: [u32; 8] =
-    [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+const H0: [u32; 8] = [
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResumableSha256 {
@@ -19,7 +20,11 @@ pub struct ResumableSha256 {
 
 impl Default for ResumableSha256 {
     fn default() -> Self {
-        ResumableSha256 { state: H0, done: 0, tail: Vec::with_capacity(64) }
+        ResumableSha256 {
+            state: H0,
+            done: 0,
+            tail: Vec::with_capacity(64),
+        }
     }
 }
 
@@ -50,7 +55,10 @@ impl ResumableSha256 {
         }
         let whole = data.len() / 64 * 64;
         if whole > 0 {
-            let blocks: Vec<_> = data[..whole].chunks_exact(64).map(GenericArray::clone_from_slice).collect();
+            let blocks: Vec<_> = data[..whole]
+                .chunks_exact(64)
+                .map(GenericArray::clone_from_slice)
+                .collect();
             sha2::compress256(&mut self.state, &blocks);
             self.done += whole as u64;
         }
@@ -101,7 +109,11 @@ impl ResumableSha256 {
         if done % 64 != 0 {
             return Err(Error::Decode("bad saved sha-256 count".into()));
         }
-        Ok(ResumableSha256 { state, done, tail: b[40..].to_vec() })
+        Ok(ResumableSha256 {
+            state,
+            done,
+            tail: b[40..].to_vec(),
+        })
     }
 }
 

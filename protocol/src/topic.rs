@@ -61,7 +61,10 @@ mod tests {
         let d = DeviceRef::new("acme", "plant-1", "gw-07").expect("ids");
         assert_eq!(up(&d, "batch"), "ferry/v1/acme/plant-1/gw-07/up/batch");
         assert_eq!(parse(&up(&d, "batch")), Some((d.clone(), Dir::Up, "batch".into())));
-        assert_eq!(parse(&down(&d, "prepare")), Some((d.clone(), Dir::Down, "prepare".into())));
+        assert_eq!(
+            parse(&down(&d, "prepare")),
+            Some((d.clone(), Dir::Down, "prepare".into()))
+        );
         assert_eq!(parse(&presence(&d)).map(|p| p.2), Some("presence".into()));
         assert!(parse("ferry/v1/ACME/p/d/up/x").is_none());
         assert!(parse("ferry/v1/a/b/up/x").is_none());

@@ -1,1 +1,5 @@
+//! Fleet tooling: real brokers for tests and the demo, a generator of
+//! factory archives, and the end-to-end demo.
+
+pub mod broker;
 pub mod gen;
