@@ -140,7 +140,7 @@ const CSV_AVG_ROW: f64 = 50.0;
 const SERIES_BYTES_PER_FILE: f64 = 0.5 * MIB;
 const SERIES_HEADER_LEN: usize = 16;
 const DB_TARGET_BYTES: f64 = 3.0 * MIB;
-const DB_AVG_ROW: f64 = 150.0;
+const DB_AVG_ROW: f64 = 180.0;
 const DB_PAGE: usize = 4096;
 const APPLOG_BYTES_PER_HOUR: f64 = 8.0 * KIB;
 const APPLOG_AVG_LINE: f64 = 80.0;
@@ -204,9 +204,8 @@ pub fn generate_initial(dir: &Path, cfg: &GenConfig) -> Result<GenSummary> {
     // Binary series.
     for (idx, spec) in layout.series.iter().enumerate() {
         let recs = series_records_per_hour(cfg, spec);
-        let mut out = Vec::with_capacity(
-            SERIES_HEADER_LEN + (recs as usize) * spec.record_len() * HISTORY_HOURS as usize,
-        );
+        let mut out =
+            Vec::with_capacity(SERIES_HEADER_LEN + (recs as usize) * spec.record_len() * HISTORY_HOURS as usize);
         series_header(spec, &mut out);
         for h in -HISTORY_HOURS..0 {
             series_hour(cfg, idx, spec, h, recs, &mut out);
@@ -227,11 +226,7 @@ pub fn generate_initial(dir: &Path, cfg: &GenConfig) -> Result<GenSummary> {
             for h in end - APPLOG_ROTATED_HOURS..end {
                 applog_hour(cfg, &layout, h, &mut out);
             }
-            write_file(
-                &dir.join(format!("logs/rotated/app.log.{k}")),
-                &out,
-                &mut sum,
-            )?;
+            write_file(&dir.join(format!("logs/rotated/app.log.{k}")), &out, &mut sum)?;
         }
     }
 
@@ -294,7 +289,7 @@ pub fn apply_step(dir: &Path, cfg: &GenConfig, step: u32) -> Result<GenSummary> 
 
     // app.log: maybe rotate, then append this hour.
     let phase = device_phase(cfg);
-    if (u64::from(step) + phase) % u64::from(ROTATE_EVERY) == 0 {
+    if (u64::from(step) + phase).is_multiple_of(u64::from(ROTATE_EVERY)) {
         sum.files += rotate_app_log(dir)?;
     }
     {
@@ -307,18 +302,14 @@ pub fn apply_step(dir: &Path, cfg: &GenConfig, step: u32) -> Result<GenSummary> 
     sum.add(db_step(&db_path, cfg, &layout, step)?);
 
     // Rollup rewrite.
-    write_file(
-        &dir.join(ROLLUP),
-        &rollup_json(cfg, &layout, hour)?,
-        &mut sum,
-    )?;
+    write_file(&dir.join(ROLLUP), &rollup_json(cfg, &layout, hour)?, &mut sum)?;
 
     // New camera frame.
     let n = INITIAL_FRAMES + step;
     write_file(&dir.join(frame_path(n)), &frame_bytes(cfg, n), &mut sum)?;
 
     // Occasionally delete the oldest device frame (never the shared one).
-    if (u64::from(step) + phase / 7) % u64::from(DELETE_FRAME_EVERY) == 0 {
+    if (u64::from(step) + phase / 7).is_multiple_of(u64::from(DELETE_FRAME_EVERY)) {
         delete_oldest_frame(dir)?;
     }
 
@@ -336,13 +327,7 @@ pub fn generate_fleet(root: &Path, seed: u64, scale: f64, fleet_size: usize) -> 
 
 /// Apply `step` to every gateway folder under `root/{device_id}`, in
 /// parallel. Returns the summed summary.
-pub fn apply_step_fleet(
-    root: &Path,
-    seed: u64,
-    scale: f64,
-    fleet_size: usize,
-    step: u32,
-) -> Result<GenSummary> {
+pub fn apply_step_fleet(root: &Path, seed: u64, scale: f64, fleet_size: usize, step: u32) -> Result<GenSummary> {
     for_each_device(fleet_size, |i| {
         let cfg = GenConfig::new(seed, scale, i, fleet_size);
         apply_step(&root.join(cfg.device_id()), &cfg, step)
@@ -413,8 +398,7 @@ pub fn fingerprint_tree(dir: &Path) -> Result<Vec<FileFingerprint>> {
             if ty.is_dir() {
                 stack.push(rel_child);
             } else if ty.is_file() {
-                let bytes = fs::read(entry.path())
-                    .with_context(|| format!("reading {}", entry.path().display()))?;
+                let bytes = fs::read(entry.path()).with_context(|| format!("reading {}", entry.path().display()))?;
                 let path = rel_child
                     .components()
                     .map(|c| c.as_os_str().to_string_lossy().into_owned())
@@ -462,9 +446,7 @@ fn mix64(mut x: u64) -> u64 {
 }
 
 fn derive(parts: &[u64]) -> u64 {
-    parts
-        .iter()
-        .fold(0x243f_6a88_85a3_08d3, |h, &p| mix64(h ^ mix64(p)))
+    parts.iter().fold(0x243f_6a88_85a3_08d3, |h, &p| mix64(h ^ mix64(p)))
 }
 
 fn rng_for(parts: &[u64]) -> StdRng {
@@ -665,23 +647,18 @@ impl SeriesSpec {
     }
 }
 
-/// (name, channels: (base, base jitter, amplitude, noise))
-const SERIES_DEFS: &[(&str, &[(f64, f64, f64, f64)])] = &[
+/// One channel: (base, base jitter, amplitude, noise).
+type ChannelDef = (f64, f64, f64, f64);
+
+/// (name, channels)
+const SERIES_DEFS: &[(&str, &[ChannelDef])] = &[
     (
         "spindle_vibration",
-        &[
-            (2.0, 0.5, 0.8, 0.05),
-            (2.2, 0.5, 0.8, 0.05),
-            (1.6, 0.4, 0.6, 0.05),
-        ],
+        &[(2.0, 0.5, 0.8, 0.05), (2.2, 0.5, 0.8, 0.05), (1.6, 0.4, 0.6, 0.05)],
     ),
     (
         "motor_current",
-        &[
-            (18.0, 3.0, 2.5, 0.1),
-            (18.0, 3.0, 2.5, 0.1),
-            (18.0, 3.0, 2.5, 0.1),
-        ],
+        &[(18.0, 3.0, 2.5, 0.1), (18.0, 3.0, 2.5, 0.1), (18.0, 3.0, 2.5, 0.1)],
     ),
     ("ambient", &[(24.0, 2.0, 3.0, 0.02), (45.0, 5.0, 8.0, 0.1)]),
 ];
@@ -830,14 +807,7 @@ fn series_header(spec: &SeriesSpec, out: &mut Vec<u8>) {
     out.extend_from_slice(&0u32.to_le_bytes());
 }
 
-fn series_hour(
-    cfg: &GenConfig,
-    idx: usize,
-    spec: &SeriesSpec,
-    h: i64,
-    recs: u64,
-    out: &mut Vec<u8>,
-) {
+fn series_hour(cfg: &GenConfig, idx: usize, spec: &SeriesSpec, h: i64, recs: u64, out: &mut Vec<u8>) {
     let mut rng = rng_for(&[cfg.seed, cfg.dev(), T_SERIES, idx as u64, h as u64]);
     let start = hour_start_ms(h);
     let interval = (3_600_000 / recs.max(1)).max(1) as i64;
@@ -846,9 +816,7 @@ fn series_hour(
         out.extend_from_slice(&ts.to_le_bytes());
         let t = ts as f64 / 1000.0;
         for c in &spec.channels {
-            let v = c.base
-                + c.amp * (2.0 * smooth(c.key, t, 1800.0) - 1.0)
-                + c.noise * (2.0 * rng.gen::<f64>() - 1.0);
+            let v = c.base + c.amp * (2.0 * smooth(c.key, t, 1800.0) - 1.0) + c.noise * (2.0 * rng.gen::<f64>() - 1.0);
             let q = ((v * 100.0).round() / 100.0) as f32;
             out.extend_from_slice(&q.to_le_bytes());
         }
@@ -1054,8 +1022,7 @@ const INSERT_SQL: &str = "INSERT INTO inspections \
 
 fn insert_row(stmt: &mut rusqlite::Statement<'_>, id: i64, r: &Inspection) -> Result<()> {
     stmt.execute(rusqlite::params![
-        id, r.ts, r.line, r.station, r.serial, r.result, r.defect, r.dim_a, r.dim_b, r.torque,
-        r.operator, r.notes
+        id, r.ts, r.line, r.station, r.serial, r.result, r.defect, r.dim_a, r.dim_b, r.torque, r.operator, r.notes
     ])?;
     Ok(())
 }
@@ -1073,8 +1040,7 @@ fn db_create(path: &Path, cfg: &GenConfig, layout: &Layout) -> Result<GenSummary
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
-    let mut conn =
-        rusqlite::Connection::open(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut conn = rusqlite::Connection::open(path).with_context(|| format!("creating {}", path.display()))?;
     conn.execute_batch(DB_SCHEMA)?;
     let mut rng = rng_for(&[cfg.seed, cfg.dev(), T_DB_INIT]);
     let n = db_initial_rows(cfg) as i64;
@@ -1102,22 +1068,16 @@ fn db_create(path: &Path, cfg: &GenConfig, layout: &Layout) -> Result<GenSummary
     tx.commit()?;
     conn.close().map_err(|(_, e)| e)?;
     let len = fs::metadata(path)?.len();
-    Ok(GenSummary {
-        files: 1,
-        bytes: len,
-    })
+    Ok(GenSummary { files: 1, bytes: len })
 }
 
 fn db_step(path: &Path, cfg: &GenConfig, layout: &Layout, step: u32) -> Result<GenSummary> {
     let before = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut rng = rng_for(&[cfg.seed, cfg.dev(), T_DB_STEP, u64::from(step)]);
-    let mut conn =
-        rusqlite::Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut conn = rusqlite::Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
     conn.execute_batch("PRAGMA synchronous = OFF;")?;
     let page_count: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-    let max_id: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM inspections", [], |r| {
-        r.get(0)
-    })?;
+    let max_id: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM inspections", [], |r| r.get(0))?;
     let n_updates = (page_count / 10).max(1);
     let n_inserts = (db_initial_rows(cfg) / 100).max(1) as i64;
     let hour = i64::from(step) - 1;
@@ -1308,11 +1268,7 @@ fn frame_bytes(cfg: &GenConfig, n: u32) -> Vec<u8> {
 /// Identical on every gateway: derived from `cfg.seed` only.
 fn reference_frame(cfg: &GenConfig) -> Vec<u8> {
     let mut rng = rng_for(&[cfg.seed, T_REFERENCE]);
-    raw_frame(
-        &mut rng,
-        cfg.scaled(REFERENCE_FRAME_BYTES, 1024) as usize,
-        0,
-    )
+    raw_frame(&mut rng, cfg.scaled(REFERENCE_FRAME_BYTES, 1024) as usize, 0)
 }
 
 /// Identical on every gateway: derived from `cfg.seed` only. Partly
@@ -1413,9 +1369,7 @@ mod tests {
     }
 
     fn map(fp: &[FileFingerprint]) -> BTreeMap<String, (u64, u64)> {
-        fp.iter()
-            .map(|f| (f.path.clone(), (f.len, f.hash)))
-            .collect()
+        fp.iter().map(|f| (f.path.clone(), (f.len, f.hash))).collect()
     }
 
     #[test]
@@ -1464,17 +1418,14 @@ mod tests {
         // Total proportional to scale: ≈ 12 MiB * SCALE.
         let expect = 12.0 * MIB * SCALE;
         let got = s.bytes as f64;
-        assert!(
-            got > expect * 0.75 && got < expect * 1.25,
-            "total {got} vs {expect}"
-        );
+        assert!(got > expect * 0.75 && got < expect * 1.25, "total {got} vs {expect}");
         // CSV is realistic text.
         let csv = fs::read_to_string(d.path().join("logs/line1_sensors.csv"))?;
         let mut it = csv.lines();
         assert_eq!(it.next(), Some("timestamp,sensor_id,value,unit,status"));
         let row: Vec<&str> = it.next().unwrap_or_default().split(',').collect();
         assert_eq!(row.len(), 5);
-        assert!(row[0].starts_with("2026-03-01T"), "{}", row[0]);
+        assert!(row[0].starts_with("2026-02-28T16:00:"), "{}", row[0]);
         assert!(row[2].parse::<f64>().is_ok());
         // Series: header + whole records.
         let ser = fs::read(d.path().join("series/ambient.bin"))?;
@@ -1543,10 +1494,7 @@ mod tests {
                     saw_rename = true;
                 }
             }
-            if prev
-                .keys()
-                .any(|k| k.starts_with("camera/") && !cur.contains_key(k))
-            {
+            if prev.keys().any(|k| k.starts_with("camera/") && !cur.contains_key(k)) {
                 saw_delete = true;
             }
             prev = cur;
@@ -1617,9 +1565,6 @@ mod tests {
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(civil_from_days(days_from_civil(2026, 3, 2)), (2026, 3, 2));
         assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
-        assert_eq!(
-            iso_ms(T0_UNIX * 1000 + 3_723_250),
-            "2026-03-02T01:02:03.250Z"
-        );
+        assert_eq!(iso_ms(T0_UNIX * 1000 + 3_723_250), "2026-03-02T01:02:03.250Z");
     }
 }
