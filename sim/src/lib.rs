@@ -3,4 +3,5 @@
 
 pub mod broker;
 pub mod gen;
+pub mod procs;
 pub mod tree;
