@@ -1,1 +1,332 @@
+//! Ferry's regional aggregator (DESIGN.md §5): receives changes and chunks
+//! from edge agents over MQTT, dedups chunks across all of them, holds them
+//! durably (redb + pack files) and forwards them in packs to the cloud-sink.
+//!
+//! Library entry point: [`run`] / [`run_with_stats`], so `sim` can run an
+//! aggregator in-process; the `aggregator` binary is a thin CLI around it.
 
+pub mod forward;
+pub mod mqtt;
+pub mod store;
+
+pub use store::{AggStore, StoreConfig};
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The one error type of the aggregator library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("I/O on {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Protocol(#[from] protocol::Error),
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    #[error("sink: {0}")]
+    Sink(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+macro_rules! redb_errors {
+    ($($t:ident),*) => {$(
+        impl From<redb::$t> for Error {
+            fn from(e: redb::$t) -> Self {
+                Error::Db(e.into())
+            }
+        }
+    )*};
+}
+redb_errors!(
+    DatabaseError,
+    TransactionError,
+    TableError,
+    StorageError,
+    CommitError,
+    SetDurabilityError
+);
+
+impl From<reqwest::Error> for Error {
+    fn from(e: reqwest::Error) -> Self {
+        Error::Sink(e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything an aggregator needs to run.
+#[derive(Clone, Debug)]
+pub struct AggConfig {
+    /// `mqtt://host:port`
+    pub broker: String,
+    /// `http://host:port` of the cloud-sink.
+    pub sink: String,
+    /// Holds `agg.redb` and `packs/`.
+    pub data: PathBuf,
+    /// MQTT client id is `ferry-agg-{id}`.
+    pub id: String,
+    /// MQTT v5 shared-subscription group, for several aggregator processes.
+    pub share_group: Option<String>,
+    /// Close a pack at this many bytes.
+    pub pack_target: u64,
+    /// Close the open pack when changes waiting to be forwarded have waited this long.
+    pub pack_max_delay: Duration,
+    /// Spool watermarks (bytes of local packs not yet uploaded).
+    pub spool_high: u64,
+    pub spool_low: u64,
+}
+
+impl AggConfig {
+    /// Defaults for everything but the endpoints and the data directory.
+    pub fn new(broker: &str, sink: &str, data: PathBuf) -> AggConfig {
+        AggConfig {
+            broker: broker.to_string(),
+            sink: sink.to_string(),
+            data,
+            id: "agg".to_string(),
+            share_group: None,
+            pack_target: 16 << 20,
+            pack_max_delay: Duration::from_secs(1),
+            spool_high: 2 << 30,
+            spool_low: 3 << 29,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        parse_mqtt_url(&self.broker)?;
+        if !self.sink.starts_with("http://") {
+            return Err(Error::Config(format!(
+                "sink {:?} must be an http://HOST:PORT URL",
+                self.sink
+            )));
+        }
+        protocol::ids::Id::new(&self.id).map_err(|e| Error::Config(format!("--id: {e}")))?;
+        if let Some(g) = &self.share_group {
+            protocol::ids::Id::new(g).map_err(|e| Error::Config(format!("--share-group: {e}")))?;
+        }
+        if self.spool_low > self.spool_high {
+            return Err(Error::Config("spool low watermark is above the high one".into()));
+        }
+        if self.pack_target == 0 {
+            return Err(Error::Config("pack target must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `mqtt://host:port` into (host, port).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16)> {
+    let bad = || Error::Config(format!("broker {url:?} must look like mqtt://HOST:PORT"));
+    let rest = url.strip_prefix("mqtt://").ok_or_else(bad)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || host.contains('/') || host.contains('@') || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+}
+
+/// Live counters, shared with whoever started the aggregator.
+#[derive(Default, Debug)]
+pub struct AggStats {
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bad_messages: AtomicU64,
+    pub chunks_received: AtomicU64,
+    pub chunks_duplicate: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub changes_applied: AtomicU64,
+    pub changes_rejected: AtomicU64,
+    pub backpressure: AtomicU64,
+    pub packs_closed: AtomicU64,
+    pub packs_uploaded: AtomicU64,
+    pub forwarded_changes: AtomicU64,
+    pub cloud_acked_changes: AtomicU64,
+    pub sink_rejected_changes: AtomicU64,
+    /// Chunks the sink asked for that exist only in the cloud (an error).
+    pub sink_missing_lost: AtomicU64,
+    pub sink_errors: AtomicU64,
+    pub spool_bytes: AtomicU64,
+    pub forward_queue: AtomicU64,
+}
+
+/// A plain copy of [`AggStats`].
+#[derive(Default, Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub bad_messages: u64,
+    pub chunks_received: u64,
+    pub chunks_duplicate: u64,
+    pub bytes_received: u64,
+    pub changes_applied: u64,
+    pub changes_rejected: u64,
+    pub backpressure: u64,
+    pub packs_closed: u64,
+    pub packs_uploaded: u64,
+    pub forwarded_changes: u64,
+    pub cloud_acked_changes: u64,
+    pub sink_rejected_changes: u64,
+    pub sink_missing_lost: u64,
+    pub sink_errors: u64,
+    pub spool_bytes: u64,
+    pub forward_queue: u64,
+}
+
+impl AggStats {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            messages_in: g(&self.messages_in),
+            messages_out: g(&self.messages_out),
+            bad_messages: g(&self.bad_messages),
+            chunks_received: g(&self.chunks_received),
+            chunks_duplicate: g(&self.chunks_duplicate),
+            bytes_received: g(&self.bytes_received),
+            changes_applied: g(&self.changes_applied),
+            changes_rejected: g(&self.changes_rejected),
+            backpressure: g(&self.backpressure),
+            packs_closed: g(&self.packs_closed),
+            packs_uploaded: g(&self.packs_uploaded),
+            forwarded_changes: g(&self.forwarded_changes),
+            cloud_acked_changes: g(&self.cloud_acked_changes),
+            sink_rejected_changes: g(&self.sink_rejected_changes),
+            sink_missing_lost: g(&self.sink_missing_lost),
+            sink_errors: g(&self.sink_errors),
+            spool_bytes: g(&self.spool_bytes),
+            forward_queue: g(&self.forward_queue),
+        }
+    }
+}
+
+/// Runs an aggregator until `shutdown` completes. See [`run_with_stats`].
+pub async fn run(cfg: AggConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    run_with_stats(cfg, Arc::new(AggStats::default()), shutdown).await
+}
+
+/// Runs an aggregator until `shutdown` completes, counting into `stats`.
+/// Broker and sink outages are retried forever; only a store that cannot be
+/// opened (or invalid configuration) is an error. When this returns, the
+/// store is closed and the data directory may be opened again.
+pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl Future<Output = ()>) -> Result<()> {
+    cfg.validate()?;
+    let scfg = StoreConfig {
+        pack_target: cfg.pack_target,
+        spool_high: cfg.spool_high,
+        spool_low: cfg.spool_low,
+        ..StoreConfig::default()
+    };
+    let data = cfg.data.clone();
+    let store = tokio::task::spawn_blocking(move || AggStore::open(&data, scfg))
+        .await
+        .map_err(|e| Error::Corrupt(format!("store open panicked: {e}")))??;
+    let store = Arc::new(store);
+    tracing::info!(
+        data = %cfg.data.display(),
+        spool = store.spool_bytes(),
+        queued = store.forward_len()?,
+        "aggregator {} starting: broker {}, sink {}",
+        cfg.id,
+        cfg.broker,
+        cfg.sink
+    );
+
+    let (client, eventloop) = mqtt::connect(&cfg)?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(mqtt::event_loop(
+        eventloop,
+        client.clone(),
+        mqtt::subscription(&cfg),
+        tx,
+        stats.clone(),
+    ));
+    tasks.spawn(mqtt::worker(rx, client.clone(), store.clone(), stats.clone()));
+    tasks.spawn(forward::forwarder(forward::Forwarder::new(
+        &cfg,
+        store.clone(),
+        client.clone(),
+        stats.clone(),
+    )?));
+    let report = {
+        let (stats, store) = (stats.clone(), store.clone());
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                stats.spool_bytes.store(store.spool_bytes(), Ordering::Relaxed);
+                tracing::info!(stats = ?stats.snapshot(), "aggregator stats");
+            }
+        }
+    };
+    tasks.spawn(report);
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("aggregator {} shutting down", cfg.id),
+        r = tasks.join_next() => tracing::error!("aggregator task ended unexpectedly: {r:?}"),
+    }
+    let _ = client.try_disconnect();
+    tasks.shutdown().await;
+    // Blocking store calls still running hold clones of the store: wait for
+    // them so the database is closed when we return.
+    let mut store = store;
+    for _ in 0..3000 {
+        match Arc::try_unwrap(store) {
+            Ok(s) => {
+                drop(s);
+                return Ok(());
+            }
+            Err(s) => {
+                store = s;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    tracing::warn!("store still in use 30 s after shutdown");
+    Ok(())
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_urls() {
+        assert_eq!(
+            parse_mqtt_url("mqtt://127.0.0.1:1883").ok(),
+            Some(("127.0.0.1".into(), 1883))
+        );
+        assert_eq!(
+            parse_mqtt_url("mqtt://broker.local:1/").ok(),
+            Some(("broker.local".into(), 1))
+        );
+        for bad in [
+            "127.0.0.1:1883",
+            "mqtts://h:1",
+            "mqtt://h",
+            "mqtt://h:x",
+            "mqtt://:1",
+            "mqtt://h:0",
+            "tcp://h:1",
+        ] {
+            assert!(parse_mqtt_url(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! MQTT side: the rumqttc event loop task owns the socket and never waits on
+//! the store; a worker task runs the sans-IO server on each up message (the
+//! store work on the blocking pool) and publishes the replies.
+//!
+//! Flow control: incoming publishes are acked manually after they were
+//! handled, and the broker is told a receive maximum, so the queue between
+//! the event loop and the worker stays bounded by the broker's in-flight
+//! window and a message the aggregator crashed on is redelivered.
+
+use crate::store::AggStore;
+use crate::{AggConfig, AggStats, Error, Result};
+use protocol::msg::{Message, Nack, MQTT_MAX_PACKET};
+use protocol::server::{Peer, Server, ServerConfig, ServerStats};
+use protocol::topic::{self, Dir};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+/// Unacked QoS 1 messages the broker may send us at once.
+const RECEIVE_MAXIMUM: u16 = 64;
+/// Session kept by the broker while we are away: a week, as for agents.
+const SESSION_EXPIRY_S: u32 = 7 * 24 * 3600;
+
+pub fn connect(cfg: &AggConfig) -> Result<(AsyncClient, EventLoop)> {
+    let (host, port) = crate::parse_mqtt_url(&cfg.broker)?;
+    let mut o = MqttOptions::new(format!("ferry-agg-{}", cfg.id), host, port);
+    o.set_clean_start(false)
+        .set_session_expiry_interval(Some(SESSION_EXPIRY_S))
+        .set_max_packet_size(Some(MQTT_MAX_PACKET as u32))
+        .set_receive_maximum(Some(RECEIVE_MAXIMUM))
+        .set_keep_alive(Duration::from_secs(30))
+        .set_manual_acks(true);
+    Ok(AsyncClient::new(o, 1024))
+}
+
+pub fn subscription(cfg: &AggConfig) -> String {
+    topic::up_filter(cfg.share_group.as_deref())
+}
+
+/// Drives the connection forever: reconnects with backoff, subscribes after
+/// every ConnAck, hands publishes to the worker.
+pub async fn event_loop(
+    mut ev: EventLoop,
+    client: AsyncClient,
+    filter: String,
+    to_worker: UnboundedSender<Publish>,
+    stats: Arc<AggStats>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match ev.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(session_present = ack.session_present, "connected to broker");
+                backoff = Duration::from_millis(100);
+                // Subscribe from another task: this one drains the request
+                // channel the subscribe goes through.
+                let (c, f) = (client.clone(), filter.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = c.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                        tracing::error!("subscribing to {f}: {e}");
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::SubAck(s))) => {
+                if s.return_codes
+                    .iter()
+                    .any(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)))
+                {
+                    tracing::error!("broker refused subscription {filter}: {:?}", s.return_codes);
+                } else {
+                    tracing::info!("subscribed to {filter}");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                AggStats::add(&stats.messages_in, 1);
+                if to_worker.send(p).is_err() {
+                    return; // worker gone: shutting down
+                }
+            }
+            Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                tracing::warn!("broker disconnected us: {:?}", d.reason_code);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("broker connection: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Handles up messages in arrival order (so per device order too).
+pub async fn worker(
+    mut rx: UnboundedReceiver<Publish>,
+    client: AsyncClient,
+    store: Arc<AggStore>,
+    stats: Arc<AggStats>,
+) {
+    let mut server = Some(Server::new(ServerConfig::default()));
+    let mut seen = ServerStats::default();
+    while let Some(p) = rx.recv().await {
+        let srv = server.take().unwrap_or_else(|| Server::new(ServerConfig::default()));
+        let (st, pt) = (store.clone(), p.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            let mut srv = srv;
+            let out = handle_publish(&mut srv, &st, &pt.topic, &pt.payload);
+            (srv, out)
+        })
+        .await;
+        let replies = match out {
+            Ok((srv, (replies, bad))) => {
+                account(&stats, &srv.stats, &mut seen);
+                if bad {
+                    AggStats::add(&stats.bad_messages, 1);
+                }
+                server = Some(srv);
+                replies
+            }
+            Err(e) => {
+                // A panic in the server logic: pending batches are forgotten
+                // (clients offer them again), the process keeps serving.
+                tracing::error!("message handler panicked: {e}");
+                seen = ServerStats::default();
+                Vec::new()
+            }
+        };
+        for (t, payload) in replies {
+            match client.publish(t.clone(), QoS::AtLeastOnce, false, payload).await {
+                Ok(()) => AggStats::add(&stats.messages_out, 1),
+                Err(e) => tracing::warn!("publishing to {t}: {e}"),
+            }
+        }
+        if let Err(e) = client.ack(&p).await {
+            tracing::debug!("ack: {e}");
+        }
+    }
+}
+
+/// Adds what the server counted since the last call.
+fn account(stats: &AggStats, now: &ServerStats, seen: &mut ServerStats) {
+    let d = |a: u64, b: u64| a.saturating_sub(b);
+    AggStats::add(&stats.chunks_received, d(now.chunks_received, seen.chunks_received));
+    AggStats::add(&stats.chunks_duplicate, d(now.chunks_duplicate, seen.chunks_duplicate));
+    AggStats::add(
+        &stats.bytes_received,
+        d(now.chunk_bytes_received, seen.chunk_bytes_received),
+    );
+    AggStats::add(&stats.changes_applied, d(now.changes_applied, seen.changes_applied));
+    AggStats::add(&stats.changes_rejected, d(now.changes_rejected, seen.changes_rejected));
+    AggStats::add(&stats.backpressure, d(now.backpressure, seen.backpressure));
+    AggStats::add(&stats.bad_messages, d(now.chunks_bad, seen.chunks_bad));
+    *seen = now.clone();
+}
+
+fn encode_reply(device: &protocol::DeviceRef, m: &Message) -> Option<(String, Vec<u8>)> {
+    match m.encode() {
+        Ok(b) => Some((topic::down(device, m.kind()), b)),
+        Err(e) => {
+            tracing::error!(%device, "cannot encode {} reply: {e}", m.kind());
+            None
+        }
+    }
+}
+
+fn nack(device: &protocol::DeviceRef, reason: String) -> Vec<(String, Vec<u8>)> {
+    encode_reply(device, &Message::Nack(Nack { reason }))
+        .into_iter()
+        .collect()
+}
+
+/// Runs one up message through the server. Returns the replies as (topic,
+/// payload) and whether the input was bad. Never panics on peer input.
+pub fn handle_publish(
+    server: &mut Server,
+    store: &AggStore,
+    topic_bytes: &[u8],
+    payload: &[u8],
+) -> (Vec<(String, Vec<u8>)>, bool) {
+    let t = String::from_utf8_lossy(topic_bytes);
+    let Some((device, Dir::Up, kind)) = topic::parse(&t) else {
+        tracing::warn!("message on unexpected topic {t:?} ignored");
+        return (Vec::new(), true);
+    };
+    let msg = match Message::decode(payload) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(%device, kind, bytes = payload.len(), "bad message: {e}");
+            return (nack(&device, format!("bad {kind} message: {e}")), true);
+        }
+    };
+    if msg.kind() != kind {
+        tracing::warn!(%device, "{} message on the {kind} topic", msg.kind());
+        return (
+            nack(&device, format!("{} message sent on the {kind} topic", msg.kind())),
+            true,
+        );
+    }
+    let key = device.key();
+    let peer = Peer {
+        name: &key,
+        device: Some(&device),
+    };
+    let mut s: &AggStore = store;
+    match server.handle(crate::now_ms(), &peer, msg, &mut s) {
+        Ok(replies) => {
+            let bad = replies.iter().any(|r| matches!(r, Message::Nack(_)));
+            if bad {
+                tracing::warn!(%device, kind, "refused: {replies:?}");
+            }
+            (replies.iter().filter_map(|r| encode_reply(&device, r)).collect(), bad)
+        }
+        Err(e) => {
+            tracing::error!(%device, kind, "handling message: {e}");
+            (nack(&device, format!("aggregator error: {e}")), false)
+        }
+    }
+}
+
+impl From<rumqttc::v5::ClientError> for Error {
+    fn from(e: rumqttc::v5::ClientError) -> Self {
+        Error::Config(format!("mqtt client: {e}"))
+    }
+}

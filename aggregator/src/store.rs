@@ -1,0 +1,871 @@
+//! The aggregator's durable store: one redb file (`agg.redb`) plus pack files
+//! under `packs/`.
+//!
+//! Invariants:
+//! - Every chunk in `CHUNKS` with state `LOCAL` has its bytes fsynced in the
+//!   pack named by its pack seq, at the recorded offset; the redb transaction
+//!   that indexes a chunk is committed only after the bytes are fsynced.
+//! - The open pack's committed length is recorded in `PACKS`; bytes after it
+//!   were never acknowledged and are truncated on startup.
+//! - A pack is closed (index + trailer appended, fsynced, recorded `CLOSED`
+//!   with its id) before it is renamed to `<id hex>.pack`; startup finishes an
+//!   interrupted rename.
+//! - A pack is deleted only after the sink answered 200 to its PUT (durable
+//!   there); its chunks then turn `CLOUD` and still count for dedup.
+//! - `apply` writes changes, regional knowledge and the forward queue in one
+//!   Immediate transaction; a change leaves the forward queue only when the
+//!   sink confirmed it (or refused it, then it is kept in `SINK_REJECTED`).
+
+use crate::{Error, Result};
+use protocol::ids::{DeviceRef, Hash32, ReplicaId};
+use protocol::knowledge::{Knowledge, RangeSet};
+use protocol::manifest::Change;
+use protocol::msg::{ChunkData, SeqStatus, Status, MAX_MESSAGE};
+use protocol::pack::{PackEntry, MAGIC, MAX_PACK, TRAILER_MAGIC};
+use protocol::server::ServerStore;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// chunk id → (pack seq, offset, len, state)
+const CHUNKS: TableDefinition<&[u8; 32], (u64, u64, u32, u8)> = TableDefinition::new("chunks");
+/// (pack seq, offset) → (chunk id, len): the index a pack gets when it closes.
+const PACK_ENTRIES: TableDefinition<(u64, u64), (&[u8; 32], u32)> = TableDefinition::new("pack_entries");
+/// pack seq → (state, pack id (zero while open), size: committed length while open)
+const PACKS: TableDefinition<u64, (u8, &[u8; 32], u64)> = TableDefinition::new("packs");
+/// (replica key, seq) → CBOR Change, each written once.
+const CHANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("changes");
+/// replica key → CBOR (ReplicaId, RangeSet)
+const REGIONAL: TableDefinition<&str, &[u8]> = TableDefinition::new("regional");
+const CLOUD: TableDefinition<&str, &[u8]> = TableDefinition::new("cloud");
+/// queue no → (replica key, seq): applied here, not yet confirmed by the sink.
+const FORWARD: TableDefinition<u64, (&str, u64)> = TableDefinition::new("forward");
+/// (replica key, seq) → reason: the sink refused the change. Kept for operators.
+const SINK_REJECTED: TableDefinition<(&str, u64), &str> = TableDefinition::new("sink_rejected");
+/// device key → pinned Ed25519 public key (trust on first use).
+const DEVICE_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_keys");
+/// counters: "next_forward"
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const LOCAL: u8 = 0;
+const CLOUD_STATE: u8 = 1;
+const PACK_OPEN: u8 = 0;
+const PACK_CLOSED: u8 = 1;
+const PACK_UPLOADED: u8 = 2;
+const ZERO_ID: [u8; 32] = [0; 32];
+/// Retry delay handed to agents while the spool is above the high watermark.
+pub const BACKPRESSURE_MS: u64 = 5_000;
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Close the open pack once it holds this many bytes.
+    pub pack_target: u64,
+    /// Local pack bytes not yet uploaded: above `spool_high` agents are told
+    /// to back off until the spool is below `spool_low`.
+    pub spool_high: u64,
+    pub spool_low: u64,
+    /// redb page cache.
+    pub cache_bytes: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            pack_target: 16 << 20,
+            spool_high: 2 << 30,
+            spool_low: 3 << 29,
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A closed pack waiting for upload.
+#[derive(Clone, Debug)]
+pub struct ClosedPack {
+    pub seq: u64,
+    pub id: Hash32,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// Where a chunk's bytes are.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChunkBytes {
+    Local(Vec<u8>),
+    /// Uploaded and deleted here: only the sink has it.
+    CloudOnly,
+    Unknown,
+}
+
+/// A change in the forward queue.
+#[derive(Clone, Debug)]
+pub struct Queued {
+    pub qno: u64,
+    pub change: Change,
+}
+
+/// What the sink said about one forwarded batch.
+#[derive(Default, Debug)]
+pub struct Confirmed {
+    pub applied: usize,
+    pub rejected: usize,
+    pub missing: usize,
+    /// Devices whose cloud knowledge grew.
+    pub devices: Vec<DeviceRef>,
+}
+
+struct OpenPack {
+    seq: u64,
+    file: File,
+    /// Committed length (everything up to here is fsynced and indexed).
+    len: u64,
+    chunks: u64,
+}
+
+pub struct AggStore {
+    dir: PathBuf,
+    db: Database,
+    cfg: StoreConfig,
+    /// The open pack; held while appending, closing and reading pack files.
+    open: Mutex<OpenPack>,
+    /// Bytes of open and closed (not uploaded) packs.
+    spool: AtomicU64,
+    over_high: AtomicBool,
+    /// When the oldest change still waiting for the open pack to close was applied.
+    waiting_since: Mutex<Option<Instant>>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Keys of one device's replicas are `tenant/site/device/<epoch>`: this is
+/// the range holding exactly them ('0' follows '/').
+fn device_range(d: &DeviceRef) -> (String, String) {
+    let k = d.key();
+    (format!("{k}/"), format!("{k}0"))
+}
+
+fn decode_know(b: &[u8]) -> Result<(ReplicaId, RangeSet)> {
+    Ok(protocol::from_cbor(b, MAX_MESSAGE)?)
+}
+
+fn decode_change(b: &[u8]) -> Result<Change> {
+    Ok(protocol::from_cbor(b, MAX_MESSAGE)?)
+}
+
+impl AggStore {
+    /// Opens (or creates) the store in `dir` and recovers from any crash:
+    /// truncates the open pack to its committed length and finishes
+    /// interrupted pack renames and deletions.
+    pub fn open(dir: &Path, cfg: StoreConfig) -> Result<AggStore> {
+        let packs = dir.join("packs");
+        std::fs::create_dir_all(&packs).map_err(io_err(&packs))?;
+        let db_path = dir.join("agg.redb");
+        let db = Database::builder().set_cache_size(cfg.cache_bytes).create(&db_path)?;
+        {
+            let tx = db.begin_write()?;
+            tx.open_table(CHUNKS)?;
+            tx.open_table(PACK_ENTRIES)?;
+            tx.open_table(PACKS)?;
+            tx.open_table(CHANGES)?;
+            tx.open_table(REGIONAL)?;
+            tx.open_table(CLOUD)?;
+            tx.open_table(FORWARD)?;
+            tx.open_table(SINK_REJECTED)?;
+            tx.open_table(DEVICE_KEYS)?;
+            tx.open_table(META)?;
+            tx.commit()?;
+        }
+        let mut spool = 0u64;
+        let mut open_seq = None;
+        let mut last_seq = 0u64;
+        let rows: Vec<(u64, u8, [u8; 32], u64)> = {
+            let rtx = db.begin_read()?;
+            let t = rtx.open_table(PACKS)?;
+            let mut v = Vec::new();
+            for r in t.range::<u64>(..)? {
+                let (k, val) = r?;
+                let (state, id, size) = val.value();
+                v.push((k.value(), state, *id, size));
+            }
+            v
+        };
+        for (seq, state, id, size) in rows {
+            last_seq = seq;
+            let open_path = packs.join(format!("open-{seq}.pack"));
+            let id_path = packs.join(format!("{}.pack", Hash32(id).to_hex()));
+            match state {
+                PACK_OPEN => {
+                    if open_seq.is_some() {
+                        return Err(Error::Corrupt(format!("more than one open pack (second: {seq})")));
+                    }
+                    open_seq = Some((seq, size));
+                    spool += size;
+                }
+                PACK_CLOSED => {
+                    if !id_path.exists() {
+                        if open_path.exists() {
+                            // Crash between recording the close and the rename.
+                            std::fs::rename(&open_path, &id_path).map_err(io_err(&open_path))?;
+                            fsync_dir(&packs)?;
+                        } else {
+                            tracing::error!(
+                                pack = %Hash32(id),
+                                "closed pack {seq} is missing from {}: its chunks cannot be uploaded",
+                                packs.display()
+                            );
+                        }
+                    }
+                    spool += size;
+                }
+                _ => {
+                    // Uploaded: a crash may have left the file behind.
+                    for p in [&id_path, &open_path] {
+                        if p.exists() {
+                            std::fs::remove_file(p).map_err(io_err(p))?;
+                        }
+                    }
+                }
+            }
+        }
+        let open = match open_seq {
+            Some((seq, size)) => {
+                let path = packs.join(format!("open-{seq}.pack"));
+                let file = if path.exists() {
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                        .map_err(io_err(&path))?
+                } else {
+                    if size > MAGIC.len() as u64 {
+                        return Err(Error::Corrupt(format!(
+                            "open pack {} with {size} committed bytes is missing",
+                            path.display()
+                        )));
+                    }
+                    new_pack_file(&path)?
+                };
+                let actual = file.metadata().map_err(io_err(&path))?.len();
+                if actual < size {
+                    return Err(Error::Corrupt(format!(
+                        "open pack {} has {actual} bytes, {size} were committed",
+                        path.display()
+                    )));
+                }
+                if actual > size {
+                    tracing::info!("truncating open pack {} from {actual} to {size} bytes", path.display());
+                    file.set_len(size).map_err(io_err(&path))?;
+                    file.sync_all().map_err(io_err(&path))?;
+                }
+                let chunks = {
+                    let rtx = db.begin_read()?;
+                    let t = rtx.open_table(PACK_ENTRIES)?;
+                    t.range((seq, 0)..=(seq, u64::MAX))?.count() as u64
+                };
+                OpenPack {
+                    seq,
+                    file,
+                    len: size,
+                    chunks,
+                }
+            }
+            None => {
+                let p = create_open_pack(&db, &packs, last_seq + 1)?;
+                spool += p.len;
+                p
+            }
+        };
+        let forward_waiting = !db.begin_read()?.open_table(FORWARD)?.is_empty()?;
+        let store = AggStore {
+            dir: dir.to_path_buf(),
+            db,
+            cfg,
+            open: Mutex::new(open),
+            spool: AtomicU64::new(spool),
+            over_high: AtomicBool::new(false),
+            // Changes queued before a restart may wait for the open pack: close it soon.
+            waiting_since: Mutex::new(forward_waiting.then(Instant::now)),
+        };
+        store.update_watermark();
+        Ok(store)
+    }
+
+    fn packs_dir(&self) -> PathBuf {
+        self.dir.join("packs")
+    }
+
+    fn lock_open(&self) -> Result<MutexGuard<'_, OpenPack>> {
+        self.open
+            .lock()
+            .map_err(|_| Error::Corrupt("open pack lock poisoned by a panic".into()))
+    }
+
+    /// Bytes of local packs not yet uploaded.
+    pub fn spool_bytes(&self) -> u64 {
+        self.spool.load(Ordering::Relaxed)
+    }
+
+    fn update_watermark(&self) {
+        let s = self.spool_bytes();
+        if s >= self.cfg.spool_high {
+            if !self.over_high.swap(true, Ordering::Relaxed) {
+                tracing::warn!(spool = s, "spool above high watermark: agents are told to back off");
+            }
+        } else if s < self.cfg.spool_low && self.over_high.swap(false, Ordering::Relaxed) {
+            tracing::info!(spool = s, "spool below low watermark: accepting data again");
+        }
+    }
+
+    /// `Some(ms)` while the spool is above the high watermark (until it is
+    /// below the low one).
+    pub fn backpressure_ms(&self) -> Option<u64> {
+        self.update_watermark();
+        self.over_high.load(Ordering::Relaxed).then_some(BACKPRESSURE_MS)
+    }
+
+    /// (regional, cloud) knowledge of these devices' replicas.
+    pub fn knowledge_of(&self, devices: &[DeviceRef]) -> Result<(Knowledge, Knowledge)> {
+        let rtx = self.db.begin_read()?;
+        let mut out = (Knowledge::default(), Knowledge::default());
+        for (def, k) in [(REGIONAL, &mut out.0), (CLOUD, &mut out.1)] {
+            let t = rtx.open_table(def)?;
+            for d in devices {
+                let (lo, hi) = device_range(d);
+                for r in t.range(lo.as_str()..hi.as_str())? {
+                    let (_, v) = r?;
+                    let (rep, set) = decode_know(v.value())?;
+                    k.map.entry(rep).or_default().union_with(&set);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cloud knowledge of one device.
+    pub fn cloud_knowledge(&self, d: &DeviceRef) -> Result<Knowledge> {
+        Ok(self.knowledge_of(std::slice::from_ref(d))?.1)
+    }
+
+    pub fn has_chunk(&self, id: &Hash32) -> Result<bool> {
+        let rtx = self.db.begin_read()?;
+        let t = rtx.open_table(CHUNKS)?;
+        Ok(t.get(&id.0)?.is_some())
+    }
+
+    /// Appends new chunks (ids already verified) to the open pack, fsyncs,
+    /// then indexes them in one Immediate transaction. Returns only after
+    /// that: the chunks survive any crash from then on.
+    pub fn put_chunks(&self, chunks: &[ChunkData]) -> Result<()> {
+        let mut open = self.lock_open()?;
+        let todo: Vec<&ChunkData> = {
+            let rtx = self.db.begin_read()?;
+            let t = rtx.open_table(CHUNKS)?;
+            let mut seen = HashSet::new();
+            let mut v = Vec::new();
+            for c in chunks {
+                if seen.insert(c.id) && t.get(&c.id.0)?.is_none() {
+                    v.push(c);
+                }
+            }
+            v
+        };
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let start = open.len;
+        let mut buf = Vec::with_capacity(todo.iter().map(|c| c.bytes.len()).sum());
+        let mut entries = Vec::with_capacity(todo.len());
+        for c in &todo {
+            let len = u32::try_from(c.bytes.len())
+                .map_err(|_| Error::Corrupt(format!("chunk {} larger than 4 GiB", c.id)))?;
+            entries.push(PackEntry {
+                id: c.id,
+                offset: start + buf.len() as u64,
+                len,
+            });
+            buf.extend_from_slice(&c.bytes);
+        }
+        let end = start + buf.len() as u64;
+        let path = self.packs_dir().join(format!("open-{}.pack", open.seq));
+        let res = (|| {
+            open.file.write_all_at(&buf, start).map_err(io_err(&path))?;
+            open.file.sync_data().map_err(io_err(&path))?;
+            let mut tx = self.db.begin_write()?;
+            tx.set_durability(Durability::Immediate)?;
+            {
+                let mut ct = tx.open_table(CHUNKS)?;
+                let mut et = tx.open_table(PACK_ENTRIES)?;
+                for e in &entries {
+                    ct.insert(&e.id.0, (open.seq, e.offset, e.len, LOCAL))?;
+                    et.insert((open.seq, e.offset), (&e.id.0, e.len))?;
+                }
+                tx.open_table(PACKS)?.insert(open.seq, (PACK_OPEN, &ZERO_ID, end))?;
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = res {
+            // Nothing was acknowledged: drop the unindexed tail (best effort;
+            // startup truncates to the committed length anyway).
+            let _ = open.file.set_len(start);
+            return Err(e);
+        }
+        open.len = end;
+        open.chunks += entries.len() as u64;
+        self.spool.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if open.len >= self.cfg.pack_target.min(MAX_PACK as u64 / 2) {
+            self.close_locked(&mut open)?;
+        }
+        self.update_watermark();
+        Ok(())
+    }
+
+    pub fn device_key(&self, d: &DeviceRef) -> Result<Option<Vec<u8>>> {
+        let rtx = self.db.begin_read()?;
+        let t = rtx.open_table(DEVICE_KEYS)?;
+        Ok(t.get(d.key().as_str())?.map(|v| v.value().to_vec()))
+    }
+
+    /// Records changes (chunks present, signatures checked by the caller),
+    /// regional knowledge, pinned keys and the forward queue in one Immediate
+    /// transaction. Changes already recorded are skipped (idempotent).
+    pub fn apply(&self, changes: &[Change]) -> Result<()> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        let mut added = 0usize;
+        {
+            let mut ct = tx.open_table(CHANGES)?;
+            let mut rt = tx.open_table(REGIONAL)?;
+            let mut ft = tx.open_table(FORWARD)?;
+            let mut kt = tx.open_table(DEVICE_KEYS)?;
+            let mut mt = tx.open_table(META)?;
+            let mut next = mt.get("next_forward")?.map(|v| v.value()).unwrap_or(1);
+            let mut know: HashMap<String, (ReplicaId, RangeSet)> = HashMap::new();
+            for c in changes {
+                let rk = c.replica.key();
+                if ct.get((rk.as_str(), c.seq))?.is_some() {
+                    continue;
+                }
+                ct.insert((rk.as_str(), c.seq), protocol::to_cbor(c).as_slice())?;
+                ft.insert(next, (rk.as_str(), c.seq))?;
+                next += 1;
+                let dk = c.replica.device.key();
+                if kt.get(dk.as_str())?.is_none() {
+                    kt.insert(dk.as_str(), c.pubkey.as_slice())?;
+                }
+                if !know.contains_key(&rk) {
+                    let cur = match rt.get(rk.as_str())? {
+                        Some(v) => decode_know(v.value())?,
+                        None => (c.replica.clone(), RangeSet::new()),
+                    };
+                    know.insert(rk.clone(), cur);
+                }
+                if let Some((_, set)) = know.get_mut(&rk) {
+                    set.insert(c.seq);
+                }
+                added += 1;
+            }
+            for (rk, v) in &know {
+                rt.insert(rk.as_str(), protocol::to_cbor(v).as_slice())?;
+            }
+            mt.insert("next_forward", next)?;
+        }
+        tx.commit()?;
+        if added > 0 {
+            if let Ok(mut w) = self.waiting_since.lock() {
+                w.get_or_insert_with(Instant::now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the open pack if changes have waited for it at least `max_delay`.
+    pub fn maybe_close(&self, max_delay: Duration) -> Result<Option<Hash32>> {
+        let due = match self.waiting_since.lock() {
+            Ok(w) => w.is_some_and(|t| t.elapsed() >= max_delay),
+            Err(_) => true,
+        };
+        if due {
+            self.close_open_pack()
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Closes the open pack if it holds any chunk; returns the new pack id.
+    pub fn close_open_pack(&self) -> Result<Option<Hash32>> {
+        let mut open = self.lock_open()?;
+        self.close_locked(&mut open)
+    }
+
+    fn close_locked(&self, open: &mut OpenPack) -> Result<Option<Hash32>> {
+        if let Ok(mut w) = self.waiting_since.lock() {
+            *w = None;
+        }
+        if open.chunks == 0 {
+            return Ok(None);
+        }
+        let packs = self.packs_dir();
+        let path = packs.join(format!("open-{}.pack", open.seq));
+        let entries: Vec<PackEntry> = {
+            let rtx = self.db.begin_read()?;
+            let t = rtx.open_table(PACK_ENTRIES)?;
+            let mut v = Vec::new();
+            for r in t.range((open.seq, 0)..=(open.seq, u64::MAX))? {
+                let (k, val) = r?;
+                let (id, len) = val.value();
+                v.push(PackEntry {
+                    id: Hash32(*id),
+                    offset: k.value().1,
+                    len,
+                });
+            }
+            v
+        };
+        // Same layout as protocol::pack::PackBuilder::finish.
+        let index = protocol::to_cbor(&entries);
+        let index_len =
+            u32::try_from(index.len()).map_err(|_| Error::Corrupt("pack index larger than 4 GiB".into()))?;
+        let mut tail = index;
+        tail.extend_from_slice(&index_len.to_be_bytes());
+        tail.extend_from_slice(TRAILER_MAGIC);
+        open.file.write_all_at(&tail, open.len).map_err(io_err(&path))?;
+        open.file.sync_data().map_err(io_err(&path))?;
+        let size = open.len + tail.len() as u64;
+        let id = hash_file(&path, size)?;
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        tx.open_table(PACKS)?.insert(open.seq, (PACK_CLOSED, &id.0, size))?;
+        tx.commit()?;
+        let final_path = packs.join(format!("{}.pack", id.to_hex()));
+        std::fs::rename(&path, &final_path).map_err(io_err(&path))?;
+        fsync_dir(&packs)?;
+        self.spool.fetch_add(tail.len() as u64, Ordering::Relaxed);
+        tracing::debug!(pack = %id, chunks = entries.len(), size, "closed pack");
+        let next = create_open_pack(&self.db, &packs, open.seq + 1)?;
+        self.spool.fetch_add(next.len, Ordering::Relaxed);
+        *open = next;
+        Ok(Some(id))
+    }
+
+    /// Closed packs not yet uploaded, oldest first.
+    pub fn closed_packs(&self) -> Result<Vec<ClosedPack>> {
+        let rtx = self.db.begin_read()?;
+        let t = rtx.open_table(PACKS)?;
+        let mut v = Vec::new();
+        for r in t.range::<u64>(..)? {
+            let (k, val) = r?;
+            let (state, id, size) = val.value();
+            if state == PACK_CLOSED {
+                let id = Hash32(*id);
+                v.push(ClosedPack {
+                    seq: k.value(),
+                    id,
+                    path: self.packs_dir().join(format!("{}.pack", id.to_hex())),
+                    size,
+                });
+            }
+        }
+        Ok(v)
+    }
+
+    /// The sink holds this pack durably: its chunks become cloud chunks and
+    /// the local file goes.
+    pub fn mark_uploaded(&self, pack: &ClosedPack) -> Result<()> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        {
+            let mut pt = tx.open_table(PACKS)?;
+            match pt.get(pack.seq)?.map(|v| v.value().0) {
+                Some(PACK_CLOSED) => {}
+                _ => return Ok(()),
+            }
+            pt.insert(pack.seq, (PACK_UPLOADED, &pack.id.0, pack.size))?;
+            let mut et = tx.open_table(PACK_ENTRIES)?;
+            let mut ct = tx.open_table(CHUNKS)?;
+            let ids: Vec<[u8; 32]> = et
+                .extract_from_if((pack.seq, 0)..=(pack.seq, u64::MAX), |_, _| true)?
+                .map(|r| r.map(|(_, v)| *v.value().0))
+                .collect::<std::result::Result<_, _>>()?;
+            for id in &ids {
+                let cur = ct.get(id)?.map(|v| v.value());
+                if let Some((seq, off, len, _)) = cur {
+                    ct.insert(id, (seq, off, len, CLOUD_STATE))?;
+                }
+            }
+        }
+        tx.commit()?;
+        if pack.path.exists() {
+            std::fs::remove_file(&pack.path).map_err(io_err(&pack.path))?;
+        }
+        self.spool
+            .fetch_sub(pack.size.min(self.spool_bytes()), Ordering::Relaxed);
+        self.update_watermark();
+        Ok(())
+    }
+
+    /// The stored bytes of a chunk, if they are still here.
+    pub fn read_chunk(&self, id: &Hash32) -> Result<ChunkBytes> {
+        // Holding the open-pack lock keeps the pack from being renamed or
+        // deleted under us.
+        let _open = self.lock_open()?;
+        let rtx = self.db.begin_read()?;
+        let Some((seq, off, len, state)) = rtx.open_table(CHUNKS)?.get(&id.0)?.map(|v| v.value()) else {
+            return Ok(ChunkBytes::Unknown);
+        };
+        if state == CLOUD_STATE {
+            return Ok(ChunkBytes::CloudOnly);
+        }
+        let Some((pstate, pid, _)) = rtx.open_table(PACKS)?.get(seq)?.map(|v| {
+            let (s, i, z) = v.value();
+            (s, *i, z)
+        }) else {
+            return Err(Error::Corrupt(format!("chunk {id} is in unknown pack {seq}")));
+        };
+        let path = match pstate {
+            PACK_OPEN => self.packs_dir().join(format!("open-{seq}.pack")),
+            _ => self.packs_dir().join(format!("{}.pack", Hash32(pid).to_hex())),
+        };
+        let f = File::open(&path).map_err(io_err(&path))?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, off).map_err(io_err(&path))?;
+        if Hash32::of(&buf) != *id {
+            return Err(Error::Corrupt(format!(
+                "chunk {id} in {} does not match its id",
+                path.display()
+            )));
+        }
+        Ok(ChunkBytes::Local(buf))
+    }
+
+    /// Number of changes waiting to be confirmed by the sink.
+    pub fn forward_len(&self) -> Result<u64> {
+        let rtx = self.db.begin_read()?;
+        Ok(rtx.open_table(FORWARD)?.len()?)
+    }
+
+    /// Up to `max` queued changes (oldest first, at most `max_bytes` encoded)
+    /// whose chunks are all at the sink already. Looks at no more than
+    /// `scan` queue entries.
+    pub fn ready_changes(&self, max: usize, max_bytes: usize, scan: usize) -> Result<Vec<Queued>> {
+        let rtx = self.db.begin_read()?;
+        let ft = rtx.open_table(FORWARD)?;
+        let ct = rtx.open_table(CHANGES)?;
+        let kt = rtx.open_table(CHUNKS)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for r in ft.range::<u64>(..)?.take(scan) {
+            let (k, v) = r?;
+            let (rk, seq) = v.value();
+            let Some(raw) = ct.get((rk, seq))? else {
+                tracing::error!("forward queue names {rk}:{seq}, which is not stored");
+                continue;
+            };
+            if !out.is_empty() && bytes + raw.value().len() > max_bytes {
+                break;
+            }
+            let change = decode_change(raw.value())?;
+            let mut ready = true;
+            for c in change.chunk_refs() {
+                if kt.get(&c.id.0)?.map(|v| v.value().3) != Some(CLOUD_STATE) {
+                    ready = false;
+                    break;
+                }
+            }
+            if ready {
+                bytes += raw.value().len();
+                out.push(Queued { qno: k.value(), change });
+                if out.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records the sink's answer to a forwarded batch: Applied changes leave
+    /// the queue, Rejected ones move to `SINK_REJECTED`, Missing ones go to
+    /// the back of the queue. Cloud knowledge grows by what the sink reports.
+    pub fn confirm(
+        &self,
+        batch: &[Queued],
+        results: &[SeqStatus],
+        reasons: &[(u64, String)],
+        sink_knowledge: &[&Knowledge],
+    ) -> Result<Confirmed> {
+        let mut out = Confirmed::default();
+        let by_key: HashMap<(&ReplicaId, u64), &Queued> =
+            batch.iter().map(|q| ((&q.change.replica, q.change.seq), q)).collect();
+        let mut cloud = Knowledge::default();
+        for k in sink_knowledge {
+            cloud.union_with(k);
+        }
+        let mut devices = BTreeSet::new();
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        {
+            let mut ft = tx.open_table(FORWARD)?;
+            let mut rj = tx.open_table(SINK_REJECTED)?;
+            let mut mt = tx.open_table(META)?;
+            let mut next = mt.get("next_forward")?.map(|v| v.value()).unwrap_or(1);
+            for r in results {
+                let Some(q) = by_key.get(&(&r.replica, r.seq)) else {
+                    continue;
+                };
+                let rk = q.change.replica.key();
+                match r.status {
+                    Status::Applied => {
+                        ft.remove(q.qno)?;
+                        cloud.insert(&r.replica, r.seq);
+                        out.applied += 1;
+                    }
+                    Status::Rejected => {
+                        let reason = reasons
+                            .iter()
+                            .find(|(s, _)| *s == r.seq)
+                            .map(|(_, why)| why.as_str())
+                            .unwrap_or("refused by the sink");
+                        tracing::error!(change = %q.change.label(), "sink rejected change: {reason}");
+                        ft.remove(q.qno)?;
+                        rj.insert((rk.as_str(), r.seq), reason)?;
+                        out.rejected += 1;
+                    }
+                    Status::Missing => {
+                        // To the back, so it does not block the changes behind it.
+                        ft.remove(q.qno)?;
+                        ft.insert(next, (rk.as_str(), r.seq))?;
+                        next += 1;
+                        out.missing += 1;
+                    }
+                }
+            }
+            mt.insert("next_forward", next)?;
+            let mut cl = tx.open_table(CLOUD)?;
+            for (rep, set) in &cloud.map {
+                let rk = rep.key();
+                let mut cur = match cl.get(rk.as_str())? {
+                    Some(v) => decode_know(v.value())?.1,
+                    None => RangeSet::new(),
+                };
+                let before = cur.clone();
+                cur.union_with(set);
+                if cur != before {
+                    cl.insert(rk.as_str(), protocol::to_cbor(&(rep.clone(), cur)).as_slice())?;
+                    devices.insert(rep.device.clone());
+                }
+            }
+        }
+        tx.commit()?;
+        out.devices = devices.into_iter().collect();
+        Ok(out)
+    }
+
+    /// Changes the sink refused, with reasons.
+    pub fn sink_rejected(&self) -> Result<Vec<(String, u64, String)>> {
+        let rtx = self.db.begin_read()?;
+        let t = rtx.open_table(SINK_REJECTED)?;
+        let mut v = Vec::new();
+        for r in t.range::<(&str, u64)>(..)? {
+            let (k, val) = r?;
+            let (rk, seq) = k.value();
+            v.push((rk.to_string(), seq, val.value().to_string()));
+        }
+        Ok(v)
+    }
+}
+
+fn new_pack_file(path: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all_at(MAGIC, 0).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(f)
+}
+
+/// Creates `packs/open-<seq>.pack` (a stale file from a crash is replaced)
+/// and records it as the open pack.
+fn create_open_pack(db: &Database, packs: &Path, seq: u64) -> Result<OpenPack> {
+    let path = packs.join(format!("open-{seq}.pack"));
+    let file = new_pack_file(&path)?;
+    fsync_dir(packs)?;
+    let mut tx = db.begin_write()?;
+    tx.set_durability(Durability::Immediate)?;
+    tx.open_table(PACKS)?
+        .insert(seq, (PACK_OPEN, &ZERO_ID, MAGIC.len() as u64))?;
+    tx.commit()?;
+    Ok(OpenPack {
+        seq,
+        file,
+        len: MAGIC.len() as u64,
+        chunks: 0,
+    })
+}
+
+/// SHA-256 of the first `len` bytes of a file, streamed.
+fn hash_file(path: &Path, len: u64) -> Result<Hash32> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let mut h = protocol::sha::ResumableSha256::new();
+    let mut r = f.take(len);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    if h.len() != len {
+        return Err(Error::Corrupt(format!(
+            "{} is shorter than {len} bytes",
+            path.display()
+        )));
+    }
+    Ok(h.finish())
+}
+
+fn store_err(e: Error) -> protocol::Error {
+    protocol::Error::Store(e.to_string())
+}
+
+/// The server logic's view of the store. Implemented on a shared reference
+/// so the MQTT worker and the forwarder can use one store.
+impl ServerStore for &AggStore {
+    fn knowledge(&mut self, devices: &[DeviceRef]) -> protocol::Result<(Knowledge, Knowledge)> {
+        self.knowledge_of(devices).map_err(store_err)
+    }
+    fn has_chunk(&mut self, id: &Hash32) -> protocol::Result<bool> {
+        AggStore::has_chunk(self, id).map_err(store_err)
+    }
+    fn put_chunks(&mut self, chunks: &[ChunkData]) -> protocol::Result<()> {
+        AggStore::put_chunks(self, chunks).map_err(store_err)
+    }
+    fn device_key(&mut self, device: &DeviceRef) -> protocol::Result<Option<Vec<u8>>> {
+        AggStore::device_key(self, device).map_err(store_err)
+    }
+    fn apply(&mut self, changes: &[Change]) -> protocol::Result<()> {
+        AggStore::apply(self, changes).map_err(store_err)
+    }
+    fn backpressure(&mut self) -> Option<u64> {
+        self.backpressure_ms()
+    }
+}
