@@ -869,3 +869,267 @@ impl ServerStore for &AggStore {
         self.backpressure_ms()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::hlc::Hlc;
+    use protocol::manifest::{ChangeBody, ChunkRef, FileVersion};
+    use protocol::msg::Status;
+    use ring::signature::Ed25519KeyPair;
+
+    fn key() -> Ed25519KeyPair {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("keygen");
+        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key")
+    }
+
+    fn chunk(i: u32, len: usize) -> ChunkData {
+        let bytes: Vec<u8> = (0..len)
+            .map(|j| (j as u32 ^ i.wrapping_mul(2654435761)) as u8)
+            .collect();
+        ChunkData {
+            id: Hash32::of(&bytes),
+            bytes,
+        }
+    }
+
+    fn change(k: &Ed25519KeyPair, seq: u64, chunks: &[&ChunkData]) -> Change {
+        let replica = ReplicaId {
+            device: DeviceRef::new("acme", "plant-1", "gw-1").expect("ids"),
+            epoch: 1,
+        };
+        let body = ChangeBody::File(FileVersion {
+            path: format!("root/f{seq}.csv"),
+            size: chunks.iter().map(|c| c.bytes.len() as u64).sum(),
+            mtime_ns: 0,
+            class: "default".into(),
+            chunks: chunks
+                .iter()
+                .map(|c| ChunkRef {
+                    id: c.id,
+                    len: c.bytes.len() as u32,
+                })
+                .collect(),
+            sha256: Hash32::default(),
+            mode: 0o644,
+        });
+        Change::sign(replica, seq, Hlc(seq), body, k)
+    }
+
+    fn cfg() -> StoreConfig {
+        StoreConfig {
+            pack_target: 1 << 20,
+            spool_high: 1 << 30,
+            spool_low: 1 << 29,
+            cache_bytes: 4 << 20,
+        }
+    }
+
+    fn open_pack_path(dir: &Path) -> PathBuf {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("packs"))
+            .expect("packs dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("open-")))
+            .collect();
+        assert_eq!(v.len(), 1, "{v:?}");
+        v.remove(0)
+    }
+
+    #[test]
+    fn chunks_survive_a_crash_and_the_open_pack_is_truncated() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (a, b) = (chunk(1, 1000), chunk(2, 3000));
+        let committed = {
+            let s = AggStore::open(dir.path(), cfg()).expect("open");
+            s.put_chunks(&[a.clone(), b.clone(), a.clone()]).expect("put");
+            s.put_chunks(&[b.clone()]).expect("put again is a no-op");
+            let p = open_pack_path(dir.path());
+            let len = std::fs::metadata(&p).expect("meta").len();
+            assert_eq!(len, 8 + 4000);
+            // Bytes written after the last commit (a crash mid-append).
+            let f = OpenOptions::new().append(true).open(&p).expect("open pack");
+            f.write_all_at(&[0xAA; 777], len).expect("garbage");
+            len
+            // dropped without closing
+        };
+        let s = AggStore::open(dir.path(), cfg()).expect("reopen");
+        assert_eq!(
+            std::fs::metadata(open_pack_path(dir.path())).expect("meta").len(),
+            committed
+        );
+        assert!(s.has_chunk(&a.id).expect("has") && s.has_chunk(&b.id).expect("has"));
+        assert_eq!(s.read_chunk(&b.id).expect("read"), ChunkBytes::Local(b.bytes.clone()));
+        assert_eq!(s.read_chunk(&Hash32::of(b"nope")).expect("read"), ChunkBytes::Unknown);
+        // Appending continues at the committed length.
+        let c = chunk(3, 500);
+        s.put_chunks(std::slice::from_ref(&c)).expect("put");
+        assert_eq!(s.read_chunk(&c.id).expect("read"), ChunkBytes::Local(c.bytes));
+        assert_eq!(s.spool_bytes(), committed + 500);
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_durable() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let k = key();
+        let a = chunk(1, 100);
+        let c1 = change(&k, 1, &[&a]);
+        let c2 = change(&k, 2, &[]);
+        let dev = c1.replica.device.clone();
+        {
+            let s = AggStore::open(dir.path(), cfg()).expect("open");
+            s.put_chunks(std::slice::from_ref(&a)).expect("put");
+            s.apply(&[c1.clone(), c2.clone()]).expect("apply");
+            s.apply(&[c2.clone(), c1.clone()]).expect("apply again");
+            assert_eq!(s.forward_len().expect("len"), 2);
+        }
+        let s = AggStore::open(dir.path(), cfg()).expect("reopen");
+        s.apply(std::slice::from_ref(&c1)).expect("apply after restart");
+        assert_eq!(s.forward_len().expect("len"), 2);
+        let (regional, cloud) = s.knowledge_of(std::slice::from_ref(&dev)).expect("knowledge");
+        assert_eq!(regional.get(&c1.replica).ranges(), &[(1, 2)]);
+        assert!(cloud.map.is_empty());
+        assert_eq!(s.device_key(&dev).expect("key"), Some(c1.pubkey.clone()));
+        // Another device with a prefix-sharing name sees nothing of gw-1.
+        let other = DeviceRef::new("acme", "plant-1", "gw-10").expect("ids");
+        assert!(s.knowledge_of(&[other]).expect("k").0.map.is_empty());
+    }
+
+    #[test]
+    fn closed_pack_parses_uploads_and_forwards() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let k = key();
+        let chunks: Vec<ChunkData> = (0..20).map(|i| chunk(i, 1000 + i as usize * 7)).collect();
+        let s = AggStore::open(dir.path(), cfg()).expect("open");
+        s.put_chunks(&chunks[..10]).expect("put");
+        s.put_chunks(&chunks[10..]).expect("put");
+        let ch = change(&k, 1, &chunks.iter().collect::<Vec<_>>());
+        s.apply(std::slice::from_ref(&ch)).expect("apply");
+        assert!(s.ready_changes(10, 1 << 20, 100).expect("ready").is_empty());
+        assert!(s.maybe_close(Duration::from_secs(3600)).expect("not due").is_none());
+        let id = s.maybe_close(Duration::ZERO).expect("close").expect("pack");
+        let closed = s.closed_packs().expect("closed");
+        assert_eq!(closed.len(), 1);
+        let bytes = std::fs::read(&closed[0].path).expect("read pack");
+        assert_eq!(Hash32::of(&bytes), id);
+        assert_eq!(bytes.len() as u64, closed[0].size);
+        let entries = protocol::pack::parse(&bytes).expect("sink accepts the pack");
+        assert_eq!(entries.len(), 20);
+        for (e, c) in entries.iter().zip(&chunks) {
+            assert_eq!(e.id, c.id);
+        }
+        // Still readable from the closed pack (the sink may ask again).
+        assert_eq!(
+            s.read_chunk(&chunks[3].id).expect("read"),
+            ChunkBytes::Local(chunks[3].bytes.clone())
+        );
+        // An empty open pack does not close.
+        assert!(s.close_open_pack().expect("close").is_none());
+
+        let spool = s.spool_bytes();
+        s.mark_uploaded(&closed[0]).expect("uploaded");
+        assert!(!closed[0].path.exists());
+        assert_eq!(s.spool_bytes(), spool - closed[0].size);
+        assert_eq!(s.read_chunk(&chunks[3].id).expect("read"), ChunkBytes::CloudOnly);
+        assert!(s.has_chunk(&chunks[3].id).expect("dedup still knows it"));
+
+        let ready = s.ready_changes(10, 1 << 20, 100).expect("ready");
+        assert_eq!(ready.len(), 1);
+        let results = [SeqStatus {
+            replica: ch.replica.clone(),
+            seq: 1,
+            status: Status::Applied,
+        }];
+        let conf = s.confirm(&ready, &results, &[], &[]).expect("confirm");
+        assert_eq!((conf.applied, conf.devices.len()), (1, 1));
+        assert_eq!(s.forward_len().expect("len"), 0);
+        let cloud = s.cloud_knowledge(&ch.replica.device).expect("cloud");
+        assert!(cloud.contains(&ch.replica, 1));
+        drop(s);
+        let s = AggStore::open(dir.path(), cfg()).expect("reopen");
+        assert!(s.closed_packs().expect("closed").is_empty());
+        assert!(s
+            .cloud_knowledge(&ch.replica.device)
+            .expect("cloud")
+            .contains(&ch.replica, 1));
+    }
+
+    #[test]
+    fn sink_missing_and_rejected_changes_are_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let k = key();
+        let s = AggStore::open(dir.path(), cfg()).expect("open");
+        let (c1, c2) = (change(&k, 1, &[]), change(&k, 2, &[]));
+        s.apply(&[c1.clone(), c2.clone()]).expect("apply");
+        let ready = s.ready_changes(10, 1 << 20, 100).expect("ready");
+        assert_eq!(ready.len(), 2);
+        let st = |c: &Change, status| SeqStatus {
+            replica: c.replica.clone(),
+            seq: c.seq,
+            status,
+        };
+        let conf = s
+            .confirm(
+                &ready,
+                &[st(&c1, Status::Missing), st(&c2, Status::Rejected)],
+                &[(2, "bad key".into())],
+                &[],
+            )
+            .expect("confirm");
+        assert_eq!((conf.applied, conf.missing, conf.rejected), (0, 1, 1));
+        let again = s.ready_changes(10, 1 << 20, 100).expect("ready");
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].change, c1);
+        assert!(again[0].qno > ready[1].qno, "missing change moved to the back");
+        assert_eq!(s.sink_rejected().expect("rej")[0].2, "bad key");
+    }
+
+    #[test]
+    fn interrupted_close_is_finished_on_startup() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = chunk(1, 4000);
+        let (id, open_name) = {
+            let s = AggStore::open(dir.path(), cfg()).expect("open");
+            s.put_chunks(std::slice::from_ref(&a)).expect("put");
+            let open_name = open_pack_path(dir.path());
+            let id = s.close_open_pack().expect("close").expect("pack");
+            (id, open_name)
+        };
+        // Pretend the crash hit between recording the close and the rename.
+        let final_path = dir.path().join("packs").join(format!("{}.pack", id.to_hex()));
+        std::fs::rename(&final_path, &open_name).expect("unrename");
+        let s = AggStore::open(dir.path(), cfg()).expect("reopen");
+        assert!(final_path.exists() && !open_name.exists());
+        assert_eq!(s.closed_packs().expect("closed")[0].id, id);
+        assert_eq!(s.read_chunk(&a.id).expect("read"), ChunkBytes::Local(a.bytes));
+    }
+
+    #[test]
+    fn packs_close_at_target_and_backpressure_has_hysteresis() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = AggStore::open(
+            dir.path(),
+            StoreConfig {
+                pack_target: 10_000,
+                spool_high: 30_000,
+                spool_low: 15_000,
+                cache_bytes: 4 << 20,
+            },
+        )
+        .expect("open");
+        assert_eq!(s.backpressure_ms(), None);
+        for i in 0..8 {
+            s.put_chunks(&[chunk(i, 4000)]).expect("put");
+        }
+        let closed = s.closed_packs().expect("closed");
+        assert!(closed.len() >= 2, "{closed:?}");
+        assert_eq!(s.backpressure_ms(), Some(BACKPRESSURE_MS));
+        s.mark_uploaded(&closed[0]).expect("up");
+        // Between the watermarks: still backing off.
+        assert!(s.spool_bytes() >= 15_000);
+        assert_eq!(s.backpressure_ms(), Some(BACKPRESSURE_MS));
+        s.mark_uploaded(&closed[1]).expect("up");
+        assert!(s.spool_bytes() < 15_000);
+        assert_eq!(s.backpressure_ms(), None);
+    }
+}
