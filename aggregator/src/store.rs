@@ -943,7 +943,7 @@ mod tests {
         let committed = {
             let s = AggStore::open(dir.path(), cfg()).expect("open");
             s.put_chunks(&[a.clone(), b.clone(), a.clone()]).expect("put");
-            s.put_chunks(&[b.clone()]).expect("put again is a no-op");
+            s.put_chunks(std::slice::from_ref(&b)).expect("put again is a no-op");
             let p = open_pack_path(dir.path());
             let len = std::fs::metadata(&p).expect("meta").len();
             assert_eq!(len, 8 + 4000);
