@@ -69,7 +69,7 @@ impl Forwarder {
         let s = self.store.clone();
         tokio::task::spawn_blocking(move || f(&s))
             .await
-            .map_err(|e| Error::Corrupt(format!("store task failed: {e}")))?
+            .map_err(|e| Error::Internal(format!("store task: {e}")))?
     }
 
     /// One round; true if it made progress (run again right away).

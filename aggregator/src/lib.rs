@@ -32,6 +32,8 @@ pub enum Error {
     Sink(String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("internal task failed: {0}")]
+    Internal(String),
 }
 
 macro_rules! redb_errors {
@@ -230,7 +232,7 @@ pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl
     let data = cfg.data.clone();
     let store = tokio::task::spawn_blocking(move || AggStore::open(&data, scfg))
         .await
-        .map_err(|e| Error::Corrupt(format!("store open panicked: {e}")))??;
+        .map_err(|e| Error::Internal(format!("opening the store: {e}")))??;
     let store = Arc::new(store);
     tracing::info!(
         data = %cfg.data.display(),
@@ -271,10 +273,18 @@ pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl
     };
     tasks.spawn(report);
 
-    tokio::select! {
-        _ = shutdown => tracing::info!("aggregator {} shutting down", cfg.id),
-        r = tasks.join_next() => tracing::error!("aggregator task ended unexpectedly: {r:?}"),
-    }
+    // The tasks run forever; one ending early is a bug (a panic): stop
+    // cleanly and report it rather than limp on.
+    let failure = tokio::select! {
+        _ = shutdown => {
+            tracing::info!("aggregator {} shutting down", cfg.id);
+            None
+        }
+        r = tasks.join_next() => {
+            tracing::error!("aggregator task ended unexpectedly: {r:?}");
+            Some(format!("{r:?}"))
+        }
+    };
     let _ = client.try_disconnect();
     tasks.shutdown().await;
     // Blocking store calls still running hold clones of the store: wait for
@@ -284,7 +294,7 @@ pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl
         match Arc::try_unwrap(store) {
             Ok(s) => {
                 drop(s);
-                return Ok(());
+                return failure.map_or(Ok(()), |f| Err(Error::Internal(f)));
             }
             Err(s) => {
                 store = s;
@@ -293,7 +303,7 @@ pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl
         }
     }
     tracing::warn!("store still in use 30 s after shutdown");
-    Ok(())
+    failure.map_or(Ok(()), |f| Err(Error::Internal(f)))
 }
 
 pub(crate) fn now_ms() -> u64 {

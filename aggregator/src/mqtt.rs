@@ -8,7 +8,7 @@
 //! window and a message the aggregator crashed on is redelivered.
 
 use crate::store::AggStore;
-use crate::{AggConfig, AggStats, Error, Result};
+use crate::{AggConfig, AggStats, Result};
 use protocol::msg::{Message, Nack, MQTT_MAX_PACKET};
 use protocol::server::{Peer, Server, ServerConfig, ServerStats};
 use protocol::topic::{self, Dir};
@@ -207,9 +207,12 @@ pub fn handle_publish(
     let mut s: &AggStore = store;
     match server.handle(crate::now_ms(), &peer, msg, &mut s) {
         Ok(replies) => {
-            let bad = replies.iter().any(|r| matches!(r, Message::Nack(_)));
-            if bad {
-                tracing::warn!(%device, kind, "refused: {replies:?}");
+            let mut bad = false;
+            for r in &replies {
+                if let Message::Nack(n) = r {
+                    tracing::warn!(%device, kind, "refused: {}", n.reason);
+                    bad = true;
+                }
             }
             (replies.iter().filter_map(|r| encode_reply(&device, r)).collect(), bad)
         }
@@ -217,11 +220,5 @@ pub fn handle_publish(
             tracing::error!(%device, kind, "handling message: {e}");
             (nack(&device, format!("aggregator error: {e}")), false)
         }
-    }
-}
-
-impl From<rumqttc::v5::ClientError> for Error {
-    fn from(e: rumqttc::v5::ClientError) -> Self {
-        Error::Config(format!("mqtt client: {e}"))
     }
 }

@@ -13,8 +13,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sync_bad_input_and_restart_over_mqtt() -> Result<()> {
-    let broker = start_broker()?;
+async fn sync_bad_input_and_restart_with_rumqttd() -> Result<()> {
+    scenario(start_broker()?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sync_bad_input_and_restart_with_mosquitto() -> Result<()> {
+    let Some(m) = start_mosquitto()? else {
+        eprintln!("mosquitto is not installed: skipped");
+        return Ok(());
+    };
+    scenario(m.port).await
+}
+
+async fn scenario(broker: u16) -> Result<()> {
     let sink = free_port()?; // nothing listens there
     let data = tempfile::tempdir()?;
     let stats = Arc::new(AggStats::default());

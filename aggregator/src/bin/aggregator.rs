@@ -1,7 +1,7 @@
 //! `aggregator run …`: Ferry's regional aggregator daemon.
 
 use aggregator::{AggConfig, AggStats};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ enum Cmd {
 #[derive(clap::Args)]
 struct RunArgs {
     /// MQTT v5 broker, mqtt://HOST:PORT.
-    #[arg(long, env = "FERRY_BROKER")]
+    #[arg(long, env = "FERRY_BROKER", value_parser = parse_broker)]
     broker: String,
     /// Cloud-sink base URL, http://HOST:PORT.
     #[arg(long, env = "FERRY_SINK")]
@@ -54,6 +54,12 @@ struct RunArgs {
     /// ... until the spool is below this.
     #[arg(long, env = "FERRY_SPOOL_LOW", default_value = "1536MiB", value_parser = parse_size)]
     spool_low: u64,
+}
+
+fn parse_broker(s: &str) -> Result<String, String> {
+    aggregator::parse_mqtt_url(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// `123`, `16MiB`, `16M`, `2GiB`, `1.5G`, `64KiB`.
@@ -110,16 +116,21 @@ async fn shutdown_signal() {
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("aggregator: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let cli = Cli::parse();
     let Cmd::Run(a) = cli.cmd;
-    if a.spool_low > a.spool_high {
-        bail!("--spool-low must not be above --spool-high");
-    }
     let cfg = AggConfig {
         broker: a.broker,
         sink: a.sink,
@@ -133,9 +144,11 @@ fn main() -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let stats = Arc::new(AggStats::default());
-    rt.block_on(aggregator::run_with_stats(cfg, stats.clone(), shutdown_signal()))?;
+    let res = rt.block_on(aggregator::run_with_stats(cfg, stats.clone(), shutdown_signal()));
+    // run_with_stats has closed the store; nothing left is worth waiting for.
+    rt.shutdown_timeout(Duration::from_secs(1));
     tracing::info!(stats = ?stats.snapshot(), "aggregator stopped");
-    Ok(())
+    Ok(res?)
 }
 
 #[cfg(test)]

@@ -60,6 +60,53 @@ next_connection_delay_ms = 1
     bail!("broker did not start")
 }
 
+/// Mosquitto on a free port (killed on drop), if it is installed.
+pub struct Mosquitto {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start_mosquitto() -> Result<Option<Mosquitto>> {
+    let Some(bin) = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        return Ok(None);
+    };
+    let port = free_port()?;
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size {}\nmax_queued_messages 10000\n",
+            MQTT_MAX_PACKET + 1024
+        ),
+    )?;
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let m = Mosquitto { port, child, _dir: dir };
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(Some(m));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("mosquitto did not start")
+}
+
 pub struct Agg {
     pub stop: oneshot::Sender<()>,
     pub task: JoinHandle<aggregator::Result<()>>,
