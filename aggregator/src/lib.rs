@@ -4,6 +4,21 @@
 //!
 //! Library entry point: [`run`] / [`run_with_stats`], so `sim` can run an
 //! aggregator in-process; the `aggregator` binary is a thin CLI around it.
+//!
+//! ```no_run
+//! # async fn demo() -> aggregator::Result<()> {
+//! use aggregator::{AggConfig, AggStats};
+//! let stats = std::sync::Arc::new(AggStats::default());
+//! let cfg = AggConfig::new("mqtt://127.0.0.1:1883", "http://127.0.0.1:8080", "/tmp/agg".into());
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let task = tokio::spawn(aggregator::run_with_stats(cfg, stats.clone(), async {
+//!     let _ = stopped.await;
+//! }));
+//! println!("{:?}", stats.snapshot());
+//! let _ = stop.send(()); // returns once the store is closed: safe to restart on the same dir
+//! let _ = task.await;
+//! # Ok(()) }
+//! ```
 
 pub mod forward;
 pub mod mqtt;
@@ -229,11 +244,7 @@ pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl
         spool_low: cfg.spool_low,
         ..StoreConfig::default()
     };
-    let data = cfg.data.clone();
-    let store = tokio::task::spawn_blocking(move || AggStore::open(&data, scfg))
-        .await
-        .map_err(|e| Error::Internal(format!("opening the store: {e}")))??;
-    let store = Arc::new(store);
+    let store = Arc::new(open_store(&cfg, scfg).await?);
     tracing::info!(
         data = %cfg.data.display(),
         spool = store.spool_bytes(),
@@ -304,6 +315,25 @@ pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl
     }
     tracing::warn!("store still in use 30 s after shutdown");
     failure.map_or(Ok(()), |f| Err(Error::Internal(f)))
+}
+
+/// Opens the store; while another instance in this process still holds it
+/// (an in-process restart right after an aborted `run`), waits up to 10 s.
+async fn open_store(cfg: &AggConfig, scfg: StoreConfig) -> Result<AggStore> {
+    let mut tries = 0;
+    loop {
+        let (data, sc) = (cfg.data.clone(), scfg.clone());
+        let r = tokio::task::spawn_blocking(move || AggStore::open(&data, sc))
+            .await
+            .map_err(|e| Error::Internal(format!("opening the store: {e}")))?;
+        match r {
+            Err(Error::Db(redb::Error::DatabaseAlreadyOpen)) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 pub(crate) fn now_ms() -> u64 {

@@ -98,7 +98,9 @@ async fn scenario(broker: u16) -> Result<()> {
     .await?;
     // Per-device order: once Hello is answered, the Data was handled.
     dev.hello().await?;
-    agg.stop().await?;
+    // Drop it like a crash: the task is aborted, nothing is closed.
+    agg.task.abort();
+    let _ = agg.task.await;
 
     let stats2 = Arc::new(AggStats::default());
     let agg = start_agg(broker, sink, data.path(), stats2.clone());
