@@ -34,6 +34,7 @@ pub struct Forwarder {
     stats: Arc<AggStats>,
     max_delay: Duration,
     software: String,
+    peer: String,
     hello_done: bool,
     /// Distinguishes this process's batch ids at the sink.
     id_salt: u64,
@@ -58,6 +59,7 @@ impl Forwarder {
             stats,
             max_delay: cfg.pack_max_delay,
             software: format!("ferry-aggregator/{} {}", env!("CARGO_PKG_VERSION"), cfg.id),
+            peer: cfg.id.clone(),
             hello_done: false,
             id_salt,
             batches: 0,
@@ -133,6 +135,8 @@ impl Forwarder {
             .http
             .post(format!("{}/v1/sync", self.sink))
             .header("content-type", "application/cbor")
+            // How the sink tells aggregators apart (else by IP address).
+            .header("x-ferry-peer", &self.peer)
             .body(body)
             .send()
             .await?;
