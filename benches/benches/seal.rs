@@ -16,7 +16,11 @@ fn sensor_text() -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         t += 250;
-        s.push_str(&format!("{t},line3-temp-{:02},{:.3},degC,OK\n", x % 16, 20.0 + (x % 1000) as f64 / 100.0));
+        s.push_str(&format!(
+            "{t},line3-temp-{:02},{:.3},degC,OK\n",
+            x % 16,
+            20.0 + (x % 1000) as f64 / 100.0
+        ));
     }
     s.into_bytes()
 }
@@ -27,7 +31,7 @@ fn bench(c: &mut Criterion) {
     let key = TenantKey::from_bytes(1, [7; 32]);
     let mut g = c.benchmark_group("seal_64KiB");
     g.throughput(Throughput::Bytes(chunk.len() as u64));
-    let mut s = Sealer::new(&key, Cipher::Aes256Gcm).expect("sealer");
+    let s = Sealer::new(&key, Cipher::Aes256Gcm).expect("sealer");
     g.bench_function("index_tag", |b| b.iter(|| s.index_tag(chunk)));
     g.bench_function("sha256", |b| b.iter(|| Hash32::of(chunk)));
     for cipher in [Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305] {

@@ -1,1 +1,114 @@
+//! Ferry's central cloud-sink: writes packs and signed manifests to an object
+//! store, keeps a redb catalog that can always be rebuilt from those objects,
+//! serves the sync protocol to aggregators and a query/restore API to the CLI.
+//!
+//! Layout of a data directory:
+//! ```text
+//! DIR/catalog.redb                                   index, rebuildable
+//! DIR/objects/packs/<2 hex>/<pack id hex>            protocol::pack objects
+//! DIR/objects/manifests/<tenant>/<site>/<device>/<epoch>/<seq>   CBOR signed Change
+//! ```
+//! Invariant: an object is durable before any catalog entry points at it.
 
+pub mod catalog;
+pub mod client;
+pub mod http;
+pub mod objects;
+pub mod restore;
+pub mod store;
+
+pub use catalog::{Catalog, DeviceInfo, FileEntry, FileQuery};
+pub use client::SinkClient;
+pub use http::{serve, ServeConfig};
+pub use restore::{restore, RestoreReport, RestoreRequest};
+pub use store::{rebuild, RebuildReport, SinkStore};
+
+/// The one error type of the cloud-sink library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Protocol(#[from] protocol::Error),
+    #[error("catalog: {0}")]
+    Catalog(#[from] redb::Error),
+    #[error("object store: {0}")]
+    Objects(#[from] object_store::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The sink answered with a non-2xx status.
+    #[error("sink answered {status}: {reason}")]
+    Status { status: u16, reason: String },
+    /// Bad input from a peer or user (maps to HTTP 400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Data failed verification (signature, key, hash, length): restore refuses it.
+    #[error("verification failed: {0}")]
+    Verify(String),
+    /// A restore target that would leave the output directory or pass a symlink.
+    #[error("unsafe restore path {0:?}: {1}")]
+    UnsafePath(String, String),
+    #[error("catalog is corrupt: {0}")]
+    Corrupt(String),
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+// redb has one error type per operation; all of them fold into `redb::Error`.
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Catalog(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Task(e.to_string())
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Parses RFC 3339 into Unix milliseconds (negative times are refused).
+pub fn parse_rfc3339_ms(s: &str) -> Result<u64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|e| {
+        Error::BadRequest(format!(
+            "bad time {s:?} (want RFC 3339, e.g. 2026-11-22T10:00:00Z): {e}"
+        ))
+    })?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| Error::BadRequest(format!("time {s:?} is before 1970")))
+}
+
+/// Formats Unix milliseconds as RFC 3339 (UTC).
+pub fn format_ms(ms: u64) -> String {
+    format_ns(i128::from(ms) * 1_000_000)
+}
+
+/// Formats Unix nanoseconds as RFC 3339 (UTC); out-of-range values print raw.
+pub fn format_ns(ns: i128) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ns)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| format!("{ns}ns"))
+}

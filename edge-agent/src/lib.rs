@@ -1,1 +1,377 @@
+//! Ferry's edge agent: scans watch folders, chunks and seals new data,
+//! records signed changes in one redb file, and syncs them to a regional
+//! aggregator over MQTT whenever a link exists (DESIGN.md §3–4).
+//!
+//! Library API (used by the `edge-agent` binary and by `sim` in-process):
+//! [`AgentConfig`] → [`Agent::open`] → [`Agent::scan_once`],
+//! [`Agent::run`] (daemon), [`Agent::sync`] (scan, sync to a durability
+//! level, exit), [`Agent::status`] / [`read_status`].
 
+pub mod chunker;
+pub mod error;
+pub mod net;
+pub mod policy;
+pub mod scan;
+pub mod store;
+
+pub use chunker::ChunkParams;
+pub use error::{Error, Result};
+pub use scan::ScanReport;
+pub use store::{Counters, Status};
+
+use policy::{Policy, Root};
+use protocol::client::{ClientConfig, ClientStore};
+use protocol::manifest::{Change, ChangeBody};
+use protocol::seal::{Cipher, Sealer, TenantKey};
+use protocol::{DeviceRef, Hash32, Knowledge, ReplicaId};
+use serde::Serialize;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use store::Store;
+
+/// Everything an agent needs. Build with [`AgentConfig::new`] and adjust.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// `mqtt://host:port` (or `tcp://`, or `host:port`).
+    pub broker: String,
+    pub tenant: String,
+    pub site: String,
+    pub device: String,
+    pub watch: Vec<PathBuf>,
+    pub state: PathBuf,
+    pub key: TenantKey,
+    pub scan_interval: Duration,
+    pub cipher: Cipher,
+    /// Only paths matching one of these (if any) are archived.
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Globs of the `append` class (append fast path, zstd level 1).
+    pub append_globs: Vec<String>,
+    pub chunking: ChunkParams,
+    /// zstd level of the `default` class.
+    pub zstd_level: i32,
+    /// zstd level of the `append` class.
+    pub append_zstd_level: i32,
+    /// Sync session tuning. `data_bytes` bounds one Data message and so the
+    /// memory held by the MQTT client (default 512 KiB here).
+    pub client: ClientConfig,
+    /// Write `<state>.status.json` every few seconds while running, so
+    /// `edge-agent status` works while the daemon holds the state file.
+    pub status_snapshot: bool,
+}
+
+impl AgentConfig {
+    pub fn new(
+        broker: impl Into<String>,
+        device: &DeviceRef,
+        watch: Vec<PathBuf>,
+        state: impl Into<PathBuf>,
+        key: TenantKey,
+    ) -> AgentConfig {
+        AgentConfig {
+            broker: broker.into(),
+            tenant: device.tenant.to_string(),
+            site: device.site.to_string(),
+            device: device.device.to_string(),
+            watch,
+            state: state.into(),
+            key,
+            scan_interval: Duration::from_secs(60),
+            cipher: Cipher::for_this_cpu(),
+            include: Vec::new(),
+            exclude: Vec::new(),
+            append_globs: policy::DEFAULT_APPEND_GLOBS.iter().map(|s| s.to_string()).collect(),
+            chunking: ChunkParams::default(),
+            zstd_level: 3,
+            append_zstd_level: 1,
+            client: ClientConfig {
+                data_bytes: 512 << 10,
+                max_batch_bytes: 1 << 20,
+                software: format!("edge-agent/{}", env!("CARGO_PKG_VERSION")),
+                ..ClientConfig::default()
+            },
+            status_snapshot: true,
+        }
+    }
+
+    pub fn device_ref(&self) -> Result<DeviceRef> {
+        Ok(DeviceRef::new(&self.tenant, &self.site, &self.device)?)
+    }
+}
+
+/// Durability level `sync` waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WaitLevel {
+    /// Fsynced at the aggregator.
+    Regional,
+    /// In the object store and catalog.
+    Cloud,
+}
+
+impl WaitLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            WaitLevel::Regional => "regional",
+            WaitLevel::Cloud => "cloud",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SyncReport {
+    pub level: WaitLevel,
+    pub scans: Vec<ScanReport>,
+    /// Changes of the current epoch durable at `level` at the end.
+    pub changes_durable: u64,
+    pub wire_bytes_sent: u64,
+    pub chunks_sent: u64,
+    pub chunk_bytes_sent: u64,
+    pub secs: f64,
+}
+
+/// Reads a tenant key file (`edge-agent keygen` format).
+pub fn load_key(path: &Path) -> Result<TenantKey> {
+    let err = |reason: String| Error::Key {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if meta.len() > 4096 {
+        return Err(err("too large to be a key file".into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(key = %path.display(), "tenant key file is readable by group or others; chmod 600 it");
+        }
+    }
+    TenantKey::parse(&text).map_err(|e| err(e.to_string()))
+}
+
+/// Generates a tenant key into a new file (mode 0600); refuses to overwrite.
+pub fn write_new_key(path: &Path) -> Result<TenantKey> {
+    use std::io::Write;
+    let key = TenantKey::generate()?;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    let mut f = o.open(path).map_err(|e| Error::Key {
+        path: path.to_path_buf(),
+        reason: if e.kind() == std::io::ErrorKind::AlreadyExists {
+            "already exists; refusing to overwrite a key (data sealed with it would become unreadable)".into()
+        } else {
+            e.to_string()
+        },
+    })?;
+    f.write_all(key.to_file_string().as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(path, e))?;
+    Ok(key)
+}
+
+/// Where a running agent writes its status snapshot.
+pub fn snapshot_path(state: &Path) -> PathBuf {
+    let mut s = state.as_os_str().to_owned();
+    s.push(".status.json");
+    PathBuf::from(s)
+}
+
+/// Status of a state file: read directly when no agent holds it, else from
+/// the snapshot the running agent writes (`from_snapshot = true`).
+pub fn read_status(state: &Path) -> Result<Status> {
+    match Store::read_status(state) {
+        Err(Error::Locked { path }) => {
+            let snap = snapshot_path(state);
+            let text = std::fs::read(&snap).map_err(|_| Error::Locked { path: path.clone() })?;
+            let mut s: Status = serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
+                what: "status snapshot",
+                detail: format!("{}: {e}", snap.display()),
+            })?;
+            s.from_snapshot = true;
+            Ok(s)
+        }
+        other => other,
+    }
+}
+
+/// One device's agent: state, sealing, scanning, and the sync store.
+pub struct Agent {
+    cfg: AgentConfig,
+    pub(crate) store: Store,
+    pub(crate) sealer: Sealer,
+    /// Sealer for the other cipher, for chunks sealed before a cipher change.
+    other_sealer: Option<Sealer>,
+    pub(crate) policy: Policy,
+    pub(crate) roots: Vec<Root>,
+    pub(crate) chunker: chunker::Chunker,
+    pub(crate) seal_buf: Vec<u8>,
+    pub(crate) read_buf: Vec<u8>,
+}
+
+impl Agent {
+    pub fn open(cfg: AgentConfig) -> Result<Agent> {
+        let device = cfg.device_ref()?;
+        if cfg.watch.is_empty() {
+            return Err(Error::Config("at least one --watch directory is needed".into()));
+        }
+        let roots = policy::roots(&cfg.watch)?;
+        let policy = Policy::new(
+            &cfg.include,
+            &cfg.exclude,
+            &cfg.append_globs,
+            (cfg.zstd_level, cfg.append_zstd_level),
+        )?;
+        let chunker = chunker::Chunker::new(cfg.chunking)?;
+        let store = Store::open(&cfg.state, &device)?;
+        let sealer = Sealer::new(&cfg.key, cfg.cipher)?;
+        tracing::info!(replica = %store.replica(), next_seq = store.next_seq(), "state opened");
+        Ok(Agent {
+            store,
+            sealer,
+            other_sealer: None,
+            policy,
+            roots,
+            chunker,
+            seal_buf: Vec::new(),
+            read_buf: Vec::new(),
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+    pub fn replica(&self) -> ReplicaId {
+        self.store.replica()
+    }
+    /// The device's Ed25519 public key (what the sink pins).
+    pub fn public_key(&self) -> Vec<u8> {
+        self.store.public_key()
+    }
+    pub fn counters(&self) -> &Counters {
+        &self.store.counters
+    }
+    pub fn status(&self) -> Result<Status> {
+        self.store.status()
+    }
+
+    /// Runs until `shutdown` resolves: scans every `scan_interval`, syncs
+    /// whenever the broker is reachable. Persists counters on the way out.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        net::drive(&mut self, net::Mode::Run, shutdown).await.map(|_| ())
+    }
+
+    /// Scans once, then syncs until every recorded change is durable at
+    /// `wait`, or fails with `Error::Timeout` after `timeout`.
+    pub async fn sync(mut self, wait: WaitLevel, timeout: Duration) -> Result<SyncReport> {
+        let shutdown = std::future::pending::<()>();
+        net::drive(&mut self, net::Mode::Sync { wait, timeout }, shutdown).await
+    }
+
+    /// Writes the status snapshot next to the state file (atomically).
+    pub(crate) fn write_snapshot(&self) -> Result<()> {
+        if !self.cfg.status_snapshot {
+            return Ok(());
+        }
+        let s = self.status()?;
+        let path = snapshot_path(&self.cfg.state);
+        let tmp = snapshot_path(&self.cfg.state.with_extension("tmp"));
+        let json = serde_json::to_vec_pretty(&s).map_err(|e| Error::Config(e.to_string()))?;
+        std::fs::write(&tmp, json)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| Error::io(&path, e))
+    }
+
+    /// Stored bytes of chunk `id` of `change`, re-read from the file and
+    /// resealed exactly as when it was first sealed.
+    fn read_chunk(&mut self, change: &Change, id: &Hash32) -> Result<Option<Vec<u8>>> {
+        let ChangeBody::File(f) = &change.body else {
+            return Ok(None);
+        };
+        let mut off = 0u64;
+        let mut len = None;
+        for c in &f.chunks {
+            if c.id == *id {
+                len = Some(c.len);
+                break;
+            }
+            off += u64::from(c.len);
+        }
+        let (Some(len), Some(path)) = (len, policy::fs_path(&self.roots, &f.path)) else {
+            return Ok(None);
+        };
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        self.read_buf.resize(len as usize, 0);
+        match file
+            .seek(SeekFrom::Start(off))
+            .and_then(|_| file.read_exact(&mut self.read_buf))
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        }
+        self.store.counters.bytes_read += u64::from(len);
+        let tag = self.sealer.index_tag(&self.read_buf);
+        let (level, cipher) = match self.store.known_reader()?.get(&tag)? {
+            Some(k) if k.id == *id => (k.level, k.cipher),
+            Some(_) => return Ok(None), // these bytes were sealed as another chunk
+            None => (self.policy.level(&f.class), self.sealer.cipher() as u8),
+        };
+        let sealer = if cipher == self.sealer.cipher() as u8 {
+            &mut self.sealer
+        } else {
+            let c = match cipher {
+                1 => Cipher::Aes256Gcm,
+                2 => Cipher::ChaCha20Poly1305,
+                _ => return Ok(None),
+            };
+            match &mut self.other_sealer {
+                Some(s) if s.cipher() == c => s,
+                slot => slot.insert(Sealer::new(&self.cfg.key, c)?),
+            }
+        };
+        let got = sealer.seal(&self.read_buf, level, &mut self.seal_buf)?;
+        Ok((got == *id).then(|| std::mem::take(&mut self.seal_buf)))
+    }
+}
+
+fn store_err(e: Error) -> protocol::Error {
+    match e {
+        Error::Protocol(p) => p,
+        e => protocol::Error::Store(e.to_string()),
+    }
+}
+
+impl ClientStore for Agent {
+    fn device(&self) -> DeviceRef {
+        self.store.device().clone()
+    }
+    fn replica(&self) -> ReplicaId {
+        self.store.replica()
+    }
+    fn pending(&mut self, have: &Knowledge, max: usize, max_bytes: usize) -> protocol::Result<Vec<Change>> {
+        self.store.pending(have, max, max_bytes).map_err(store_err)
+    }
+    fn chunk(&mut self, change: &Change, id: &Hash32) -> protocol::Result<Option<Vec<u8>>> {
+        self.read_chunk(change, id).map_err(store_err)
+    }
+    fn supersede(&mut self, change: &Change) -> protocol::Result<()> {
+        tracing::info!(change = %change.label(), "file changed before its chunks were sent; superseded");
+        self.store.supersede(change, store::now_ms()).map_err(store_err)
+    }
+    fn on_knowledge(&mut self, regional: &Knowledge, cloud: &Knowledge) -> protocol::Result<()> {
+        self.store.on_knowledge(regional, cloud).map(|_| ()).map_err(store_err)
+    }
+}

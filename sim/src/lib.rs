@@ -2,6 +2,7 @@
 //! factory archives, and the end-to-end demo.
 
 pub mod broker;
+pub mod demo;
 pub mod gen;
 pub mod procs;
 pub mod tree;

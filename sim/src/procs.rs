@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 /// Directory holding the workspace binaries of the current profile.
 pub fn bin_dir() -> Result<PathBuf> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    DIR.get_or_init(|| find_or_build().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
+    DIR.get_or_init(|| find_or_build().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
 }
 
 fn find_or_build() -> Result<PathBuf> {
@@ -28,7 +30,16 @@ fn find_or_build() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let release = dir.ends_with("release");
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--bins", "-p", "edge-agent", "-p", "aggregator", "-p", "cloud-sink"]);
+    cmd.args([
+        "build",
+        "--bins",
+        "-p",
+        "edge-agent",
+        "-p",
+        "aggregator",
+        "-p",
+        "cloud-sink",
+    ]);
     if release {
         cmd.arg("--release");
     }

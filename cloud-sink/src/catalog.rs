@@ -1,0 +1,567 @@
+//! The catalog: a redb index over the objects (chunks → packs, changes,
+//! versions, knowledge, devices). Everything in it can be recreated from the
+//! objects by `rebuild`, so it is an index, never the only copy.
+
+use crate::{Error, Result};
+use globset::{GlobBuilder, GlobMatcher};
+use minicbor::{Decode, Encode};
+use protocol::pack::PackEntry;
+use protocol::{Change, ChangeBody, DeviceRef, Hash32, Knowledge, RangeSet, ReplicaId};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// redb page cache: explicit so a sink's memory does not scale with its catalog.
+const CACHE_BYTES: usize = 32 << 20;
+/// Largest encoded change we store or read back.
+const MAX_CHANGE: usize = protocol::msg::MAX_MESSAGE;
+
+/// chunk id → pack id (32) ‖ offset u64 BE ‖ len u32 BE
+const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
+/// pack id → size u64 BE ‖ chunk count u32 BE
+const PACKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("packs");
+/// replica key ‖ 0 ‖ seq BE → version key (empty for superseded seqs). Each (replica, seq) once.
+const CHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("changes");
+/// device key ‖ 0 ‖ path ‖ 0 ‖ hlc BE ‖ 0 ‖ epoch BE ‖ 0 ‖ seq BE → CBOR signed Change.
+/// Paths never contain NUL, so one path's versions are contiguous and sorted by HLC.
+const VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("versions");
+/// replica key (`tenant/site/device/epoch`) → CBOR KnowledgeRecord
+const KNOWLEDGE: TableDefinition<&str, &[u8]> = TableDefinition::new("knowledge");
+/// device key (`tenant/site/device`) → CBOR DeviceRecord
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+
+/// Bytes after the path in a version key: 0 ‖ hlc(8) ‖ 0 ‖ epoch(4) ‖ 0 ‖ seq(8).
+const VKEY_SUFFIX: usize = 23;
+
+#[derive(Encode, Decode)]
+struct KnowledgeRecord {
+    #[n(0)]
+    replica: ReplicaId,
+    #[n(1)]
+    seqs: RangeSet,
+}
+
+#[derive(Encode, Decode, Clone)]
+struct DeviceRecord {
+    #[n(0)]
+    device: DeviceRef,
+    /// Ed25519 key pinned on first use; changes signed by any other key are refused.
+    #[n(1)]
+    #[cbor(with = "minicbor::bytes")]
+    pubkey: Vec<u8>,
+    #[n(2)]
+    last_seen_ms: u64,
+    #[n(3)]
+    changes: u64,
+    /// Current (latest, not deleted) files and their total size.
+    #[n(4)]
+    files: u64,
+    #[n(5)]
+    logical_bytes: u64,
+    #[n(6)]
+    epochs: BTreeSet<u32>,
+}
+
+/// Where a stored chunk lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLoc {
+    pub pack: Hash32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Filters of `/v1/files` and `/v1/restore` (also their query string).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FileQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Glob over manifest paths; also matches every file below a matching directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// RFC 3339; versions whose HLC time is later are ignored. Default: now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// All versions (including deletions) instead of the latest per path.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub versions: bool,
+}
+
+/// One row of `/v1/files`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub tenant: String,
+    pub site: String,
+    pub device: String,
+    pub epoch: u32,
+    pub seq: u64,
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub hlc_ms: u64,
+    pub deleted: bool,
+    /// Whole-file SHA-256 (hex); null for deletions.
+    pub sha256: Option<String>,
+    /// Number of chunks.
+    pub chunks: u64,
+}
+
+impl FileEntry {
+    pub fn from_change(c: &Change) -> FileEntry {
+        let d = &c.replica.device;
+        let (size, mtime_ns, sha256, chunks, deleted) = match &c.body {
+            ChangeBody::File(f) => (
+                f.size,
+                f.mtime_ns,
+                Some(f.sha256.to_hex()),
+                f.chunks.len() as u64,
+                false,
+            ),
+            _ => (0, 0, None, 0, true),
+        };
+        FileEntry {
+            tenant: d.tenant.to_string(),
+            site: d.site.to_string(),
+            device: d.device.to_string(),
+            epoch: c.replica.epoch,
+            seq: c.seq,
+            path: c.body.path().to_string(),
+            size,
+            mtime_ns,
+            hlc_ms: c.hlc.millis(),
+            deleted,
+            sha256,
+            chunks,
+        }
+    }
+}
+
+/// One row of `/v1/devices`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub tenant: String,
+    pub site: String,
+    pub device: String,
+    /// Number of epochs (replicas) seen.
+    pub epochs: u64,
+    pub changes: u64,
+    pub files: u64,
+    pub logical_bytes: u64,
+    pub last_seen_ms: u64,
+    /// Pinned Ed25519 public key, hex.
+    pub pubkey: String,
+}
+
+/// What one `apply` did.
+#[derive(Debug, Default, Clone)]
+pub struct ApplyOutcome {
+    pub applied: usize,
+    pub duplicate: usize,
+    /// Changes refused (signed by a key other than the pinned one): labels.
+    pub rejected: Vec<String>,
+}
+
+/// A compiled `FileQuery`.
+struct Selector {
+    device: Option<String>,
+    tenant: Option<String>,
+    site: Option<String>,
+    glob: Option<GlobMatcher>,
+    at_ms: u64,
+    versions: bool,
+}
+
+impl Selector {
+    fn new(q: &FileQuery) -> Result<Selector> {
+        let glob = match q.path.as_deref() {
+            None | Some("") => None,
+            Some(p) => Some(
+                GlobBuilder::new(p)
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| Error::BadRequest(format!("bad path glob {p:?}: {e}")))?
+                    .compile_matcher(),
+            ),
+        };
+        let at_ms = match q.at.as_deref() {
+            None | Some("") => u64::MAX,
+            Some(s) => crate::parse_rfc3339_ms(s)?,
+        };
+        Ok(Selector {
+            device: q.device.clone(),
+            tenant: q.tenant.clone(),
+            site: q.site.clone(),
+            glob,
+            at_ms,
+            versions: q.versions,
+        })
+    }
+    fn device_matches(&self, d: &DeviceRef) -> bool {
+        let eq = |f: &Option<String>, v: &protocol::Id| f.as_deref().is_none_or(|f| f == v.as_str());
+        eq(&self.device, &d.device) && eq(&self.tenant, &d.tenant) && eq(&self.site, &d.site)
+    }
+    /// The glob matches the path or one of its parent directories.
+    fn path_matches(&self, p: &str) -> bool {
+        let Some(g) = &self.glob else { return true };
+        g.is_match(p) || p.match_indices('/').any(|(i, _)| g.is_match(&p[..i]))
+    }
+}
+
+pub struct Catalog {
+    db: Database,
+}
+
+fn change_key(r: &ReplicaId, seq: u64) -> Vec<u8> {
+    let mut k = r.key().into_bytes();
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn version_key(c: &Change) -> Vec<u8> {
+    let path = c.body.path();
+    let mut k = c.replica.device.key().into_bytes();
+    k.reserve(path.len() + VKEY_SUFFIX + 1);
+    k.push(0);
+    k.extend_from_slice(path.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&c.hlc.0.to_be_bytes());
+    k.push(0);
+    k.extend_from_slice(&c.replica.epoch.to_be_bytes());
+    k.push(0);
+    k.extend_from_slice(&c.seq.to_be_bytes());
+    k
+}
+
+/// (path, hlc ms) of a version key whose device prefix is `prefix_len` bytes (including its NUL).
+fn split_version_key(k: &[u8], prefix_len: usize) -> Option<(&str, u64)> {
+    if k.len() < prefix_len + VKEY_SUFFIX + 1 {
+        return None;
+    }
+    let path = std::str::from_utf8(&k[prefix_len..k.len() - VKEY_SUFFIX]).ok()?;
+    let hlc = u64::from_be_bytes(k[k.len() - 22..k.len() - 14].try_into().ok()?);
+    Some((path, protocol::hlc::Hlc(hlc).millis()))
+}
+
+fn decode<'b, T: minicbor::Decode<'b, ()>>(b: &'b [u8], what: &str) -> Result<T> {
+    protocol::from_cbor(b, MAX_CHANGE).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
+}
+
+impl Catalog {
+    /// Opens (or creates) the catalog; fails if another process holds it.
+    pub fn open(path: &Path) -> Result<Catalog> {
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path)?;
+        let tx = db.begin_write()?;
+        tx.open_table(CHUNKS)?;
+        tx.open_table(PACKS)?;
+        tx.open_table(CHANGES)?;
+        tx.open_table(VERSIONS)?;
+        tx.open_table(KNOWLEDGE)?;
+        tx.open_table(DEVICES)?;
+        tx.commit()?;
+        Ok(Catalog { db })
+    }
+
+    pub fn has_chunk(&self, id: &Hash32) -> Result<bool> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(CHUNKS)?.get(&id.0[..])?.is_some())
+    }
+
+    pub fn chunk(&self, id: &Hash32) -> Result<Option<ChunkLoc>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(CHUNKS)?;
+        let Some(v) = t.get(&id.0[..])? else { return Ok(None) };
+        let v = v.value();
+        if v.len() != 44 {
+            return Err(Error::Corrupt(format!("chunk entry of {} bytes", v.len())));
+        }
+        let mut pack = [0u8; 32];
+        pack.copy_from_slice(&v[..32]);
+        let offset = u64::from_be_bytes(v[32..40].try_into().map_err(|_| Error::Corrupt("chunk".into()))?);
+        let len = u32::from_be_bytes(v[40..44].try_into().map_err(|_| Error::Corrupt("chunk".into()))?);
+        Ok(Some(ChunkLoc {
+            pack: Hash32(pack),
+            offset,
+            len,
+        }))
+    }
+
+    pub fn has_pack(&self, id: &Hash32) -> Result<bool> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(PACKS)?.get(&id.0[..])?.is_some())
+    }
+
+    /// Indexes a pack whose object is already durable. A chunk already
+    /// indexed in another pack keeps its first location. Returns new chunks.
+    pub fn add_pack(&self, id: &Hash32, size: u64, entries: &[PackEntry]) -> Result<usize> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        let mut added = 0;
+        {
+            let mut packs = tx.open_table(PACKS)?;
+            let mut chunks = tx.open_table(CHUNKS)?;
+            let mut v = size.to_be_bytes().to_vec();
+            v.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+            packs.insert(&id.0[..], &v[..])?;
+            for e in entries {
+                if chunks.get(&e.id.0[..])?.is_some() {
+                    continue;
+                }
+                let mut v = id.0.to_vec();
+                v.extend_from_slice(&e.offset.to_be_bytes());
+                v.extend_from_slice(&e.len.to_be_bytes());
+                chunks.insert(&e.id.0[..], &v[..])?;
+                added += 1;
+            }
+        }
+        tx.commit()?;
+        Ok(added)
+    }
+
+    pub fn has_change(&self, r: &ReplicaId, seq: u64) -> Result<bool> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(CHANGES)?.get(&change_key(r, seq)[..])?.is_some())
+    }
+
+    /// What the catalog holds of these devices' replicas.
+    pub fn knowledge(&self, devices: &[DeviceRef]) -> Result<Knowledge> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(KNOWLEDGE)?;
+        let mut k = Knowledge::default();
+        for d in devices {
+            // Replica keys are `device key/epoch`; '0' is the byte after '/'.
+            let lo = format!("{}/", d.key());
+            let hi = format!("{}0", d.key());
+            for e in t.range(lo.as_str()..hi.as_str())? {
+                let (_, v) = e?;
+                let r: KnowledgeRecord = decode(v.value(), "knowledge")?;
+                k.map.entry(r.replica).or_default().union_with(&r.seqs);
+            }
+        }
+        Ok(k)
+    }
+
+    pub fn device_key(&self, d: &DeviceRef) -> Result<Option<Vec<u8>>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(DEVICES)?;
+        let Some(v) = t.get(d.key().as_str())? else {
+            return Ok(None);
+        };
+        let r: DeviceRecord = decode(v.value(), "device")?;
+        Ok(Some(r.pubkey))
+    }
+
+    /// Records changes in one durable transaction. The caller has checked
+    /// signatures and chunk presence and written the manifest objects.
+    /// (replica, seq) already present are skipped (idempotent); keys are
+    /// pinned on first use and changes under another key are refused.
+    /// `now_ms` is the receive time (None during rebuild: the HLC time is used).
+    pub fn apply(&self, changes: &[Change], now_ms: Option<u64>) -> Result<ApplyOutcome> {
+        let mut out = ApplyOutcome::default();
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        {
+            let mut ct = tx.open_table(CHANGES)?;
+            let mut vt = tx.open_table(VERSIONS)?;
+            let mut kt = tx.open_table(KNOWLEDGE)?;
+            let mut dt = tx.open_table(DEVICES)?;
+            let mut devices: BTreeMap<String, DeviceRecord> = BTreeMap::new();
+            let mut know: BTreeMap<String, KnowledgeRecord> = BTreeMap::new();
+            for c in changes {
+                let ck = change_key(&c.replica, c.seq);
+                if ct.get(&ck[..])?.is_some() {
+                    out.duplicate += 1;
+                    continue;
+                }
+                let dkey = c.replica.device.key();
+                if !devices.contains_key(&dkey) {
+                    let rec = match dt.get(dkey.as_str())? {
+                        Some(v) => decode(v.value(), "device")?,
+                        None => DeviceRecord {
+                            device: c.replica.device.clone(),
+                            pubkey: c.pubkey.clone(),
+                            last_seen_ms: 0,
+                            changes: 0,
+                            files: 0,
+                            logical_bytes: 0,
+                            epochs: BTreeSet::new(),
+                        },
+                    };
+                    devices.insert(dkey.clone(), rec);
+                }
+                let Some(dev) = devices.get_mut(&dkey) else { continue };
+                if dev.pubkey != c.pubkey {
+                    out.rejected.push(c.label());
+                    continue;
+                }
+                let vkey = match &c.body {
+                    ChangeBody::Superseded(_) => Vec::new(),
+                    ChangeBody::File(_) | ChangeBody::Delete(_) => {
+                        let vkey = version_key(c);
+                        // The path's current latest version, if this one supersedes it.
+                        let plen = dkey.len() + 1 + c.body.path().len() + 1;
+                        let (lo, mut hi) = (vkey[..plen].to_vec(), vkey[..plen].to_vec());
+                        if let Some(last) = hi.last_mut() {
+                            *last = 1;
+                        }
+                        let prev = vt.range(&lo[..]..&hi[..])?.next_back().transpose()?;
+                        let newest = prev.as_ref().is_none_or(|(k, _)| k.value() < &vkey[..]);
+                        if newest {
+                            if let Some((_, v)) = &prev {
+                                if let ChangeBody::File(f) = decode::<Change>(v.value(), "version")?.body {
+                                    dev.files = dev.files.saturating_sub(1);
+                                    dev.logical_bytes = dev.logical_bytes.saturating_sub(f.size);
+                                }
+                            }
+                            if let ChangeBody::File(f) = &c.body {
+                                dev.files += 1;
+                                dev.logical_bytes = dev.logical_bytes.saturating_add(f.size);
+                            }
+                        }
+                        drop(prev);
+                        vt.insert(&vkey[..], &protocol::to_cbor(c)[..])?;
+                        vkey
+                    }
+                };
+                ct.insert(&ck[..], &vkey[..])?;
+                dev.changes += 1;
+                dev.epochs.insert(c.replica.epoch);
+                dev.last_seen_ms = dev.last_seen_ms.max(now_ms.unwrap_or(c.hlc.millis()));
+                let rkey = c.replica.key();
+                if !know.contains_key(&rkey) {
+                    let rec = match kt.get(rkey.as_str())? {
+                        Some(v) => decode(v.value(), "knowledge")?,
+                        None => KnowledgeRecord {
+                            replica: c.replica.clone(),
+                            seqs: RangeSet::new(),
+                        },
+                    };
+                    know.insert(rkey.clone(), rec);
+                }
+                if let Some(k) = know.get_mut(&rkey) {
+                    k.seqs.insert(c.seq);
+                }
+                out.applied += 1;
+            }
+            for (k, rec) in &devices {
+                dt.insert(k.as_str(), &protocol::to_cbor(rec)[..])?;
+            }
+            for (k, rec) in &know {
+                kt.insert(k.as_str(), &protocol::to_cbor(rec)[..])?;
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn device_records(&self) -> Result<Vec<DeviceRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(DEVICES)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (_, v) = e?;
+            out.push(decode(v.value(), "device")?);
+        }
+        Ok(out)
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        Ok(self
+            .device_records()?
+            .into_iter()
+            .map(|r| DeviceInfo {
+                tenant: r.device.tenant.to_string(),
+                site: r.device.site.to_string(),
+                device: r.device.device.to_string(),
+                epochs: r.epochs.len() as u64,
+                changes: r.changes,
+                files: r.files,
+                logical_bytes: r.logical_bytes,
+                last_seen_ms: r.last_seen_ms,
+                pubkey: hex::encode(&r.pubkey),
+            })
+            .collect())
+    }
+
+    /// The signed changes a query selects: with `versions`, every version
+    /// (deletions included) up to `at`; otherwise the latest version of each
+    /// path as of `at`, deleted paths omitted. Ordered by device, path, time.
+    pub fn select(&self, q: &FileQuery) -> Result<Vec<Change>> {
+        let sel = Selector::new(q)?;
+        let devices: Vec<DeviceRef> = self
+            .device_records()?
+            .into_iter()
+            .map(|r| r.device)
+            .filter(|d| sel.device_matches(d))
+            .collect();
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(VERSIONS)?;
+        let mut out = Vec::new();
+        for d in devices {
+            let mut lo = d.key().into_bytes();
+            let mut hi = lo.clone();
+            lo.push(0);
+            hi.push(1);
+            let plen = lo.len();
+            // Latest-per-path mode: the best candidate of the current path.
+            let mut cur: Option<(String, Vec<u8>)> = None;
+            let mut last_path: Option<(String, bool)> = None;
+            for e in t.range(&lo[..]..&hi[..])? {
+                let (k, v) = e?;
+                let Some((path, hlc_ms)) = split_version_key(k.value(), plen) else {
+                    return Err(Error::Corrupt("malformed version key".into()));
+                };
+                // One glob evaluation per path, not per version.
+                let matches = match &last_path {
+                    Some((p, m)) if p == path => *m,
+                    _ => {
+                        let m = sel.path_matches(path);
+                        last_path = Some((path.to_string(), m));
+                        m
+                    }
+                };
+                if !matches || hlc_ms > sel.at_ms {
+                    continue;
+                }
+                if sel.versions {
+                    out.push(decode(v.value(), "version")?);
+                    continue;
+                }
+                if cur.as_ref().is_some_and(|(p, _)| p != path) {
+                    if let Some((_, bytes)) = cur.take() {
+                        push_live(&mut out, &bytes)?;
+                    }
+                }
+                cur = Some((path.to_string(), v.value().to_vec()));
+            }
+            if let Some((_, bytes)) = cur {
+                push_live(&mut out, &bytes)?;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn files(&self, q: &FileQuery) -> Result<Vec<FileEntry>> {
+        Ok(self.select(q)?.iter().map(FileEntry::from_change).collect())
+    }
+
+    /// The changes `/v1/restore` returns: latest live version per path.
+    pub fn restore_set(&self, q: &FileQuery) -> Result<Vec<Change>> {
+        let mut q = q.clone();
+        q.versions = false;
+        self.select(&q)
+    }
+}
+
+/// Pushes a latest version unless it is a deletion.
+fn push_live(out: &mut Vec<Change>, bytes: &[u8]) -> Result<()> {
+    let c: Change = decode(bytes, "version")?;
+    if matches!(c.body, ChangeBody::File(_)) {
+        out.push(c);
+    }
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! HTTP client of the sink API, used by the CLI, by restore and by `sim`.
+//! Every response body is read with a size bound, so a misbehaving sink
+//! cannot make the client hold unbounded memory.
+
+use crate::catalog::{DeviceInfo, FileEntry, FileQuery};
+use crate::{Error, Result};
+use protocol::pack::MAX_CHUNK;
+use protocol::{Change, Hash32, Message};
+
+/// Upper bound on a listing or restore-set response.
+pub const MAX_LISTING: usize = 1 << 30;
+
+#[derive(Clone)]
+pub struct SinkClient {
+    base: String,
+    http: reqwest::Client,
+    peer: Option<String>,
+}
+
+impl SinkClient {
+    /// `base` is `http://host:port` (a trailing `/` or `/v1` is accepted).
+    pub fn new(base: &str) -> Result<SinkClient> {
+        let base = base.trim_end_matches('/').trim_end_matches("/v1").to_string();
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(Error::BadRequest(format!("sink URL {base:?} must start with http://")));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()?;
+        Ok(SinkClient { base, http, peer: None })
+    }
+
+    /// Names this client in sync requests (`x-ferry-peer`), for aggregators
+    /// that share an IP address.
+    pub fn with_peer_name(mut self, name: &str) -> SinkClient {
+        self.peer = Some(name.to_string());
+        self
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1/{path}", self.base)
+    }
+
+    pub async fn health(&self) -> Result<()> {
+        self.send(self.http.get(self.url("health")), 1024).await.map(|_| ())
+    }
+
+    pub async fn files(&self, q: &FileQuery) -> Result<Vec<FileEntry>> {
+        let b = self
+            .send(self.http.get(self.url("files")).query(q), MAX_LISTING)
+            .await?;
+        serde_json::from_slice(&b).map_err(|e| Error::BadRequest(format!("bad /v1/files answer: {e}")))
+    }
+
+    pub async fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        let b = self.send(self.http.get(self.url("devices")), MAX_LISTING).await?;
+        serde_json::from_slice(&b).map_err(|e| Error::BadRequest(format!("bad /v1/devices answer: {e}")))
+    }
+
+    /// The signed changes to restore (`/v1/restore`). Not verified here.
+    pub async fn restore(&self, q: &FileQuery) -> Result<Vec<Change>> {
+        let b = self
+            .send(self.http.get(self.url("restore")).query(q), MAX_LISTING)
+            .await?;
+        Ok(protocol::from_cbor(&b, MAX_LISTING)?)
+    }
+
+    /// Stored bytes of a chunk, checked against its id.
+    pub async fn chunk(&self, id: &Hash32) -> Result<Vec<u8>> {
+        let b = self
+            .send(self.http.get(self.url(&format!("chunks/{id}"))), MAX_CHUNK)
+            .await?;
+        if Hash32::of(&b) != *id {
+            return Err(Error::Verify(format!("chunk {id}: stored bytes do not hash to its id")));
+        }
+        Ok(b)
+    }
+
+    /// Uploads a pack (`PUT /v1/packs/{id}`).
+    pub async fn put_pack(&self, id: &Hash32, bytes: Vec<u8>) -> Result<()> {
+        let req = self.http.put(self.url(&format!("packs/{id}"))).body(bytes);
+        self.send(req, 1024).await.map(|_| ())
+    }
+
+    /// One sync round trip; `None` for an empty (204) answer.
+    pub async fn sync(&self, msg: &Message) -> Result<Option<Message>> {
+        let mut req = self
+            .http
+            .post(self.url("sync"))
+            .header(reqwest::header::CONTENT_TYPE, "application/cbor")
+            .body(msg.encode()?);
+        if let Some(p) = &self.peer {
+            req = req.header(crate::http::PEER_HEADER, p);
+        }
+        let b = self.send(req, protocol::msg::MAX_MESSAGE).await?;
+        if b.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Message::decode(&b)?))
+    }
+
+    /// Sends a request; non-2xx becomes `Error::Status` with the body text.
+    async fn send(&self, req: reqwest::RequestBuilder, limit: usize) -> Result<Vec<u8>> {
+        let mut resp = req.send().await?;
+        let status = resp.status();
+        let body = read_limited(&mut resp, if status.is_success() { limit } else { 64 << 10 }).await?;
+        if !status.is_success() {
+            return Err(Error::Status {
+                status: status.as_u16(),
+                reason: String::from_utf8_lossy(&body).trim().to_string(),
+            });
+        }
+        Ok(body)
+    }
+}
+
+async fn read_limited(resp: &mut reqwest::Response, limit: usize) -> Result<Vec<u8>> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(Error::BadRequest(format!("sink answer larger than {limit} bytes")));
+    }
+    let mut out = Vec::new();
+    while let Some(c) = resp.chunk().await? {
+        if out.len() + c.len() > limit {
+            return Err(Error::BadRequest(format!("sink answer larger than {limit} bytes")));
+        }
+        out.extend_from_slice(&c);
+    }
+    Ok(out)
+}

@@ -1,0 +1,228 @@
+//! The HTTP API (docs/CONTRACTS.md): the sync protocol for aggregators and
+//! queries, chunk reads and restore sets for the CLI.
+
+use crate::catalog::{Catalog, FileQuery};
+use crate::objects::{pack_key, Objects};
+use crate::store::{SinkStore, CATALOG_FILE, OBJECTS_DIR};
+use crate::{Error, Result};
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use protocol::msg::MAX_MESSAGE;
+use protocol::pack::MAX_PACK;
+use protocol::server::{Peer, Server, ServerConfig};
+use protocol::{Hash32, Message};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+/// Header an aggregator may send to name itself. Pending batches are keyed by
+/// (peer, batch id), so aggregators sharing an IP address need distinct names.
+pub const PEER_HEADER: &str = "x-ferry-peer";
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Data directory: `catalog.redb` and `objects/`.
+    pub data: PathBuf,
+    pub server: ServerConfig,
+}
+
+impl ServeConfig {
+    pub fn new(data: impl Into<PathBuf>) -> ServeConfig {
+        ServeConfig {
+            data: data.into(),
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+/// The protocol state machine and its store: one lock, so batches are
+/// handled one at a time and the store sees a consistent sequence.
+struct Sync {
+    server: Server,
+    store: SinkStore,
+}
+
+#[derive(Clone)]
+struct AppState {
+    sync: Arc<Mutex<Sync>>,
+    catalog: Arc<Catalog>,
+    objects: Objects,
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then drains
+/// open requests and returns (the catalog is closed when this returns).
+pub async fn serve(
+    cfg: ServeConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data)?;
+    let path = cfg.data.join(CATALOG_FILE);
+    let catalog = Arc::new(tokio::task::spawn_blocking(move || Catalog::open(&path)).await??);
+    let objects = Objects::open_local(&cfg.data.join(OBJECTS_DIR))?;
+    let store = SinkStore::new(catalog.clone(), objects.clone(), tokio::runtime::Handle::current());
+    let state = AppState {
+        sync: Arc::new(Mutex::new(Sync {
+            server: Server::new(cfg.server.clone()),
+            store,
+        })),
+        catalog,
+        objects,
+    };
+    let app = Router::new()
+        .route("/v1/sync", post(sync).layer(DefaultBodyLimit::max(MAX_MESSAGE)))
+        .route("/v1/packs/{id}", put(put_pack).layer(DefaultBodyLimit::max(MAX_PACK)))
+        .route("/v1/chunks/{id}", get(get_chunk))
+        .route("/v1/files", get(files))
+        .route("/v1/restore", get(restore_set))
+        .route("/v1/devices", get(devices))
+        .route("/v1/health", get(|| async { "ok" }))
+        .with_state(state);
+    tracing::info!(addr = ?listener.local_addr().ok(), data = %cfg.data.display(), "cloud-sink serving");
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("cloud-sink stopped");
+    Ok(())
+}
+
+/// A non-2xx answer with a plain-text reason.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            self.1 + "\n",
+        )
+            .into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        use protocol::Error as P;
+        let client_fault = matches!(
+            &e,
+            Error::BadRequest(_)
+                | Error::Protocol(
+                    P::TooLarge { .. }
+                        | P::Decode(_)
+                        | P::Version(_)
+                        | P::InvalidId(_)
+                        | P::InvalidPath(..)
+                        | P::BadSignature(_)
+                        | P::CorruptPack(_)
+                        | P::CorruptChunk(..)
+                )
+        );
+        if client_fault {
+            tracing::info!(error = %e, "bad request");
+            ApiError(StatusCode::BAD_REQUEST, e.to_string())
+        } else {
+            tracing::error!(error = %e, "request failed");
+            ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::from(e).into()
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+fn parse_id(s: &str) -> ApiResult<Hash32> {
+    Hash32::from_hex(s).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad id {s:?}: {e}")))
+}
+
+fn cbor(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/cbor")], bytes).into_response()
+}
+
+/// The aggregator's name: `x-ferry-peer` if it is a valid id, else its IP.
+fn peer_name(headers: &HeaderMap, addr: SocketAddr) -> String {
+    headers
+        .get(PEER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| protocol::Id::new(v).is_ok())
+        .map(|v| format!("peer:{v}"))
+        .unwrap_or_else(|| format!("ip:{}", addr.ip()))
+}
+
+async fn sync(
+    State(st): State<AppState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let msg = Message::decode(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let name = peer_name(&headers, addr);
+    let kind = msg.kind();
+    let mut guard = st.sync.lock_owned().await;
+    // The store blocks on disk and object writes: run it off the async workers.
+    let replies = tokio::task::spawn_blocking(move || {
+        let Sync { server, store } = &mut *guard;
+        let peer = Peer {
+            name: &name,
+            device: None,
+        };
+        server.handle(crate::now_ms(), &peer, msg, store)
+    })
+    .await?
+    .map_err(Error::from)?;
+    match replies.into_iter().next() {
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+        Some(Message::Nack(n)) => {
+            tracing::info!(kind, reason = %n.reason, "nack");
+            Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, n.reason))
+        }
+        Some(m) => Ok(cbor(m.encode().map_err(Error::from)?)),
+    }
+}
+
+async fn put_pack(State(st): State<AppState>, Path(id): Path<String>, body: Bytes) -> ApiResult<&'static str> {
+    let id = parse_id(&id)?;
+    let added = crate::store::put_pack(&st.catalog, &st.objects, id, body).await?;
+    tracing::debug!(pack = %id, added, "pack stored");
+    Ok("stored")
+}
+
+async fn get_chunk(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    let cat = st.catalog.clone();
+    let loc = tokio::task::spawn_blocking(move || cat.chunk(&id)).await??;
+    let Some(loc) = loc else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("unknown chunk {id}")));
+    };
+    let end = loc.offset + u64::from(loc.len);
+    let bytes = st.objects.get_range(&pack_key(&loc.pack), loc.offset..end).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn files(State(st): State<AppState>, Query(q): Query<FileQuery>) -> ApiResult<Response> {
+    let cat = st.catalog.clone();
+    let rows = tokio::task::spawn_blocking(move || cat.files(&q)).await??;
+    Ok(Json(rows).into_response())
+}
+
+async fn restore_set(State(st): State<AppState>, Query(q): Query<FileQuery>) -> ApiResult<Response> {
+    let cat = st.catalog.clone();
+    let changes = tokio::task::spawn_blocking(move || cat.restore_set(&q)).await??;
+    Ok(cbor(protocol::to_cbor(&changes)))
+}
+
+async fn devices(State(st): State<AppState>) -> ApiResult<Response> {
+    let cat = st.catalog.clone();
+    let rows = tokio::task::spawn_blocking(move || cat.devices()).await??;
+    Ok(Json(rows).into_response())
+}

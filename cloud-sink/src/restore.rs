@@ -1,0 +1,261 @@
+//! Restore (docs/CONTRACTS.md "Restore"): fetch the signed changes, verify
+//! signatures and pinned keys, fetch and verify every chunk, decrypt, check
+//! lengths and the whole-file SHA-256, and write each file under the output
+//! directory via a temp file and a rename. Nothing is written outside `out`
+//! whatever a manifest says: paths are validated, joined component by
+//! component, and existing symlinks on the way are refused.
+
+use crate::catalog::FileQuery;
+use crate::client::SinkClient;
+use crate::{Error, Result};
+use futures::StreamExt;
+use protocol::seal::{Cipher, Sealer, TenantKey};
+use protocol::sha::ResumableSha256;
+use protocol::{Change, ChangeBody, ChunkRef, DeviceRef, FileVersion};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Chunk downloads in flight; also bounds chunk memory to this many chunks.
+const FETCH_CONCURRENCY: usize = 8;
+
+#[derive(Clone, Debug, Default)]
+pub struct RestoreRequest {
+    pub device: Option<String>,
+    pub tenant: Option<String>,
+    pub site: Option<String>,
+    /// Glob over paths; a directory matches everything below it.
+    pub path_glob: Option<String>,
+    /// RFC 3339; default now.
+    pub at: Option<String>,
+    pub out_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RestoreReport {
+    pub files: u64,
+    pub bytes: u64,
+    /// Files written, in order.
+    pub paths: Vec<PathBuf>,
+}
+
+/// One verified file to write: its version and its target relative to `out`.
+struct Item {
+    file: FileVersion,
+    rel: Vec<String>,
+}
+
+pub async fn restore(client: &SinkClient, req: RestoreRequest, key: &TenantKey) -> Result<RestoreReport> {
+    if let Some(at) = &req.at {
+        crate::parse_rfc3339_ms(at)?;
+    }
+    let q = FileQuery {
+        device: req.device.clone(),
+        tenant: req.tenant.clone(),
+        site: req.site.clone(),
+        path: req.path_glob.clone(),
+        at: req.at.clone(),
+        versions: false,
+    };
+    let changes = client.restore(&q).await?;
+    let pinned: HashMap<(String, String, String), String> = client
+        .devices()
+        .await?
+        .into_iter()
+        .map(|d| ((d.tenant, d.site, d.device), d.pubkey))
+        .collect();
+    let items = plan(&req, changes, &pinned)?;
+    std::fs::create_dir_all(&req.out_dir)?;
+    let mut sealer = Sealer::new(key, Cipher::for_this_cpu())?;
+    // One ordered stream of all chunks of all files: downloads overlap across
+    // files while writes stay sequential.
+    let refs: Vec<ChunkRef> = items.iter().flat_map(|i| i.file.chunks.iter().copied()).collect();
+    let mut chunks = futures::stream::iter(refs)
+        .map(|r| async move { client.chunk(&r.id).await.map(|b| (r, b)) })
+        .buffered(FETCH_CONCURRENCY);
+    let mut report = RestoreReport::default();
+    for item in &items {
+        let target = prepare_target(&req.out_dir, &item.rel)?;
+        let mut w = TempFile::create(&target)?;
+        let mut sha = ResumableSha256::new();
+        let mut written = 0u64;
+        for _ in 0..item.file.chunks.len() {
+            let Some(next) = chunks.next().await else {
+                return Err(Error::Task("chunk stream ended early".into()));
+            };
+            let (r, stored) = next?;
+            let plain = sealer.open(&stored, r.len as usize)?;
+            if plain.len() != r.len as usize {
+                return Err(Error::Verify(format!(
+                    "{}: chunk {} opened to {} bytes, manifest says {}",
+                    item.file.path,
+                    r.id,
+                    plain.len(),
+                    r.len
+                )));
+            }
+            sha.update(&plain);
+            w.file.write_all(&plain)?;
+            written += plain.len() as u64;
+        }
+        if written != item.file.size || sha.finish() != item.file.sha256 {
+            return Err(Error::Verify(format!(
+                "{}: restored bytes do not match the signed size and SHA-256",
+                item.file.path
+            )));
+        }
+        w.finish(&target, &item.file)?;
+        report.files += 1;
+        report.bytes += written;
+        report.paths.push(target);
+    }
+    Ok(report)
+}
+
+/// Verifies every change before anything is written, and maps each to its
+/// target: `out/<path>`, or `out/<device>/<path>` when several devices match
+/// without `--device` (`out/<tenant>/<site>/<device>/<path>` if device ids repeat).
+fn plan(
+    req: &RestoreRequest,
+    changes: Vec<Change>,
+    pinned: &HashMap<(String, String, String), String>,
+) -> Result<Vec<Item>> {
+    let devices: BTreeSet<DeviceRef> = changes.iter().map(|c| c.replica.device.clone()).collect();
+    let ids: BTreeSet<&str> = devices.iter().map(|d| d.device.as_str()).collect();
+    let prefixed = req.device.is_none() && devices.len() > 1;
+    let full_prefix = ids.len() < devices.len();
+    let mut seen = BTreeMap::new();
+    let mut items = Vec::with_capacity(changes.len());
+    for c in changes {
+        c.verify().map_err(|e| Error::Verify(e.to_string()))?;
+        let d = &c.replica.device;
+        let want = |f: &Option<String>, v: &protocol::Id| f.as_deref().is_none_or(|f| f == v.as_str());
+        if !(want(&req.device, &d.device) && want(&req.tenant, &d.tenant) && want(&req.site, &d.site)) {
+            return Err(Error::Verify(format!(
+                "sink returned {} which was not asked for",
+                c.label()
+            )));
+        }
+        let key = (d.tenant.to_string(), d.site.to_string(), d.device.to_string());
+        match pinned.get(&key) {
+            Some(k) if *k == hex::encode(&c.pubkey) => {}
+            _ => {
+                return Err(Error::Verify(format!(
+                    "{} is not signed by the key the sink pinned for {d}",
+                    c.label()
+                )))
+            }
+        }
+        let ChangeBody::File(file) = c.body else {
+            return Err(Error::Verify(format!("{} is not a file version", c.label())));
+        };
+        let mut rel: Vec<String> = match (prefixed, full_prefix) {
+            (false, _) => Vec::new(),
+            (true, false) => vec![d.device.to_string()],
+            (true, true) => vec![d.tenant.to_string(), d.site.to_string(), d.device.to_string()],
+        };
+        protocol::manifest::validate_path(&file.path)?;
+        rel.extend(file.path.split('/').map(str::to_string));
+        if let Some(prev) = seen.insert(rel.clone(), c.replica.to_string()) {
+            return Err(Error::Verify(format!(
+                "{} restored twice (from {prev} and {})",
+                file.path, c.replica
+            )));
+        }
+        items.push(Item { file, rel });
+    }
+    Ok(items)
+}
+
+/// Joins `rel` under `out`, creating missing directories one at a time.
+/// Refuses components that are not plain names, existing symlinks anywhere
+/// below `out`, and non-directories in the way.
+pub fn prepare_target(out: &Path, rel: &[String]) -> Result<PathBuf> {
+    let shown = rel.join("/");
+    let unsafe_path = |why: &str| Error::UnsafePath(shown.clone(), why.to_string());
+    let Some((name, dirs)) = rel.split_last() else {
+        return Err(unsafe_path("empty path"));
+    };
+    let mut cur = out.to_path_buf();
+    for (i, part) in rel.iter().enumerate() {
+        let mut comps = Path::new(part).components();
+        let plain = matches!(comps.next(), Some(Component::Normal(c)) if c == part.as_str());
+        if !plain || comps.next().is_some() || part.contains('/') || part.contains('\0') {
+            return Err(unsafe_path("component is not a plain name"));
+        }
+        cur.push(part);
+        let is_dir = i < dirs.len();
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => return Err(unsafe_path("a symlink is in the way")),
+            Ok(m) if is_dir && !m.is_dir() => return Err(unsafe_path("a non-directory is in the way")),
+            Ok(m) if !is_dir && m.is_dir() => return Err(unsafe_path("a directory is in the way")),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if is_dir {
+                    std::fs::create_dir(&cur)?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Belt and braces: only plain components were pushed onto `out`.
+    if !cur.starts_with(out)
+        || cur.components().count() != out.components().count() + rel.len()
+        || cur.file_name().is_none_or(|n| n != name.as_str())
+    {
+        return Err(unsafe_path("escapes the output directory"));
+    }
+    Ok(cur)
+}
+
+/// A temp file next to the target; removed unless `finish` renames it.
+struct TempFile {
+    file: std::fs::File,
+    path: PathBuf,
+    done: bool,
+}
+
+impl TempFile {
+    fn create(target: &Path) -> Result<TempFile> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = target.parent().unwrap_or(Path::new("."));
+        let path = dir.join(format!(".ferry-restore-{}-{n}.tmp", std::process::id()));
+        // create_new: never follows or reuses something already there.
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+        Ok(TempFile {
+            file,
+            path,
+            done: false,
+        })
+    }
+
+    fn finish(mut self, target: &Path, f: &FileVersion) -> Result<()> {
+        // Mode bits without setuid/setgid/sticky; 0 means "unknown": keep the default.
+        if f.mode & 0o777 != 0 {
+            self.file
+                .set_permissions(std::fs::Permissions::from_mode(f.mode & 0o777))?;
+        }
+        let mtime = if f.mtime_ns >= 0 {
+            UNIX_EPOCH.checked_add(Duration::from_nanos(f.mtime_ns as u64))
+        } else {
+            UNIX_EPOCH.checked_sub(Duration::from_nanos(f.mtime_ns.unsigned_abs()))
+        };
+        self.file.set_modified(mtime.unwrap_or(SystemTime::UNIX_EPOCH))?;
+        self.file.sync_all()?;
+        // The target was checked by prepare_target; rename replaces a file, never follows a link.
+        std::fs::rename(&self.path, target)?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

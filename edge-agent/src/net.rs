@@ -1,0 +1,450 @@
+//! MQTT v5 driver (CONTRACTS.md): connects with a persistent session, feeds
+//! the sans-IO `ClientSession`, publishes what it transmits, and runs scans.
+//!
+//! Shape: one task owns the agent (store, session, scans) and does all the
+//! work; a small task only polls rumqttc's event loop (polling must never
+//! stop, or keepalives lapse) and forwards the few events that matter over
+//! a bounded channel. Publishing uses `try_publish`; when rumqttc's request
+//! channel is full, the one encoded message is held and retried on the next
+//! progress event. With `data_bytes` = 512 KiB, request capacity 8 and 8
+//! in-flight publishes, MQTT buffering stays under ~9 MiB.
+//!
+//! rumqttc keeps unacked publishes in memory only and drops them when the
+//! broker answers `session_present = 0`; that is fine because the redb
+//! outbox is the truth and every ConnAck restarts the flow with Hello.
+
+use crate::error::{Error, Result};
+use crate::store::now_ms;
+use crate::{Agent, ScanReport, SyncReport, WaitLevel};
+use bytes::Bytes;
+use protocol::client::{ClientSession, Event as SessionEvent};
+use protocol::msg::{Message, MQTT_MAX_PACKET};
+use protocol::topic;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
+use rumqttc::Outgoing;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+pub(crate) enum Mode {
+    Run,
+    Sync { wait: WaitLevel, timeout: Duration },
+}
+
+enum NetEvent {
+    Connected,
+    Publish {
+        topic: Bytes,
+        payload: Bytes,
+    },
+    /// rumqttc took a request or got an ack: a held publish may fit now.
+    Progress,
+    Down(String),
+}
+
+const KEEPALIVE: Duration = Duration::from_secs(30);
+const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
+const REQUEST_CAPACITY: usize = 8;
+const INFLIGHT: u16 = 8;
+const PERSIST_EVERY: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// `mqtt://host:port`, `tcp://host:port` or `host[:port]` (default 1883).
+pub fn parse_broker(url: &str) -> Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .unwrap_or(url);
+    if rest.contains("://") {
+        return Err(Error::Config(format!(
+            "broker {url:?}: only mqtt:// and tcp:// are supported by this build"
+        )));
+    }
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| Error::Config(format!("broker {url:?}: bad port")))?,
+        ),
+        _ => (rest, 1883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(Error::Config(format!("broker {url:?}: no host")));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Runs `f` without stalling other tasks on a multi-threaded runtime (scans
+/// are blocking disk and CPU work).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn presence(agent: &Agent, online: bool) -> Vec<u8> {
+    let s = agent.status().ok();
+    serde_json::json!({
+        "state": if online { "online" } else { "offline" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "epoch": agent.store.epoch(),
+        "backlog_bytes": s.as_ref().map(|s| s.pending_bytes),
+        "backlog_changes": s.as_ref().map(|s| s.pending_changes),
+        "oldest_unsynced_age_secs": s.as_ref().and_then(|s| s.oldest_pending_age_secs),
+        "ts_ms": now_ms(),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn poll_loop(mut el: EventLoop, tx: mpsc::Sender<NetEvent>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let ev = match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_secs(1);
+                NetEvent::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => NetEvent::Publish {
+                topic: p.topic,
+                payload: p.payload,
+            },
+            Ok(Event::Incoming(Packet::PubAck(_))) | Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                let _ = tx.try_send(NetEvent::Progress);
+                continue;
+            }
+            Ok(_) => continue,
+            Err(ConnectionError::RequestsDone) => return,
+            Err(e) => {
+                if tx.send(NetEvent::Down(e.to_string())).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
+}
+
+struct Held {
+    topic: String,
+    payload: Bytes,
+    chunks: u64,
+    chunk_bytes: u64,
+}
+
+/// Every change of the current epoch is in `have` (or nothing is recorded).
+fn all_durable(agent: &Agent, session: &ClientSession, wait: WaitLevel) -> bool {
+    if agent.store.rescan {
+        return false;
+    }
+    let last = agent.store.next_seq() - 1;
+    if last == 0 {
+        return true;
+    }
+    let mut have = session.cloud().clone();
+    have.union_with(agent.store.cloud());
+    if wait == WaitLevel::Regional {
+        have.union_with(session.regional());
+    }
+    let set = have.get(&agent.store.replica());
+    set.ranges().first().is_some_and(|&(lo, hi)| lo <= 1 && hi >= last)
+}
+
+pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<SyncReport> {
+    let t0 = Instant::now();
+    let base = now_ms();
+    let now = move || base + t0.elapsed().as_millis() as u64;
+    let start_counters = agent.store.counters.clone();
+    let mut scans: Vec<ScanReport> = Vec::new();
+    let is_sync = matches!(mode, Mode::Sync { .. });
+    scans.push(blocking(|| agent.scan_once())?);
+
+    let dev = agent.store.device().clone();
+    let (host, port) = parse_broker(&agent.config().broker)?;
+    let client_id = format!("ferry-agent-{}-{}-{}", dev.tenant, dev.site, dev.device);
+    let mut opts = MqttOptions::new(client_id, host, port);
+    opts.set_keep_alive(KEEPALIVE)
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
+        .set_max_packet_size(Some(MQTT_MAX_PACKET as u32))
+        .set_outgoing_inflight_upper_limit(INFLIGHT)
+        .set_last_will(LastWill::new(
+            topic::presence(&dev),
+            presence(agent, false),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+    let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
+    let (tx, mut rx) = mpsc::channel(64);
+    let poller = tokio::spawn(poll_loop(eventloop, tx));
+    let down_prefix = topic::down(&dev, "");
+
+    let mut session = ClientSession::new(agent.config().client.clone(), now_ms());
+    let scan_interval = agent.config().scan_interval.max(Duration::from_millis(100));
+    let mut next_scan = Instant::now() + scan_interval;
+    let mut next_persist = Instant::now() + PERSIST_EVERY;
+    let deadline = match mode {
+        Mode::Sync { timeout, .. } => Some(Instant::now() + timeout),
+        Mode::Run => None,
+    };
+    let mut online = false;
+    let mut was_down = false;
+    let mut held: Option<Held> = None;
+    // After a store error: stop sending for a while, then restart the flow.
+    let mut paused_until: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    let _ = agent.write_snapshot();
+
+    let result: Result<()> = 'main: loop {
+        // 1. Transmit whatever the session has, as far as rumqttc takes it.
+        while online && paused_until.is_none() {
+            let h = match held.take() {
+                Some(h) => h,
+                None => match session.poll_transmit(now(), agent) {
+                    Ok(Some(m)) => {
+                        let (chunks, chunk_bytes) = match &m {
+                            Message::Data(d) => (
+                                d.chunks.len() as u64,
+                                d.chunks.iter().map(|c| c.bytes.len() as u64).sum(),
+                            ),
+                            _ => (0, 0),
+                        };
+                        let payload = match m.encode() {
+                            Ok(p) => p,
+                            Err(e) => {
+                                tracing::error!("cannot encode {}: {e}", m.kind());
+                                if is_sync {
+                                    break 'main Err(e.into());
+                                }
+                                paused_until = Some(Instant::now() + Duration::from_secs(60));
+                                break;
+                            }
+                        };
+                        Held {
+                            topic: topic::up(&dev, m.kind()),
+                            payload: Bytes::from(payload),
+                            chunks,
+                            chunk_bytes,
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!("sync store error: {e}");
+                        if is_sync {
+                            break 'main Err(e.into());
+                        }
+                        paused_until = Some(Instant::now() + Duration::from_secs(5));
+                        break;
+                    }
+                },
+            };
+            let len = h.payload.len() as u64;
+            match client.try_publish(h.topic.clone(), QoS::AtLeastOnce, false, h.payload.clone()) {
+                Ok(()) => {
+                    let c = &mut agent.store.counters;
+                    c.wire_bytes_sent += len;
+                    c.messages_sent += 1;
+                    c.chunks_sent += h.chunks;
+                    c.chunk_bytes_sent += h.chunk_bytes;
+                }
+                Err(_) => {
+                    held = Some(h);
+                    break;
+                }
+            }
+        }
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                SessionEvent::Rejected { seq, reason } => tracing::warn!(seq, %reason, "change rejected by the server"),
+                SessionEvent::Nack { reason } => tracing::warn!(%reason, "server refused a message"),
+                SessionEvent::Backoff { ms } => tracing::info!(ms, "server is busy; backing off"),
+                e => tracing::debug!(?e, "session"),
+            }
+        }
+
+        // 2. Done? (sync mode)
+        if let Mode::Sync { wait, timeout } = mode {
+            if all_durable(agent, &session, wait) {
+                break Ok(());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let mut have = session.cloud().clone();
+                if wait == WaitLevel::Regional {
+                    have.union_with(session.regional());
+                }
+                let pending = agent.store.count_not_in(&have).unwrap_or(0);
+                break Err(Error::Timeout {
+                    secs: timeout.as_secs(),
+                    level: wait.name(),
+                    pending,
+                });
+            }
+        }
+
+        // 3. Wait for the network, a timer, or shutdown.
+        let mut wake = next_scan.min(next_persist);
+        if let Some(d) = deadline {
+            wake = wake.min(d);
+        }
+        if let Some(t) = session.poll_timeout() {
+            wake = wake.min(t0 + Duration::from_millis(t.saturating_sub(base)));
+        }
+        if let Some(p) = paused_until {
+            wake = wake.min(p);
+        }
+        if held.is_some() {
+            wake = wake.min(Instant::now() + Duration::from_millis(50));
+        }
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            ev = rx.recv() => match ev {
+                None => break Err(Error::Mqtt("MQTT event loop stopped".into())),
+                Some(NetEvent::Connected) => {
+                    tracing::info!(broker = %agent.config().broker, "connected");
+                    online = true;
+                    was_down = false;
+                    held = None;
+                    let sub = client.subscribe(topic::down_filter(&dev), QoS::AtLeastOnce).await;
+                    let pres = client.publish(topic::presence(&dev), QoS::AtLeastOnce, true, presence(agent, true)).await;
+                    if let Err(e) = sub.and(pres) {
+                        break Err(Error::Mqtt(e.to_string()));
+                    }
+                    if paused_until.is_none() {
+                        session.connected(now(), agent);
+                    }
+                }
+                Some(NetEvent::Publish { topic, payload }) => {
+                    agent.store.counters.messages_received += 1;
+                    if !topic.starts_with(down_prefix.as_bytes()) {
+                        continue;
+                    }
+                    match Message::decode(&payload) {
+                        Ok(m) => {
+                            if let Err(e) = session.handle(now(), m, agent) {
+                                tracing::error!("sync store error: {e}");
+                                if is_sync {
+                                    break Err(e.into());
+                                }
+                                paused_until = Some(Instant::now() + Duration::from_secs(5));
+                            }
+                        }
+                        Err(e) => {
+                            agent.store.counters.bad_messages += 1;
+                            tracing::warn!(topic = %String::from_utf8_lossy(&topic), "ignoring bad message: {e}");
+                        }
+                    }
+                }
+                Some(NetEvent::Progress) => {}
+                Some(NetEvent::Down(e)) => {
+                    if online || !was_down {
+                        tracing::warn!(broker = %agent.config().broker, "connection lost or refused: {e}; retrying with back-off");
+                    } else {
+                        tracing::debug!("still offline: {e}");
+                    }
+                    online = false;
+                    was_down = true;
+                    held = None;
+                    session.disconnected();
+                }
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+
+        // 4. Timers.
+        if paused_until.is_some_and(|p| Instant::now() >= p) {
+            paused_until = None;
+            session.disconnected();
+            if online {
+                session.connected(now(), agent);
+            }
+        }
+        if session.poll_timeout().is_some_and(|t| now() >= t) {
+            session.handle_timeout(now(), agent);
+        }
+        let scan_due = Instant::now() >= next_scan;
+        if scan_due || agent.store.rescan {
+            match blocking(|| agent.scan_once()) {
+                Ok(r) => {
+                    if r.changes_recorded > 0 {
+                        session.wake();
+                    }
+                    if is_sync {
+                        scans.push(r);
+                    }
+                }
+                Err(e) if is_sync => break Err(e),
+                Err(e) => {
+                    tracing::error!("scan failed: {e}");
+                    agent.store.rescan = false;
+                }
+            }
+            next_scan = Instant::now() + scan_interval;
+        }
+        if Instant::now() >= next_persist {
+            if let Err(e) = agent.store.flush().and_then(|_| agent.write_snapshot()) {
+                tracing::warn!("persisting counters: {e}");
+            }
+            next_persist = Instant::now() + PERSIST_EVERY;
+        }
+    };
+
+    // Leave cleanly: retained offline presence, MQTT disconnect, counters.
+    if online {
+        let _ = client.try_publish(topic::presence(&dev), QoS::AtLeastOnce, true, presence(agent, false));
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(ev) = rx.recv().await {
+                if matches!(ev, NetEvent::Down(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    poller.abort();
+    agent.store.flush()?;
+    let _ = agent.write_snapshot();
+    result?;
+    let c = &agent.store.counters;
+    let wait = match mode {
+        Mode::Sync { wait, .. } => wait,
+        Mode::Run => WaitLevel::Regional,
+    };
+    Ok(SyncReport {
+        level: wait,
+        scans,
+        changes_durable: agent.store.next_seq() - 1,
+        wire_bytes_sent: c.wire_bytes_sent - start_counters.wire_bytes_sent,
+        chunks_sent: c.chunks_sent - start_counters.chunks_sent,
+        chunk_bytes_sent: c.chunk_bytes_sent - start_counters.chunk_bytes_sent,
+        secs: t0.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            parse_broker("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(parse_broker("tcp://h:1").unwrap(), ("h".into(), 1));
+        assert_eq!(parse_broker("broker.local").unwrap(), ("broker.local".into(), 1883));
+        assert!(parse_broker("mqtts://x:1").is_err());
+        assert!(parse_broker("mqtt://x:notaport").is_err());
+    }
+}

@@ -1,0 +1,399 @@
+//! Scanning watch roots and recording changes (DESIGN.md §3).
+//!
+//! Each root is walked with siblings sorted by `name` (files) or `name/`
+//! (directories): that makes the walk visit manifest paths in byte order,
+//! the order of the `files` table, so new, changed and deleted files are
+//! found by one merge of the walk with a paged cursor over the table —
+//! memory stays bounded however many files there are. Unchanged files cost
+//! one `lstat` (the walk itself reads directories only).
+
+use crate::error::{Error, Result};
+use crate::policy::{Root, APPEND_CLASS};
+use crate::store::{now_ms, FileChunks, FileMeta, KnownChunk, StoredChunk};
+use crate::Agent;
+use protocol::manifest::{ChangeBody, ChunkRef, FileVersion};
+use protocol::sha::ResumableSha256;
+use protocol::Hash32;
+use serde::Serialize;
+use std::cmp::Ordering;
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Instant;
+use walkdir::{DirEntry, WalkDir};
+
+/// What one scan did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ScanReport {
+    pub files_seen: u64,
+    pub files_unchanged: u64,
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_deleted: u64,
+    /// Changed while being read, or unreadable: tried again next scan.
+    pub files_skipped: u64,
+    /// Appends handled by chunking only the new tail.
+    pub append_fast_path: u64,
+    pub changes_recorded: u64,
+    /// Bytes read from files (chunking plus append checks).
+    pub bytes_read: u64,
+    pub bytes_chunked: u64,
+    pub chunks_new: u64,
+    pub chunks_known: u64,
+    pub secs: f64,
+}
+
+/// Log a progress line every this many files or bytes.
+const PROGRESS_FILES: u64 = 5_000;
+const PROGRESS_BYTES: u64 = 512 << 20;
+const PAGE: usize = 256;
+/// Beyond this many unreadable directories in a root, record no deletions in it.
+const MAX_BLOCKED: usize = 1_000;
+
+/// Sibling order that makes a depth-first walk visit paths in byte order.
+fn walk_order(a: &DirEntry, b: &DirEntry) -> Ordering {
+    let key = |e: &DirEntry| {
+        let sep: &[u8] = if e.file_type().is_dir() { b"/" } else { b"" };
+        (e.file_name().as_encoded_bytes().to_vec(), sep)
+    };
+    let (an, asep) = key(a);
+    let (bn, bsep) = key(b);
+    an.iter().chain(asep).cmp(bn.iter().chain(bsep))
+}
+
+/// `label/rel/path`, or None for non-UTF-8 names.
+fn manifest_path(root: &Root, p: &Path) -> Option<String> {
+    let rel = p.strip_prefix(&root.dir).ok()?;
+    let mut s = root.label.clone();
+    for c in rel.components() {
+        s.push('/');
+        s.push_str(c.as_os_str().to_str()?);
+    }
+    Some(s)
+}
+
+/// Paged cursor over the tracked files of one root.
+struct Cursor {
+    prefix: String,
+    page: VecDeque<(String, FileMeta)>,
+    after: Option<String>,
+    done: bool,
+}
+
+impl Cursor {
+    fn peek(&mut self, agent: &Agent) -> Result<Option<&(String, FileMeta)>> {
+        if self.page.is_empty() && !self.done {
+            let page = agent.store.file_page(&self.prefix, self.after.as_deref(), PAGE)?;
+            self.done = page.len() < PAGE;
+            self.after = page.last().map(|p| p.0.clone()).or(self.after.take());
+            self.page = page.into();
+        }
+        Ok(self.page.front())
+    }
+    fn take(&mut self) -> Option<(String, FileMeta)> {
+        self.page.pop_front()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stat {
+    size: u64,
+    mtime_ns: i64,
+    inode: u64,
+    mode: u32,
+}
+
+impl Stat {
+    fn of(md: &fs::Metadata) -> Stat {
+        Stat {
+            size: md.len(),
+            mtime_ns: md.mtime().saturating_mul(1_000_000_000).saturating_add(md.mtime_nsec()),
+            inode: md.ino(),
+            mode: md.mode() & 0o7777,
+        }
+    }
+    fn same_as(&self, m: &FileMeta) -> bool {
+        self.size == m.size && self.mtime_ns == m.mtime_ns && self.inode == m.inode
+    }
+}
+
+impl Agent {
+    /// Scans every root once and records what changed.
+    pub fn scan_once(&mut self) -> Result<ScanReport> {
+        let t0 = Instant::now();
+        let mut rep = ScanReport::default();
+        self.store.rescan = false;
+        for root in self.roots.clone() {
+            self.scan_root(&root, &mut rep, t0)?;
+        }
+        self.store.counters.scans += 1;
+        self.store.flush()?;
+        rep.secs = t0.elapsed().as_secs_f64();
+        tracing::info!(
+            files = rep.files_seen,
+            changed = rep.files_changed,
+            new = rep.files_new,
+            deleted = rep.files_deleted,
+            skipped = rep.files_skipped,
+            mib_chunked = rep.bytes_chunked >> 20,
+            chunks_new = rep.chunks_new,
+            chunks_known = rep.chunks_known,
+            secs = format!("{:.2}", rep.secs),
+            "scan done"
+        );
+        Ok(rep)
+    }
+
+    fn scan_root(&mut self, root: &Root, rep: &mut ScanReport, t0: Instant) -> Result<()> {
+        // A missing root (unmounted disk, typo) must not read as "everything deleted".
+        match fs::metadata(&root.dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) | Err(_) => {
+                tracing::warn!(root = %root.dir.display(), "watch root is not a readable directory; skipped, no deletions recorded");
+                return Ok(());
+            }
+        }
+        let mut cursor = Cursor {
+            prefix: format!("{}/", root.label),
+            page: VecDeque::new(),
+            after: None,
+            done: false,
+        };
+        let mut blocked: Vec<String> = Vec::new();
+        let (mut next_files, mut next_bytes) = (PROGRESS_FILES, PROGRESS_BYTES);
+        let walk = WalkDir::new(&root.dir)
+            .min_depth(1)
+            .follow_links(false)
+            .sort_by(walk_order);
+        for entry in walk {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("scan: {e}");
+                    // Files under an unreadable directory are not deleted.
+                    match e.path().and_then(|p| manifest_path(root, p)) {
+                        Some(p) if blocked.len() < MAX_BLOCKED => blocked.push(p),
+                        _ => blocked.push(String::new()), // blocks every deletion
+                    }
+                    continue;
+                }
+            };
+            if !entry.file_type().is_file() {
+                continue; // directories are walked; symlinks and devices are not archived
+            }
+            let Some(path) = manifest_path(root, entry.path()) else {
+                tracing::warn!(path = %entry.path().display(), "skipping non-UTF-8 file name");
+                continue;
+            };
+            if !self.policy.included(&path) || protocol::manifest::validate_path(&path).is_err() {
+                continue;
+            }
+            rep.files_seen += 1;
+            // Tracked paths sorting before this one were not seen: deleted.
+            while let Some((k, _)) = cursor.peek(self)? {
+                if k.as_str() >= path.as_str() {
+                    break;
+                }
+                if let Some((k, _)) = cursor.take() {
+                    self.maybe_delete(root, k, &blocked, rep)?;
+                }
+            }
+            let old = match cursor.peek(self)? {
+                Some((k, _)) if *k == path => cursor.take().map(|x| x.1),
+                _ => None,
+            };
+            if let Err(e) = self.scan_file(&path, &entry, old, rep) {
+                match e {
+                    Error::Io { .. } => {
+                        tracing::warn!("scan: {e}; will retry next scan");
+                        rep.files_skipped += 1;
+                    }
+                    e => return Err(e),
+                }
+            }
+            if rep.files_seen >= next_files || rep.bytes_chunked >= next_bytes {
+                next_files = rep.files_seen + PROGRESS_FILES;
+                next_bytes = rep.bytes_chunked + PROGRESS_BYTES;
+                tracing::info!(
+                    files = rep.files_seen,
+                    mib_chunked = rep.bytes_chunked >> 20,
+                    changes = rep.changes_recorded,
+                    secs = t0.elapsed().as_secs(),
+                    "scan progress"
+                );
+            }
+        }
+        while cursor.peek(self)?.is_some() {
+            if let Some((k, _)) = cursor.take() {
+                self.maybe_delete(root, k, &blocked, rep)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_delete(&mut self, root: &Root, path: String, blocked: &[String], rep: &mut ScanReport) -> Result<()> {
+        if blocked.iter().any(|b| path.starts_with(b.as_str())) {
+            return Ok(());
+        }
+        // The walk missed it; make sure it is really gone (one stat per deletion).
+        if let Some(p) = crate::policy::fs_path(std::slice::from_ref(root), &path) {
+            if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) && self.policy.included(&path) {
+                return Ok(());
+            }
+        }
+        self.store.record(ChangeBody::Delete(path), None, &[], now_ms())?;
+        rep.files_deleted += 1;
+        rep.changes_recorded += 1;
+        Ok(())
+    }
+
+    fn scan_file(&mut self, path: &str, entry: &DirEntry, old: Option<FileMeta>, rep: &mut ScanReport) -> Result<()> {
+        let fs_path = entry.path();
+        let md = entry.metadata().map_err(|e| {
+            Error::io(
+                fs_path,
+                e.into_io_error().unwrap_or_else(|| std::io::Error::other("stat")),
+            )
+        })?;
+        let st = Stat::of(&md);
+        if let Some(o) = &old {
+            if !o.dirty && st.same_as(o) {
+                rep.files_unchanged += 1;
+                return Ok(());
+            }
+        }
+        let class = self.policy.class(path);
+        let level = self.policy.level(class);
+        let mut file = File::open(fs_path).map_err(|e| Error::io(fs_path, e))?;
+        let mut start = 0u64;
+        let mut chunks: Vec<StoredChunk> = Vec::new();
+        let mut sha = ResumableSha256::new();
+        let mut bytes_read = 0u64;
+
+        // Append fast path: the file grew and its last stable chunk is unchanged.
+        let appendable = old
+            .as_ref()
+            .is_some_and(|o| class == APPEND_CLASS && !o.dirty && o.inode == st.inode && st.size > o.size);
+        if appendable {
+            if let Some(fc) = self.store.file_chunks(path)? {
+                let n = fc.chunks.len();
+                if n >= 2 && fc.class == class {
+                    let last_start: u64 = fc.chunks[..n - 1].iter().map(|c| u64::from(c.len)).sum();
+                    let stable = fc.chunks[n - 2];
+                    let stable_start = last_start - u64::from(stable.len);
+                    self.read_buf.resize(stable.len as usize, 0);
+                    file.seek(SeekFrom::Start(stable_start))
+                        .and_then(|_| file.read_exact(&mut self.read_buf))
+                        .map_err(|e| Error::io(fs_path, e))?;
+                    bytes_read += u64::from(stable.len);
+                    let saved = ResumableSha256::from_bytes(&fc.sha_before_last).ok();
+                    if let Some(s) = saved.filter(|s| s.len() == last_start) {
+                        if self.sealer.index_tag(&self.read_buf) == stable.tag {
+                            start = last_start;
+                            chunks = fc.chunks[..n - 1].to_vec();
+                            sha = s;
+                            rep.append_fast_path += 1;
+                        }
+                    }
+                }
+            }
+        }
+        file.seek(SeekFrom::Start(start)).map_err(|e| Error::io(fs_path, e))?;
+
+        let known = self.store.known_reader()?;
+        let mut new_known: Vec<(Hash32, KnownChunk)> = Vec::new();
+        let mut local: HashMap<Hash32, Hash32> = HashMap::new();
+        let mut sha_before_last = sha.clone();
+        let (mut n_new, mut n_known) = (0u64, 0u64);
+        let Agent {
+            chunker,
+            sealer,
+            seal_buf,
+            ..
+        } = self;
+        let cipher = sealer.cipher() as u8;
+        let read = chunker.run(&mut file, fs_path, |plain| {
+            sha_before_last = sha.clone();
+            sha.update(plain);
+            let tag = sealer.index_tag(plain);
+            let id = if let Some(id) = local.get(&tag) {
+                n_known += 1;
+                *id
+            } else if let Some(k) = known.get(&tag)? {
+                n_known += 1;
+                k.id
+            } else {
+                let id = sealer.seal(plain, level, seal_buf)?;
+                new_known.push((tag, KnownChunk { id, level, cipher }));
+                local.insert(tag, id);
+                n_new += 1;
+                id
+            };
+            chunks.push(StoredChunk {
+                id,
+                len: plain.len() as u32,
+                tag,
+            });
+            Ok(())
+        })?;
+        drop(known);
+        bytes_read += read;
+        rep.bytes_read += bytes_read;
+        rep.bytes_chunked += read;
+        let c = &mut self.store.counters;
+        c.bytes_read += bytes_read;
+        c.bytes_chunked += read;
+
+        // Changed while we read it? Then this version is not coherent: skip,
+        // the next scan sees the new stat and tries again.
+        let after = fs::symlink_metadata(fs_path).map(|m| Stat::of(&m)).ok();
+        if after != Some(st) || start + read != st.size {
+            tracing::debug!(path, "changed while being read; retrying next scan");
+            self.store.counters.changed_during_read += 1;
+            rep.files_skipped += 1;
+            return Ok(());
+        }
+        let c = &mut self.store.counters;
+        c.chunks_new += n_new;
+        c.chunks_skipped_known += n_known;
+        rep.chunks_new += n_new;
+        rep.chunks_known += n_known;
+        if old.is_some() {
+            rep.files_changed += 1;
+        } else {
+            rep.files_new += 1;
+        }
+        let fv = FileVersion {
+            path: path.to_string(),
+            size: st.size,
+            mtime_ns: st.mtime_ns,
+            class: class.to_string(),
+            chunks: chunks.iter().map(|c| ChunkRef { id: c.id, len: c.len }).collect(),
+            sha256: sha.finish(),
+            mode: st.mode,
+        };
+        let meta = FileMeta {
+            size: st.size,
+            mtime_ns: st.mtime_ns,
+            inode: st.inode,
+            mode: st.mode,
+            seq: 0,
+            dirty: false,
+        };
+        let fc = FileChunks {
+            chunks,
+            sha_before_last: if fv.chunks.is_empty() {
+                Vec::new()
+            } else {
+                sha_before_last.to_bytes()
+            },
+            class: class.to_string(),
+        };
+        self.store
+            .record(ChangeBody::File(fv), Some((meta, fc)), &new_known, now_ms())?;
+        rep.changes_recorded += 1;
+        Ok(())
+    }
+}

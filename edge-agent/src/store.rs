@@ -1,0 +1,838 @@
+//! All agent state in ONE redb file.
+//!
+//! Tables:
+//! - `meta`: identity (device), epoch, next seq, HLC, the device's Ed25519
+//!   key (PKCS#8, generated on first open), counters, last knowledge.
+//! - `files`: manifest path → [`FileMeta`] (small: what a scan compares).
+//! - `file_chunks`: manifest path → [`FileChunks`] (chunk list with index
+//!   tags and the saved SHA-256 state for the append fast path).
+//! - `known`: HMAC index tag → sealed chunk id + how it was sealed.
+//! - `outbox`: (epoch, seq) → recorded time, logical bytes, CBOR [`Change`].
+//!
+//! Invariants:
+//! - A recorded change (outbox entry, file state, known chunks, next seq,
+//!   HLC, counters) is written in one transaction, so after any crash the
+//!   file and outbox agree and a seq is never handed out twice.
+//! - Scan transactions commit with `Durability::None` and are made durable
+//!   by a periodic `flush` — and always before any change leaves the
+//!   device (`pending` flushes first), so nothing the server may have seen
+//!   can be lost and its seq reused.
+//! - Outbox entries are deleted only when cloud knowledge covers them.
+
+use crate::error::{Error, Result};
+use minicbor::{Decode, Encode};
+use protocol::hlc::Hlc;
+use protocol::manifest::{Change, ChangeBody};
+use protocol::{DeviceRef, Hash32, Knowledge, ReplicaId};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::Ed25519KeyPair;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
+const FILE_CHUNKS: TableDefinition<&str, &[u8]> = TableDefinition::new("file_chunks");
+const KNOWN: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("known");
+const OUTBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("outbox");
+
+/// redb page cache: small and explicit (the default is 1 GiB).
+pub const CACHE_BYTES: usize = 4 << 20;
+/// Make scan commits durable at least this often.
+const FLUSH_EVERY: u32 = 512;
+const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// Outbox value header: recorded ms (u64 BE) + logical bytes (u64 BE).
+const OUTBOX_HEADER: usize = 16;
+
+/// What a scan compares, per tracked file.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct FileMeta {
+    #[n(0)]
+    pub size: u64,
+    #[n(1)]
+    pub mtime_ns: i64,
+    #[n(2)]
+    pub inode: u64,
+    #[n(3)]
+    pub mode: u32,
+    /// Seq of the change that recorded this state.
+    #[n(4)]
+    pub seq: u64,
+    /// Set by `supersede`: the next scan re-records the file in full.
+    #[n(5)]
+    pub dirty: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StoredChunk {
+    #[n(0)]
+    pub id: Hash32,
+    #[n(1)]
+    pub len: u32,
+    #[n(2)]
+    pub tag: Hash32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct FileChunks {
+    #[n(0)]
+    pub chunks: Vec<StoredChunk>,
+    /// `ResumableSha256` state after every chunk but the last (the start of
+    /// the final, still-growing chunk); empty when there are no chunks.
+    #[n(1)]
+    #[cbor(with = "minicbor::bytes")]
+    pub sha_before_last: Vec<u8>,
+    #[n(2)]
+    pub class: String,
+}
+
+/// How a known chunk was sealed, so `chunk()` can reproduce the same bytes
+/// even after the class's zstd level or the cipher setting changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownChunk {
+    pub id: Hash32,
+    pub level: i32,
+    pub cipher: u8,
+}
+
+impl KnownChunk {
+    fn to_bytes(self) -> [u8; 34] {
+        let mut b = [0u8; 34];
+        b[..32].copy_from_slice(&self.id.0);
+        b[32] = self.level.clamp(-128, 127) as i8 as u8;
+        b[33] = self.cipher;
+        b
+    }
+    fn from_bytes(b: &[u8]) -> Option<KnownChunk> {
+        let id: [u8; 32] = b.get(..32)?.try_into().ok()?;
+        Some(KnownChunk {
+            id: Hash32(id),
+            level: i32::from(*b.get(32)? as i8),
+            cipher: *b.get(33)?,
+        })
+    }
+}
+
+/// Persistent counters. `files_tracked`, `logical_bytes`, `outbox_bytes`
+/// and `changes_recorded` change only inside record transactions and are
+/// exact; traffic counters are persisted periodically (a crash may lose the
+/// last few seconds of them).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Counters {
+    pub files_tracked: u64,
+    pub logical_bytes: u64,
+    /// Logical bytes of the changes still in the outbox.
+    pub outbox_bytes: u64,
+    pub changes_recorded: u64,
+    pub epochs_started: u64,
+    pub scans: u64,
+    pub bytes_read: u64,
+    pub bytes_chunked: u64,
+    pub chunks_new: u64,
+    pub chunks_skipped_known: u64,
+    pub changed_during_read: u64,
+    pub wire_bytes_sent: u64,
+    pub messages_sent: u64,
+    pub chunks_sent: u64,
+    pub chunk_bytes_sent: u64,
+    pub messages_received: u64,
+    pub bad_messages: u64,
+    pub superseded: u64,
+}
+
+/// One replica's knowledge, for status output.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaSummary {
+    pub epoch: u32,
+    pub seqs: u64,
+    /// Up to 16 ranges `[lo, hi]`.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+fn summarize(k: &Knowledge) -> Vec<ReplicaSummary> {
+    k.map
+        .iter()
+        .map(|(r, s)| ReplicaSummary {
+            epoch: r.epoch,
+            seqs: s.len(),
+            ranges: s.ranges().iter().take(16).copied().collect(),
+        })
+        .collect()
+}
+
+/// Everything `edge-agent status` reports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub device: String,
+    pub epoch: u32,
+    pub next_seq: u64,
+    pub files_tracked: u64,
+    /// Changes recorded over the life of this state file (all epochs).
+    pub changes_recorded: u64,
+    pub logical_bytes: u64,
+    pub wire_bytes_sent: u64,
+    pub messages_sent: u64,
+    pub chunks_sent: u64,
+    pub chunk_bytes_sent: u64,
+    pub chunks_new: u64,
+    pub chunks_skipped_known: u64,
+    pub bytes_read: u64,
+    pub bytes_chunked: u64,
+    pub bad_messages: u64,
+    /// Recorded changes not yet durable in the cloud.
+    pub pending_changes: u64,
+    pub pending_bytes: u64,
+    pub oldest_pending_age_secs: Option<u64>,
+    /// Changes of the current epoch durable at the aggregator (or beyond).
+    pub regional_durable: u64,
+    pub cloud_durable: u64,
+    pub regional: Vec<ReplicaSummary>,
+    pub cloud: Vec<ReplicaSummary>,
+    pub counters: Counters,
+    /// Unix ms when this status was computed.
+    pub as_of_ms: u64,
+    /// True when read from the daemon's snapshot file because it holds the lock.
+    pub from_snapshot: bool,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_epoch() -> Result<u32> {
+    let rng = SystemRandom::new();
+    loop {
+        let mut b = [0u8; 4];
+        rng.fill(&mut b)
+            .map_err(|_| Error::Protocol(protocol::Error::Crypto("no system randomness")))?;
+        let e = u32::from_be_bytes(b);
+        if e != 0 {
+            return Ok(e);
+        }
+    }
+}
+
+fn corrupt(what: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::Corrupt {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn cbor_decode<'b, T: minicbor::Decode<'b, ()>>(what: &'static str, b: &'b [u8]) -> Result<T> {
+    minicbor::decode(b).map_err(|e| corrupt(what, e))
+}
+
+fn u64_of(what: &'static str, b: &[u8]) -> Result<u64> {
+    let a: [u8; 8] = b.try_into().map_err(|_| corrupt(what, "not 8 bytes"))?;
+    Ok(u64::from_be_bytes(a))
+}
+
+fn outbox_header(v: &[u8]) -> Result<(u64, u64)> {
+    if v.len() < OUTBOX_HEADER {
+        return Err(corrupt("outbox entry", "short header"));
+    }
+    Ok((u64_of("outbox time", &v[..8])?, u64_of("outbox size", &v[8..16])?))
+}
+
+fn open_db_error(path: &Path, e: redb::DatabaseError) -> Error {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => Error::Locked {
+            path: path.to_path_buf(),
+        },
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => Error::io(path, io),
+        e => Error::Db(format!("{}: {e}", path.display())),
+    }
+}
+
+/// In-memory copy of the meta table's scalar fields.
+struct Meta {
+    epoch: u32,
+    next_seq: u64,
+    hlc: Hlc,
+}
+
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    device: DeviceRef,
+    meta: Meta,
+    key: Ed25519KeyPair,
+    pub counters: Counters,
+    regional: Knowledge,
+    cloud: Knowledge,
+    unflushed: u32,
+    last_flush: Instant,
+    /// Set when files must be scanned again soon (supersede, new epoch).
+    pub rescan: bool,
+}
+
+impl Store {
+    /// Opens or creates the state file for `device`. A new file starts a new
+    /// random epoch and generates the device's signing key.
+    pub fn open(path: &Path, device: &DeviceRef) -> Result<Store> {
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| open_db_error(path, e))?;
+        let txn = db.begin_write()?;
+        let fresh;
+        {
+            let mut meta = txn.open_table(META)?;
+            txn.open_table(FILES)?;
+            txn.open_table(FILE_CHUNKS)?;
+            txn.open_table(KNOWN)?;
+            txn.open_table(OUTBOX)?;
+            let stored = meta
+                .get("device")?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+            match stored {
+                Some(s) if s != device.key() => {
+                    return Err(Error::Identity {
+                        path: path.to_path_buf(),
+                        stored: s,
+                        requested: device.key(),
+                    })
+                }
+                Some(_) => fresh = false,
+                None => {
+                    fresh = true;
+                    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+                        .map_err(|_| Error::Protocol(protocol::Error::Crypto("ed25519 keygen")))?;
+                    let counters = Counters {
+                        epochs_started: 1,
+                        ..Counters::default()
+                    };
+                    meta.insert("device", device.key().as_bytes())?;
+                    meta.insert("epoch", &random_epoch()?.to_be_bytes()[..])?;
+                    meta.insert("next_seq", &1u64.to_be_bytes()[..])?;
+                    meta.insert("hlc", &0u64.to_be_bytes()[..])?;
+                    meta.insert("key", pkcs8.as_ref())?;
+                    meta.insert("created_ms", &now_ms().to_be_bytes()[..])?;
+                    meta.insert("counters", serde_json::to_vec(&counters).unwrap_or_default().as_slice())?;
+                }
+            }
+        }
+        txn.commit()?;
+        if fresh {
+            tracing::info!(state = %path.display(), "new state file: new epoch and device key");
+        }
+        let (meta, key, counters, regional, cloud) = {
+            let r = db.begin_read()?;
+            let t = r.open_table(META)?;
+            let get = |k: &'static str| -> Result<Vec<u8>> {
+                t.get(k)?
+                    .map(|v| v.value().to_vec())
+                    .ok_or_else(|| corrupt("meta", format!("missing {k}")))
+            };
+            let epoch = u32::from_be_bytes(get("epoch")?.try_into().map_err(|_| corrupt("meta", "epoch"))?);
+            let meta = Meta {
+                epoch,
+                next_seq: u64_of("next_seq", &get("next_seq")?)?,
+                hlc: Hlc(u64_of("hlc", &get("hlc")?)?),
+            };
+            let key = Ed25519KeyPair::from_pkcs8(&get("key")?).map_err(|e| corrupt("device key", e))?;
+            let counters: Counters = serde_json::from_slice(&get("counters")?).map_err(|e| corrupt("counters", e))?;
+            let know = |k: &str| -> Result<Knowledge> {
+                match t.get(k)? {
+                    Some(v) => cbor_decode("knowledge", v.value()),
+                    None => Ok(Knowledge::default()),
+                }
+            };
+            (meta, key, counters, know("regional")?, know("cloud")?)
+        };
+        Ok(Store {
+            db,
+            path: path.to_path_buf(),
+            device: device.clone(),
+            meta,
+            key,
+            counters,
+            regional,
+            cloud,
+            unflushed: 0,
+            last_flush: Instant::now(),
+            rescan: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn device(&self) -> &DeviceRef {
+        &self.device
+    }
+    pub fn epoch(&self) -> u32 {
+        self.meta.epoch
+    }
+    pub fn next_seq(&self) -> u64 {
+        self.meta.next_seq
+    }
+    pub fn replica(&self) -> ReplicaId {
+        ReplicaId {
+            device: self.device.clone(),
+            epoch: self.meta.epoch,
+        }
+    }
+    pub fn public_key(&self) -> Vec<u8> {
+        use ring::signature::KeyPair;
+        self.key.public_key().as_ref().to_vec()
+    }
+    pub fn regional(&self) -> &Knowledge {
+        &self.regional
+    }
+    pub fn cloud(&self) -> &Knowledge {
+        &self.cloud
+    }
+
+    /// Up to `limit` tracked files whose path starts with `prefix`, after
+    /// `after`, in key order. Short read transactions, so a long scan never
+    /// pins old pages.
+    pub fn file_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, FileMeta)>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(FILES)?;
+        let mut out = Vec::new();
+        let range = match after {
+            Some(a) => t.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?,
+            None => t.range::<&str>(prefix..)?,
+        };
+        for item in range {
+            let (k, v) = item?;
+            if !k.value().starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.value().to_string(), cbor_decode("file state", v.value())?));
+        }
+        Ok(out)
+    }
+
+    pub fn file_meta(&self, path: &str) -> Result<Option<FileMeta>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(FILES)?;
+        let v = t.get(path)?;
+        v.map(|v| cbor_decode("file state", v.value())).transpose()
+    }
+
+    pub fn file_chunks(&self, path: &str) -> Result<Option<FileChunks>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(FILE_CHUNKS)?;
+        let v = t.get(path)?;
+        v.map(|v| cbor_decode("file chunks", v.value())).transpose()
+    }
+
+    /// A read view of the known-chunk table, for one file's worth of lookups.
+    pub fn known_reader(&self) -> Result<KnownReader> {
+        let r = self.db.begin_read()?;
+        Ok(KnownReader {
+            table: r.open_table(KNOWN)?,
+        })
+    }
+
+    /// Records one change in one transaction: outbox entry, file state (or
+    /// its removal for a deletion), new known chunks, next seq, HLC and
+    /// counters. In-memory state advances only after the commit succeeds.
+    pub fn record(
+        &mut self,
+        body: ChangeBody,
+        file: Option<(FileMeta, FileChunks)>,
+        new_known: &[(Hash32, KnownChunk)],
+        now: u64,
+    ) -> Result<Change> {
+        let seq = self.meta.next_seq;
+        let mut hlc = self.meta.hlc;
+        let change = Change::sign(self.replica(), seq, hlc.tick(now), body, &self.key);
+        let mut counters = self.counters.clone();
+        let logical = match &change.body {
+            ChangeBody::File(f) => f.size,
+            _ => 0,
+        };
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None)?;
+        {
+            let mut files = txn.open_table(FILES)?;
+            let mut chunks = txn.open_table(FILE_CHUNKS)?;
+            let path = change.body.path();
+            let old: Option<FileMeta> = match files.get(path)? {
+                Some(v) => Some(cbor_decode("file state", v.value())?),
+                None => None,
+            };
+            if let Some(o) = &old {
+                counters.files_tracked = counters.files_tracked.saturating_sub(1);
+                counters.logical_bytes = counters.logical_bytes.saturating_sub(o.size);
+            }
+            match (&change.body, file) {
+                (ChangeBody::File(_), Some((mut meta, fc))) => {
+                    meta.seq = seq;
+                    meta.dirty = false;
+                    counters.files_tracked += 1;
+                    counters.logical_bytes += meta.size;
+                    files.insert(path, protocol::to_cbor(&meta).as_slice())?;
+                    chunks.insert(path, protocol::to_cbor(&fc).as_slice())?;
+                }
+                (ChangeBody::Delete(_), None) => {
+                    files.remove(path)?;
+                    chunks.remove(path)?;
+                }
+                _ => return Err(Error::Config("record: body and file state disagree".into())),
+            }
+            let mut known = txn.open_table(KNOWN)?;
+            for (tag, k) in new_known {
+                known.insert(tag.0, &k.to_bytes()[..])?;
+            }
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut v = Vec::with_capacity(OUTBOX_HEADER + 256);
+            v.extend_from_slice(&now.to_be_bytes());
+            v.extend_from_slice(&logical.to_be_bytes());
+            let _ = minicbor::encode(&change, &mut v);
+            outbox.insert((self.meta.epoch, seq), v.as_slice())?;
+            counters.outbox_bytes += logical;
+            counters.changes_recorded += 1;
+            let mut meta = txn.open_table(META)?;
+            meta.insert("next_seq", &(seq + 1).to_be_bytes()[..])?;
+            meta.insert("hlc", &hlc.0.to_be_bytes()[..])?;
+            Self::put_counters(&mut meta, &counters)?;
+        }
+        txn.commit()?;
+        self.meta.next_seq = seq + 1;
+        self.meta.hlc = hlc;
+        self.counters = counters;
+        self.unflushed += 1;
+        if self.unflushed >= FLUSH_EVERY || self.last_flush.elapsed() >= FLUSH_INTERVAL {
+            self.flush()?;
+        }
+        Ok(change)
+    }
+
+    fn put_counters(meta: &mut redb::Table<&str, &[u8]>, c: &Counters) -> Result<()> {
+        let json = serde_json::to_vec(c).map_err(|e| Error::Db(e.to_string()))?;
+        meta.insert("counters", json.as_slice())?;
+        Ok(())
+    }
+
+    /// Durable commit of everything so far, including the counters.
+    pub fn flush(&mut self) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            Self::put_counters(&mut meta, &self.counters)?;
+        }
+        txn.commit()?;
+        self.unflushed = 0;
+        self.last_flush = Instant::now();
+        Ok(())
+    }
+
+    /// Recorded changes of the current replica not in `have`, in seq order,
+    /// at most `max` and (beyond the first) `max_bytes` of CBOR. Flushes
+    /// first: a change leaves the device only once it is durable here.
+    pub fn pending(&mut self, have: &Knowledge, max: usize, max_bytes: usize) -> Result<Vec<Change>> {
+        if self.unflushed > 0 {
+            self.flush()?;
+        }
+        let epoch = self.meta.epoch;
+        let set = have.get(&self.replica());
+        let r = self.db.begin_read()?;
+        let t = r.open_table(OUTBOX)?;
+        let (mut out, mut bytes, mut cursor) = (Vec::new(), 0usize, 1u64);
+        'outer: loop {
+            for item in t.range((epoch, cursor)..=(epoch, u64::MAX))? {
+                let (k, v) = item?;
+                let seq = k.value().1;
+                if set.contains(seq) {
+                    // Jump past the whole known range instead of stepping through it.
+                    let hi = set
+                        .ranges()
+                        .iter()
+                        .find(|(lo, hi)| *lo <= seq && seq <= *hi)
+                        .map_or(seq, |r| r.1);
+                    if hi == u64::MAX {
+                        break 'outer;
+                    }
+                    cursor = hi + 1;
+                    continue 'outer;
+                }
+                let v = v.value();
+                outbox_header(v)?;
+                let body = &v[OUTBOX_HEADER..];
+                if !out.is_empty() && bytes + body.len() > max_bytes {
+                    break 'outer;
+                }
+                let c: Change = protocol::from_cbor(body, protocol::msg::MAX_MESSAGE)?;
+                bytes += body.len();
+                out.push(c);
+                if out.len() >= max {
+                    break 'outer;
+                }
+            }
+            break;
+        }
+        Ok(out)
+    }
+
+    /// Rewrites the outbox entry of `change` as a signed `Superseded` with
+    /// the same seq, and marks the file so the next scan records it again.
+    pub fn supersede(&mut self, change: &Change, now: u64) -> Result<()> {
+        if change.replica != self.replica() {
+            return Ok(());
+        }
+        let path = change.body.path().to_string();
+        let mut hlc = self.meta.hlc;
+        let sup = Change::sign(
+            self.replica(),
+            change.seq,
+            hlc.tick(now),
+            ChangeBody::Superseded(path.clone()),
+            &self.key,
+        );
+        let mut counters = self.counters.clone();
+        let txn = self.db.begin_write()?;
+        {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let key = (self.meta.epoch, change.seq);
+            let old = outbox.get(key)?.map(|v| outbox_header(v.value())).transpose()?;
+            let Some((recorded, logical)) = old else {
+                return Ok(()); // already pruned: the cloud has it
+            };
+            let mut v = Vec::with_capacity(OUTBOX_HEADER + 128);
+            v.extend_from_slice(&recorded.to_be_bytes());
+            v.extend_from_slice(&0u64.to_be_bytes());
+            let _ = minicbor::encode(&sup, &mut v);
+            outbox.insert(key, v.as_slice())?;
+            counters.outbox_bytes = counters.outbox_bytes.saturating_sub(logical);
+            counters.superseded += 1;
+            let mut files = txn.open_table(FILES)?;
+            let meta: Option<FileMeta> = match files.get(path.as_str())? {
+                Some(v) => Some(cbor_decode("file state", v.value())?),
+                None => None,
+            };
+            if let Some(mut m) = meta.filter(|m| m.seq == change.seq) {
+                m.dirty = true;
+                files.insert(path.as_str(), protocol::to_cbor(&m).as_slice())?;
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert("hlc", &hlc.0.to_be_bytes()[..])?;
+            Self::put_counters(&mut meta, &counters)?;
+        }
+        txn.commit()?;
+        self.meta.hlc = hlc;
+        self.counters = counters;
+        self.rescan = true;
+        self.unflushed = 0;
+        Ok(())
+    }
+
+    /// Persists the server's knowledge of this device, prunes outbox entries
+    /// the cloud holds, and starts a new epoch if the server knows seqs of
+    /// this replica that this state file never handed out (restored from an
+    /// old copy). Returns true when a new epoch was started.
+    pub fn on_knowledge(&mut self, regional: &Knowledge, cloud: &Knowledge) -> Result<bool> {
+        let regional = regional.for_device(&self.device);
+        let cloud = cloud.for_device(&self.device);
+        let me = self.replica();
+        let ahead = [&regional, &cloud]
+            .iter()
+            .filter_map(|k| k.get(&me).max())
+            .max()
+            .filter(|m| *m >= self.meta.next_seq);
+        if let Some(max) = ahead {
+            tracing::error!(
+                replica = %me,
+                server_max_seq = max,
+                next_seq = self.meta.next_seq,
+                "the server holds seqs this state file never recorded: the state was restored \
+                 from an old copy or lost. Starting a new epoch; every file is offered again \
+                 (known chunks make that cheap)"
+            );
+            self.new_epoch()?;
+            return Ok(true);
+        }
+        if regional == self.regional && cloud == self.cloud {
+            return Ok(false);
+        }
+        let mut counters = self.counters.clone();
+        let txn = self.db.begin_write()?;
+        {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let epoch = self.meta.epoch;
+            let mut freed = 0u64;
+            for &(lo, hi) in cloud.get(&me).ranges() {
+                outbox.retain_in((epoch, lo)..=(epoch, hi), |_, v| {
+                    freed += outbox_header(v).map_or(0, |h| h.1);
+                    false
+                })?;
+            }
+            counters.outbox_bytes = counters.outbox_bytes.saturating_sub(freed);
+            let mut meta = txn.open_table(META)?;
+            meta.insert("regional", protocol::to_cbor(&regional).as_slice())?;
+            meta.insert("cloud", protocol::to_cbor(&cloud).as_slice())?;
+            Self::put_counters(&mut meta, &counters)?;
+        }
+        txn.commit()?;
+        self.regional = regional;
+        self.cloud = cloud;
+        self.counters = counters;
+        self.unflushed = 0;
+        Ok(false)
+    }
+
+    /// New replica: forget file states and the outbox (their seqs belong to
+    /// a history the server no longer agrees with) and re-record everything.
+    /// Known chunks stay: they are a local seal cache, valid for any epoch.
+    pub fn new_epoch(&mut self) -> Result<()> {
+        let epoch = random_epoch()?;
+        let mut counters = self.counters.clone();
+        counters.epochs_started += 1;
+        counters.files_tracked = 0;
+        counters.logical_bytes = 0;
+        counters.outbox_bytes = 0;
+        let txn = self.db.begin_write()?;
+        {
+            Self::clear(&txn)?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert("epoch", &epoch.to_be_bytes()[..])?;
+            meta.insert("next_seq", &1u64.to_be_bytes()[..])?;
+            Self::put_counters(&mut meta, &counters)?;
+        }
+        txn.commit()?;
+        tracing::warn!(old = self.meta.epoch, new = epoch, "started a new epoch");
+        self.meta.epoch = epoch;
+        self.meta.next_seq = 1;
+        self.counters = counters;
+        self.rescan = true;
+        self.unflushed = 0;
+        Ok(())
+    }
+
+    fn clear(txn: &WriteTransaction) -> Result<()> {
+        txn.open_table(FILES)?.retain(|_, _| false)?;
+        txn.open_table(FILE_CHUNKS)?.retain(|_, _| false)?;
+        txn.open_table(OUTBOX)?.retain(|_, _| false)?;
+        Ok(())
+    }
+
+    /// Number of outbox entries of the current epoch not in `have`.
+    pub fn count_not_in(&self, have: &Knowledge) -> Result<u64> {
+        let set = have.get(&self.replica());
+        let r = self.db.begin_read()?;
+        let t = r.open_table(OUTBOX)?;
+        let mut n = 0;
+        for item in t.range((self.meta.epoch, 0)..=(self.meta.epoch, u64::MAX))? {
+            let (k, _) = item?;
+            if !set.contains(k.value().1) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        status_of(&self.db)
+    }
+
+    /// Status of a state file without taking it over: `Error::Locked` if a
+    /// running agent holds it.
+    pub fn read_status(path: &Path) -> Result<Status> {
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such state file"),
+            ));
+        }
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .open_read_only(path)
+            .map_err(|e| open_db_error(path, e))?;
+        status_of(&db)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.unflushed > 0 {
+            if let Err(e) = self.flush() {
+                tracing::warn!("final flush of {} failed: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+fn status_of(db: &impl ReadableDatabase) -> Result<Status> {
+    let r = db.begin_read()?;
+    let meta = r.open_table(META)?;
+    let get = |k: &'static str| -> Result<Vec<u8>> {
+        meta.get(k)?
+            .map(|v| v.value().to_vec())
+            .ok_or_else(|| corrupt("meta", format!("missing {k}")))
+    };
+    let device = String::from_utf8_lossy(&get("device")?).into_owned();
+    let epoch = u32::from_be_bytes(get("epoch")?.try_into().map_err(|_| corrupt("meta", "epoch"))?);
+    let next_seq = u64_of("next_seq", &get("next_seq")?)?;
+    let counters: Counters = serde_json::from_slice(&get("counters")?).map_err(|e| corrupt("counters", e))?;
+    let know = |k: &str| -> Result<Knowledge> {
+        match meta.get(k)? {
+            Some(v) => cbor_decode("knowledge", v.value()),
+            None => Ok(Knowledge::default()),
+        }
+    };
+    let (regional, cloud) = (know("regional")?, know("cloud")?);
+    let outbox = r.open_table(OUTBOX)?;
+    let now = now_ms();
+    let oldest = match outbox.first()? {
+        Some((_, v)) => Some(now.saturating_sub(outbox_header(v.value())?.0) / 1000),
+        None => None,
+    };
+    let durable = |k: &Knowledge| {
+        k.map
+            .iter()
+            .filter(|(r, _)| r.epoch == epoch)
+            .map(|(_, s)| s.len())
+            .sum::<u64>()
+    };
+    let mut both = regional.clone();
+    both.union_with(&cloud);
+    Ok(Status {
+        device,
+        epoch,
+        next_seq,
+        files_tracked: counters.files_tracked,
+        changes_recorded: counters.changes_recorded,
+        logical_bytes: counters.logical_bytes,
+        wire_bytes_sent: counters.wire_bytes_sent,
+        messages_sent: counters.messages_sent,
+        chunks_sent: counters.chunks_sent,
+        chunk_bytes_sent: counters.chunk_bytes_sent,
+        chunks_new: counters.chunks_new,
+        chunks_skipped_known: counters.chunks_skipped_known,
+        bytes_read: counters.bytes_read,
+        bytes_chunked: counters.bytes_chunked,
+        bad_messages: counters.bad_messages,
+        pending_changes: outbox.len()?,
+        pending_bytes: counters.outbox_bytes,
+        oldest_pending_age_secs: oldest,
+        regional_durable: durable(&both),
+        cloud_durable: durable(&cloud),
+        regional: summarize(&regional),
+        cloud: summarize(&cloud),
+        counters,
+        as_of_ms: now,
+        from_snapshot: false,
+    })
+}
+
+/// Known-chunk lookups within one read transaction.
+pub struct KnownReader {
+    table: redb::ReadOnlyTable<[u8; 32], &'static [u8]>,
+}
+
+impl KnownReader {
+    pub fn get(&self, tag: &Hash32) -> Result<Option<KnownChunk>> {
+        Ok(self.table.get(tag.0)?.and_then(|v| KnownChunk::from_bytes(v.value())))
+    }
+}
