@@ -123,33 +123,36 @@ impl Drop for Proc {
     }
 }
 
-/// Runs a daemon binary to completion with a timeout; returns (exit ok, stdout, stderr).
+/// Runs a daemon binary to completion with a timeout; returns (exit ok,
+/// stdout, stderr). Output goes through temp files, not pipes, so a chatty
+/// process can never block on a full pipe while we wait for it.
 pub fn run_to_end(bin: &str, args: &[String], timeout: Duration) -> Result<(bool, String, String)> {
     let path = bin_dir()?.join(bin);
+    let out = tempfile::tempfile()?;
+    let err = tempfile::tempfile()?;
     let mut child = Command::new(&path)
         .args(args)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out.try_clone()?)
+        .stderr(err.try_clone()?)
         .spawn()
         .with_context(|| format!("starting {}", path.display()))?;
     let start = Instant::now();
+    let read = |mut f: &std::fs::File| -> String {
+        use std::io::{Read, Seek};
+        let mut s = Vec::new();
+        let _ = f.rewind().and_then(|_| f.read_to_end(&mut s));
+        String::from_utf8_lossy(&s).into_owned()
+    };
     loop {
         if let Some(st) = child.try_wait()? {
-            let out = child.wait_with_output()?;
-            return Ok((
-                st.success(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            ));
+            return Ok((st.success(), read(&out), read(&err)));
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
-            let out = child.wait_with_output()?;
-            bail!(
-                "{bin} {args:?} did not finish in {timeout:?}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let _ = child.wait();
+            bail!("{bin} {args:?} did not finish in {timeout:?}\nstderr:\n{}", read(&err));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
