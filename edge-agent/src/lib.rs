@@ -196,6 +196,11 @@ pub fn read_status(state: &Path) -> Result<Status> {
                 detail: format!("{}: {e}", snap.display()),
             })?;
             s.from_snapshot = true;
+            // The age in the snapshot was computed when it was written; a
+            // stalled daemon must not show a frozen backlog age.
+            if let Some(t) = s.oldest_pending_recorded_ms {
+                s.oldest_pending_age_secs = Some(store::now_ms().saturating_sub(t) / 1000);
+            }
             Ok(s)
         }
         other => other,
@@ -276,8 +281,10 @@ impl Agent {
         net::drive(&mut self, net::Mode::Sync { wait, timeout }, shutdown).await
     }
 
-    /// Writes the status snapshot next to the state file (atomically).
-    pub(crate) fn write_snapshot(&self) -> Result<()> {
+    /// Writes the status snapshot next to the state file (atomically), so
+    /// [`read_status`] works while this agent holds the state file. `run`
+    /// and `sync` do this every few seconds; embedders may call it too.
+    pub fn write_snapshot(&self) -> Result<()> {
         if !self.cfg.status_snapshot {
             return Ok(());
         }

@@ -186,7 +186,15 @@ pub struct Status {
     /// Recorded changes not yet durable in the cloud.
     pub pending_changes: u64,
     pub pending_bytes: u64,
+    /// Age of the oldest recorded change not yet durable in the cloud.
     pub oldest_pending_age_secs: Option<u64>,
+    /// Seq (current epoch) of the oldest change not yet cloud-durable.
+    #[serde(default)]
+    pub oldest_pending_seq: Option<u64>,
+    /// Unix ms when that change was recorded: unlike the age, it does not
+    /// go stale in a snapshot.
+    #[serde(default)]
+    pub oldest_pending_recorded_ms: Option<u64>,
     /// Changes of the current epoch durable at the aggregator (or beyond).
     pub regional_durable: u64,
     pub cloud_durable: u64,
@@ -785,7 +793,7 @@ fn status_of(db: &impl ReadableDatabase) -> Result<Status> {
     let outbox = r.open_table(OUTBOX)?;
     let now = now_ms();
     let oldest = match outbox.first()? {
-        Some((_, v)) => Some(now.saturating_sub(outbox_header(v.value())?.0) / 1000),
+        Some((k, v)) => Some((k.value().1, outbox_header(v.value())?.0)),
         None => None,
     };
     let durable = |k: &Knowledge| {
@@ -815,7 +823,9 @@ fn status_of(db: &impl ReadableDatabase) -> Result<Status> {
         bad_messages: counters.bad_messages,
         pending_changes: outbox.len()?,
         pending_bytes: counters.outbox_bytes,
-        oldest_pending_age_secs: oldest,
+        oldest_pending_age_secs: oldest.map(|(_, t)| now.saturating_sub(t) / 1000),
+        oldest_pending_seq: oldest.map(|(seq, _)| seq),
+        oldest_pending_recorded_ms: oldest.map(|(_, t)| t),
         regional_durable: durable(&both),
         cloud_durable: durable(&cloud),
         regional: summarize(&regional),

@@ -274,8 +274,10 @@ fn real_main() -> Result<()> {
                 );
                 match s.oldest_pending_age_secs {
                     Some(a) => println!(
-                        "backlog           {} change(s), {} bytes, oldest {a} s old",
-                        s.pending_changes, s.pending_bytes
+                        "backlog           {} change(s), {} bytes, oldest {a} s old (seq {})",
+                        s.pending_changes,
+                        s.pending_bytes,
+                        s.oldest_pending_seq.map_or("?".to_string(), |q| q.to_string())
                     ),
                     None => println!("backlog           none: everything recorded is cloud-durable"),
                 }

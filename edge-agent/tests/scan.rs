@@ -1,0 +1,340 @@
+//! Scanning: append fast path cost and soundness, re-chunking on edits and
+//! truncation, known-chunk skip, deterministic sealing, and `supersede`.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use edge_agent::{Agent, ChunkParams};
+use protocol::client::ClientStore;
+use protocol::manifest::ChangeBody;
+use std::collections::HashSet;
+use std::io::{Seek, SeekFrom, Write};
+
+fn ids(v: &protocol::FileVersion) -> Vec<protocol::Hash32> {
+    v.chunks.iter().map(|c| c.id).collect()
+}
+
+fn append(path: &std::path::Path, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(data).unwrap();
+}
+
+#[test]
+fn append_costs_o_appended_bytes_and_matches_full_chunking() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("line1");
+    std::fs::create_dir(&watch).unwrap();
+    let file = watch.join("press.csv");
+    let mut content = csv_lines(4 << 20, 1);
+    std::fs::write(&file, &content).unwrap();
+    let params = ChunkParams::default();
+    let max = params.max as u64;
+    let mut agent = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"))).unwrap();
+
+    let r1 = agent.scan_once().unwrap();
+    assert_eq!((r1.files_new, r1.changes_recorded), (1, 1));
+    assert_eq!(r1.bytes_chunked, content.len() as u64);
+    let v1 = latest_version(&mut agent, "line1/press.csv");
+    assert_eq!(v1.class, "append");
+    assert!(
+        v1.chunks.len() >= 8,
+        "4 MiB should give many chunks, got {}",
+        v1.chunks.len()
+    );
+
+    // Append ~20 KiB: the second scan costs O(appended), not O(file).
+    for round in 0..3u64 {
+        let tail = csv_lines(20 << 10, 100 + round);
+        append(&file, &tail);
+        content.extend_from_slice(&tail);
+        let before = agent.counters().clone();
+        let r = agent.scan_once().unwrap();
+        let appended = tail.len() as u64;
+        assert_eq!(
+            (r.files_changed, r.changes_recorded, r.append_fast_path),
+            (1, 1, 1),
+            "{r:?}"
+        );
+        // Reads: the stable chunk (≤ max) to verify it, then the old last chunk (≤ max) + the tail.
+        assert!(
+            r.bytes_read <= appended + 2 * max,
+            "read {} for a {appended} B append",
+            r.bytes_read
+        );
+        assert!(
+            r.bytes_chunked <= appended + max,
+            "chunked {} for a {appended} B append",
+            r.bytes_chunked
+        );
+        let c = agent.counters();
+        assert_eq!(c.bytes_read - before.bytes_read, r.bytes_read);
+        assert_eq!(c.bytes_chunked - before.bytes_chunked, r.bytes_chunked);
+        assert!(r.chunks_new <= 6, "{r:?}");
+
+        // Sound: the recorded manifest is exactly what chunking the whole file gives.
+        let v = latest_version(&mut agent, "line1/press.csv");
+        let fresh = fresh_chunking(&file, params, &t.path().join(format!("fresh{round}")));
+        assert_eq!(ids(&v), ids(&fresh), "append fast path diverged from full chunking");
+        assert_eq!(v.chunks, fresh.chunks);
+        assert_eq!(v.size, content.len() as u64);
+        assert_eq!(v.sha256.0, sha256(&content));
+    }
+
+    // An edit inside the still-growing last chunk plus an append: the fast
+    // path re-chunks from the last stable cut, so the edit is captured.
+    let n = content.len();
+    content[n - 100..n - 90].copy_from_slice(b"EDITED####");
+    let tail = csv_lines(10 << 10, 7);
+    content.extend_from_slice(&tail);
+    std::fs::write(&file, &content).unwrap();
+    let r = agent.scan_once().unwrap();
+    assert_eq!(r.changes_recorded, 1);
+    let v = latest_version(&mut agent, "line1/press.csv");
+    assert_eq!(v.sha256.0, sha256(&content));
+    assert_eq!(
+        ids(&v),
+        ids(&fresh_chunking(&file, params, &t.path().join("fresh-edit-tail")))
+    );
+
+    // A same-size edit in the middle: full re-chunk, only a few chunks change.
+    let old = ids(&v);
+    let mid = content.len() / 2;
+    content[mid..mid + 64].copy_from_slice(&[b'#'; 64]);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.seek(SeekFrom::Start(mid as u64)).unwrap();
+    f.write_all(&[b'#'; 64]).unwrap();
+    drop(f);
+    bump_mtime(&file, 10);
+    let r = agent.scan_once().unwrap();
+    assert_eq!((r.files_changed, r.append_fast_path), (1, 0), "{r:?}");
+    assert_eq!(
+        r.bytes_chunked,
+        content.len() as u64,
+        "a mid-file edit re-chunks the whole file"
+    );
+    assert!(r.chunks_new <= 3, "CDC keeps unchanged regions: {r:?}");
+    let v = latest_version(&mut agent, "line1/press.csv");
+    let new_ids = ids(&v);
+    assert_eq!(r.chunks_new + r.chunks_known, new_ids.len() as u64, "{r:?}");
+    let old_set: HashSet<_> = old.iter().collect();
+    let changed = new_ids.iter().filter(|id| !old_set.contains(id)).count();
+    assert!((1..=3).contains(&changed), "{changed} chunks changed for a 64 B edit");
+    assert_eq!(v.sha256.0, sha256(&content));
+    assert_eq!(
+        new_ids,
+        ids(&fresh_chunking(&file, params, &t.path().join("fresh-mid")))
+    );
+
+    // Truncation: a full re-chunk, equal to chunking the shorter file.
+    content.truncate(3 << 20);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    let r = agent.scan_once().unwrap();
+    assert_eq!((r.files_changed, r.append_fast_path), (1, 0), "{r:?}");
+    assert_eq!(r.bytes_chunked, 3 << 20);
+    let v = latest_version(&mut agent, "line1/press.csv");
+    assert_eq!(v.size, 3 << 20);
+    assert_eq!(v.sha256.0, sha256(&content));
+    assert_eq!(
+        ids(&v),
+        ids(&fresh_chunking(&file, params, &t.path().join("fresh-trunc")))
+    );
+
+    // And appending after the truncation uses the fast path again, soundly.
+    let tail = csv_lines(30 << 10, 9);
+    append(&file, &tail);
+    content.extend_from_slice(&tail);
+    let r = agent.scan_once().unwrap();
+    assert_eq!(r.append_fast_path, 1);
+    let v = latest_version(&mut agent, "line1/press.csv");
+    assert_eq!(v.sha256.0, sha256(&content));
+    assert_eq!(
+        ids(&v),
+        ids(&fresh_chunking(&file, params, &t.path().join("fresh-trunc-app")))
+    );
+}
+
+#[test]
+fn append_fast_path_is_not_used_when_the_stable_chunk_changed() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("logs");
+    std::fs::create_dir(&watch).unwrap();
+    let file = watch.join("x.log");
+    let params = small_chunks();
+    let mut content = csv_lines(200 << 10, 3);
+    std::fs::write(&file, &content).unwrap();
+    let mut cfg = config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"));
+    cfg.chunking = params;
+    let mut agent = Agent::open(cfg).unwrap();
+    agent.scan_once().unwrap();
+    let v = latest_version(&mut agent, "logs/x.log");
+    // Edit inside the second-to-last chunk (the "stable" one), then append.
+    let n = v.chunks.len();
+    let stable_start: u64 = v.chunks[..n - 2].iter().map(|c| u64::from(c.len)).sum();
+    let at = stable_start as usize + 10;
+    content[at..at + 4].copy_from_slice(b"ZZZZ");
+    content.extend_from_slice(&csv_lines(5 << 10, 4));
+    std::fs::write(&file, &content).unwrap();
+    let r = agent.scan_once().unwrap();
+    assert_eq!(r.append_fast_path, 0, "{r:?}");
+    assert_eq!(r.bytes_chunked, content.len() as u64);
+    let v = latest_version(&mut agent, "logs/x.log");
+    assert_eq!(v.sha256.0, sha256(&content));
+    assert_eq!(ids(&v), ids(&fresh_chunking(&file, params, &t.path().join("fresh"))));
+}
+
+#[test]
+fn identical_files_skip_known_chunks_and_sealing_is_deterministic() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("cell");
+    std::fs::create_dir(&watch).unwrap();
+    let data = pseudo_random(600 << 10, 11);
+    std::fs::write(watch.join("a.bin"), &data).unwrap();
+    std::fs::write(watch.join("b.bin"), &data).unwrap();
+    let mut cfg = config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"));
+    cfg.chunking = small_chunks();
+    let mut a = Agent::open(cfg).unwrap();
+    let r = a.scan_once().unwrap();
+    let va = latest_version(&mut a, "cell/a.bin");
+    let vb = latest_version(&mut a, "cell/b.bin");
+    let k = va.chunks.len() as u64;
+    assert!(k > 10);
+    assert_eq!(ids(&va), ids(&vb));
+    // Random data has no repeated chunks: a.bin seals k, b.bin's k are all known.
+    assert_eq!((r.files_new, r.chunks_new, r.chunks_known), (2, k, k), "{r:?}");
+    assert_eq!(a.counters().chunks_new, k);
+    assert_eq!(a.counters().chunks_skipped_known, k);
+    let st = a.status().unwrap();
+    assert_eq!((st.chunks_new, st.chunks_skipped_known), (k, k));
+
+    // A third copy in a later scan: also all known, nothing sealed.
+    std::fs::write(watch.join("c.bin"), &data).unwrap();
+    let r = a.scan_once().unwrap();
+    assert_eq!((r.files_new, r.chunks_new, r.chunks_known), (1, 0, k), "{r:?}");
+
+    // Another device of the same tenant (own state file, own device key)
+    // seals the same data to the same chunk ids: cross-device dedup.
+    let watch2 = t.path().join("other").join("cell");
+    std::fs::create_dir_all(&watch2).unwrap();
+    std::fs::write(watch2.join("z.bin"), &data).unwrap();
+    let mut cfg = config("gw2", std::slice::from_ref(&watch2), &t.path().join("b.redb"));
+    cfg.chunking = small_chunks();
+    let mut b = Agent::open(cfg).unwrap();
+    assert_ne!(a.public_key(), b.public_key());
+    b.scan_once().unwrap();
+    let vz = latest_version(&mut b, "cell/z.bin");
+    assert_eq!(ids(&vz), ids(&va));
+    // And the stored bytes are the same, checkable without keys.
+    let ca = all_pending(&mut a)[0].clone();
+    let cb = all_pending(&mut b)[0].clone();
+    let id = va.chunks[3].id;
+    let sa = a.chunk(&ca, &id).unwrap().unwrap();
+    let sb = b.chunk(&cb, &id).unwrap().unwrap();
+    assert_eq!(sa, sb);
+    assert_eq!(sha256(&sa), id.0);
+
+    // A different tenant key gives different ids (the ids depend on the key).
+    let watch3 = t.path().join("third").join("cell");
+    std::fs::create_dir_all(&watch3).unwrap();
+    std::fs::write(watch3.join("z.bin"), &data).unwrap();
+    let mut cfg = config("gw3", std::slice::from_ref(&watch3), &t.path().join("c.redb"));
+    cfg.chunking = small_chunks();
+    cfg.key = protocol::seal::TenantKey::from_bytes(2, [9u8; 32]);
+    let mut c = Agent::open(cfg).unwrap();
+    c.scan_once().unwrap();
+    let v3 = latest_version(&mut c, "cell/z.bin");
+    assert_eq!(v3.chunks.len(), va.chunks.len(), "cut points do not depend on the key");
+    assert!(ids(&v3).iter().all(|id| !ids(&va).contains(id)));
+}
+
+#[test]
+fn supersede_after_the_file_changed_rerecords_and_loses_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("cell");
+    std::fs::create_dir(&watch).unwrap();
+    let file = watch.join("recipe.bin");
+    let gone = watch.join("gone.bin");
+    std::fs::write(&file, pseudo_random(100 << 10, 5)).unwrap();
+    std::fs::write(&gone, pseudo_random(50 << 10, 6)).unwrap();
+    let mut cfg = config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"));
+    cfg.chunking = small_chunks();
+    let mut a = Agent::open(cfg).unwrap();
+    a.scan_once().unwrap();
+    let changes = all_pending(&mut a);
+    assert_eq!(changes.len(), 2);
+    let c_gone = changes
+        .iter()
+        .find(|c| c.body.path() == "cell/gone.bin")
+        .unwrap()
+        .clone();
+    let c = changes
+        .iter()
+        .find(|c| c.body.path() == "cell/recipe.bin")
+        .unwrap()
+        .clone();
+    let ChangeBody::File(v) = &c.body else { panic!() };
+
+    // Before the change, every chunk reads back and hashes to its id.
+    for r in &v.chunks {
+        let b = a.chunk(&c, &r.id).unwrap().expect("chunk readable");
+        assert_eq!(sha256(&b), r.id.0);
+    }
+    // The file changes (same size) before its chunks were read.
+    let new_data = pseudo_random(100 << 10, 55);
+    std::fs::write(&file, &new_data).unwrap();
+    bump_mtime(&file, 5);
+    assert_eq!(a.chunk(&c, &v.chunks[0].id).unwrap(), None);
+    // A deleted file's chunks are gone too.
+    std::fs::remove_file(&gone).unwrap();
+    let ChangeBody::File(vg) = &c_gone.body else { panic!() };
+    assert_eq!(a.chunk(&c_gone, &vg.chunks[0].id).unwrap(), None);
+
+    a.supersede(&c).unwrap();
+    a.supersede(&c_gone).unwrap();
+    assert_eq!(a.counters().superseded, 2);
+    // Same seqs, now Superseded bodies; still pending (the server may need them).
+    let p = all_pending(&mut a);
+    assert_eq!(p.len(), 2);
+    let sup = p.iter().find(|x| x.seq == c.seq).unwrap();
+    assert_eq!(sup.body, ChangeBody::Superseded("cell/recipe.bin".into()));
+    assert_eq!(sup.replica, c.replica);
+
+    // The next scan records the new version and the deletion.
+    let r = a.scan_once().unwrap();
+    assert_eq!(
+        (r.files_changed, r.files_deleted, r.changes_recorded),
+        (1, 1, 2),
+        "{r:?}"
+    );
+    let p = all_pending(&mut a);
+    assert_eq!(p.len(), 4, "superseded entries stay until the cloud has them");
+    let newest = latest_version(&mut a, "cell/recipe.bin");
+    assert_eq!(newest.sha256.0, sha256(&new_data));
+    let nc = p
+        .iter()
+        .find(|x| matches!(&x.body, ChangeBody::File(f) if f.sha256 == newest.sha256))
+        .unwrap();
+    assert!(nc.seq > c.seq);
+    for r in &newest.chunks {
+        let b = a.chunk(nc, &r.id).unwrap().expect("new version readable");
+        assert_eq!(sha256(&b), r.id.0);
+    }
+    assert!(p.iter().any(|x| x.body == ChangeBody::Delete("cell/gone.bin".into())));
+    let st = a.status().unwrap();
+    assert_eq!(st.files_tracked, 1);
+    assert_eq!(st.logical_bytes, 100 << 10);
+    // A second scan has nothing left to do.
+    let r = a.scan_once().unwrap();
+    assert_eq!(r.changes_recorded, 0, "{r:?}");
+
+    // Superseding a change whose file was already re-recorded, or twice, is harmless.
+    a.supersede(&c).unwrap();
+    let r = a.scan_once().unwrap();
+    assert_eq!(r.changes_recorded, 0, "{r:?}");
+}
