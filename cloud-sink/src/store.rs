@@ -10,6 +10,8 @@ use protocol::msg::ChunkData;
 use protocol::pack::{PackBuilder, PackEntry, MAX_CHUNK, TRAILER_MAGIC};
 use protocol::server::ServerStore;
 use protocol::{Change, DeviceRef, Hash32, Knowledge};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::runtime::Handle;
@@ -43,10 +45,28 @@ impl SinkStore {
 
     fn apply_inner(&mut self, changes: &[Change]) -> Result<()> {
         let mut fresh = Vec::with_capacity(changes.len());
+        // Key pinning happens here, before any object is written: a change
+        // the catalog would refuse must not leave a manifest object behind,
+        // or `rebuild` (which pins in seq order) could pin its key instead.
+        let mut pinned: HashMap<DeviceRef, Option<Vec<u8>>> = HashMap::new();
         for c in changes {
-            if !self.catalog.has_change(&c.replica, c.seq)? {
-                fresh.push(c.clone());
+            if self.catalog.has_change(&c.replica, c.seq)? {
+                continue;
             }
+            let key = match pinned.entry(c.replica.device.clone()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(self.catalog.device_key(&c.replica.device)?),
+            };
+            match key {
+                Some(k) if *k != c.pubkey => {
+                    tracing::warn!(change = %c.label(), "refused: signed by a key other than the pinned one");
+                    continue;
+                }
+                Some(_) => {}
+                // First use in this batch: this change's key is the one pinned.
+                None => *key = Some(c.pubkey.clone()),
+            }
+            fresh.push(c.clone());
         }
         if fresh.is_empty() {
             return Ok(());
