@@ -59,6 +59,8 @@ pub struct ServerStats {
     pub chunk_bytes_received: u64,
     pub chunks_duplicate: u64,
     pub chunks_bad: u64,
+    /// Verified chunks kept although their batch was unknown (after a restart).
+    pub chunks_orphan: u64,
     pub backpressure: u64,
 }
 
@@ -244,13 +246,22 @@ impl Server {
     }
 
     fn data(&mut self, peer: &Peer, d: Data, store: &mut dyn ServerStore) -> Result<Vec<Message>> {
-        let Some(p) = self.pending.get(&(peer.name.to_string(), d.batch_id)) else {
-            // Unknown batch: ignore; the Commit that follows says so.
+        // Chunks of a batch this server no longer knows (it restarted, or
+        // evicted the batch) are still kept when they verify: a peer that
+        // may sign changes referencing any chunk gains nothing it could not
+        // do anyway, and the client then does not re-send them after the
+        // restart. Not while out of room, though.
+        let wanted = self
+            .pending
+            .get(&(peer.name.to_string(), d.batch_id))
+            .map(|p| &p.wanted);
+        if wanted.is_none() && store.backpressure().is_some() {
             return Ok(Vec::new());
-        };
+        }
         let mut good = Vec::with_capacity(d.chunks.len());
         for c in d.chunks {
-            if c.bytes.len() > MAX_CHUNK || !p.wanted.contains(&c.id) || Hash32::of(&c.bytes) != c.id {
+            let asked = wanted.is_none_or(|w| w.contains(&c.id));
+            if c.bytes.len() > MAX_CHUNK || !asked || Hash32::of(&c.bytes) != c.id {
                 self.stats.chunks_bad += 1;
                 continue;
             }
@@ -260,6 +271,9 @@ impl Server {
             }
             self.stats.chunks_received += 1;
             self.stats.chunk_bytes_received += c.bytes.len() as u64;
+            if wanted.is_none() {
+                self.stats.chunks_orphan += 1;
+            }
             good.push(c);
         }
         if !good.is_empty() {

@@ -5,4 +5,5 @@ pub mod broker;
 pub mod demo;
 pub mod gen;
 pub mod procs;
+pub mod proxy;
 pub mod tree;

@@ -1,0 +1,271 @@
+//! A fleet of real Ferry processes for end-to-end tests: a real broker
+//! (Mosquitto or the embedded rumqttd), `cloud-sink serve`, `aggregator run`,
+//! and `edge-agent` runs/syncs, all on 127.0.0.1, logs under the work dir.
+#![allow(dead_code)]
+
+use anyhow::{bail, Context, Result};
+use sim::broker::{self, EmbeddedBroker, Mosquitto};
+use sim::procs::{run_to_end, Proc};
+use sim::proxy::Proxy;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub enum Broker {
+    Mosquitto(Mosquitto),
+    Embedded(EmbeddedBroker),
+}
+
+impl Broker {
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port())
+    }
+    pub fn port(&self) -> u16 {
+        match self {
+            Broker::Mosquitto(m) => m.port,
+            Broker::Embedded(e) => e.port,
+        }
+    }
+}
+
+pub struct Fleet {
+    pub work: tempfile::TempDir,
+    pub broker: Broker,
+    pub sink_url: String,
+    pub sink_port: u16,
+    pub sink: Proc,
+    pub agg: Proc,
+    pub key: PathBuf,
+    /// Agents reach the broker through this proxy (counts, throttles, cuts).
+    pub link: Proxy,
+}
+
+pub fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
+    x.as_ref().to_string_lossy().into_owned()
+}
+
+impl Fleet {
+    /// Starts a broker, a sink and an aggregator, and writes a tenant key.
+    pub fn start(mosquitto: bool) -> Result<Fleet> {
+        let work = tempfile::Builder::new().prefix("ferry-e2e-").tempdir()?;
+        let broker = if mosquitto {
+            // Persistence on, as production should run it.
+            Broker::Mosquitto(Mosquitto::start(&work.path().join("mosquitto"), true)?)
+        } else {
+            Broker::Embedded(broker::start_embedded(0)?)
+        };
+        let sink_port = broker::free_port()?;
+        let sink_url = format!("http://127.0.0.1:{sink_port}");
+        let sink = Proc::start(
+            "cloud-sink",
+            &[
+                "serve".into(),
+                "--data".into(),
+                s(work.path().join("cloud")),
+                "--listen".into(),
+                format!("127.0.0.1:{sink_port}"),
+            ],
+            &work.path().join("sink.log"),
+        )?;
+        broker::wait_for_port(sink_port, Duration::from_secs(20))?;
+        let agg = Proc::start(
+            "aggregator",
+            &[
+                "run".into(),
+                "--broker".into(),
+                broker.url(),
+                "--sink".into(),
+                sink_url.clone(),
+                "--data".into(),
+                s(work.path().join("region")),
+                "--pack-max-delay".into(),
+                "200ms".into(),
+            ],
+            &work.path().join("agg.log"),
+        )?;
+        let key = work.path().join("tenant.key");
+        let (ok, _, err) = run_to_end("edge-agent", &["keygen".into(), "--out".into(), s(&key)], secs(20))?;
+        anyhow::ensure!(ok, "keygen failed: {err}");
+        let link = Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], broker.port())))?;
+        Ok(Fleet {
+            link,
+            work,
+            broker,
+            sink_url,
+            sink_port,
+            sink,
+            agg,
+            key,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    pub fn archive(&self, device: &str) -> PathBuf {
+        self.dir().join("gw").join(device).join("archive")
+    }
+
+    pub fn state(&self, device: &str) -> PathBuf {
+        self.dir().join("gw").join(device).join("agent.redb")
+    }
+
+    /// The flags `run` and `sync` share.
+    pub fn agent_args(&self, device: &str) -> Vec<String> {
+        vec![
+            "--broker".into(),
+            self.link.url("mqtt"),
+            "--tenant".into(),
+            "acme".into(),
+            "--site".into(),
+            "plant-1".into(),
+            "--device".into(),
+            device.into(),
+            "--watch".into(),
+            s(self.archive(device)),
+            "--state".into(),
+            s(self.state(device)),
+            "--key".into(),
+            s(&self.key),
+        ]
+    }
+
+    /// `edge-agent sync --wait cloud`; returns the parsed JSON report.
+    pub fn sync(&self, device: &str, timeout_secs: u64) -> Result<serde_json::Value> {
+        let mut args = vec!["sync".to_string()];
+        args.extend(self.agent_args(device));
+        args.extend([
+            "--wait".into(),
+            "cloud".into(),
+            "--timeout".into(),
+            timeout_secs.to_string(),
+            "--json".into(),
+        ]);
+        let (ok, out, err) = run_to_end("edge-agent", &args, secs(timeout_secs + 30))?;
+        if !ok {
+            bail!(
+                "edge-agent sync {device} failed:\n{err}\n--- aggregator log tail:\n{}",
+                tail(&self.agg.log_text(), 40)
+            );
+        }
+        serde_json::from_str(&out).with_context(|| format!("sync report: {out}"))
+    }
+
+    /// `edge-agent run` as a daemon (scan every second).
+    pub fn run_agent(&self, device: &str) -> Result<Proc> {
+        let mut args = vec!["run".to_string()];
+        args.extend(self.agent_args(device));
+        args.extend(["--scan-interval".into(), "1".into()]);
+        Proc::start("edge-agent", &args, &self.dir().join(format!("agent-{device}.log")))
+    }
+
+    pub fn status(&self, device: &str) -> Result<serde_json::Value> {
+        let (ok, out, err) = run_to_end(
+            "edge-agent",
+            &[
+                "status".into(),
+                "--state".into(),
+                s(self.state(device)),
+                "--json".into(),
+            ],
+            secs(20),
+        )?;
+        anyhow::ensure!(ok, "status failed: {err}");
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// `cloud-sink restore --device D` into `out`.
+    pub fn restore(&self, device: &str, out: &Path, extra: &[&str]) -> Result<()> {
+        let mut args: Vec<String> = vec![
+            "restore".into(),
+            "--sink".into(),
+            self.sink_url.clone(),
+            "--device".into(),
+            device.into(),
+            "--key".into(),
+            s(&self.key),
+            "--out".into(),
+            s(out),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let (ok, _, err) = run_to_end("cloud-sink", &args, secs(120))?;
+        anyhow::ensure!(ok, "restore of {device} failed: {err}");
+        Ok(())
+    }
+
+    pub fn ls_json(&self, device: &str) -> Result<serde_json::Value> {
+        let (ok, out, err) = run_to_end(
+            "cloud-sink",
+            &[
+                "ls".into(),
+                "--sink".into(),
+                self.sink_url.clone(),
+                "--device".into(),
+                device.into(),
+                "--json".into(),
+            ],
+            secs(30),
+        )?;
+        anyhow::ensure!(ok, "ls failed: {err}");
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Restores `device` into a fresh folder and compares it with its archive.
+    pub fn assert_restore_equal(&self, device: &str) -> Result<()> {
+        let out = self.dir().join(format!("restore-{device}-{}", unique()));
+        self.restore(device, &out, &[])?;
+        let diffs = sim::tree::diff_trees(&self.archive(device), &out.join("archive"))?;
+        if !diffs.is_empty() {
+            bail!("restore of {device} differs from its archive: {diffs:?}");
+        }
+        Ok(())
+    }
+}
+
+pub fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn u(v: &serde_json::Value, field: &str) -> u64 {
+    v.get(field)
+        .and_then(|x| x.as_u64())
+        .unwrap_or_else(|| panic!("no numeric {field} in {v}"))
+}
+
+/// Deterministic incompressible bytes.
+pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    // Distinct seeds must give distinct streams (xorshift needs a non-zero state).
+    seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Waits until `f` is true or fails after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out waiting for {what}")
+}
