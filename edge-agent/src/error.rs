@@ -30,9 +30,12 @@ pub enum Error {
     Protocol(#[from] protocol::Error),
     #[error("mqtt: {0}")]
     Mqtt(String),
-    #[error("timed out after {secs} s: {pending} recorded changes are not yet durable at the {level} level")]
+    #[error(
+        "timed out after {secs:.1} s: {pending} recorded change(s) not yet durable at the {level} level \
+         (is the broker reachable and an aggregator serving this device?)"
+    )]
     Timeout {
-        secs: u64,
+        secs: f64,
         level: &'static str,
         pending: u64,
     },

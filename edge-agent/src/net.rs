@@ -285,7 +285,7 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                 }
                 let pending = agent.store.count_not_in(&have).unwrap_or(0);
                 break Err(Error::Timeout {
-                    secs: timeout.as_secs(),
+                    secs: timeout.as_secs_f64(),
                     level: wait.name(),
                     pending,
                 });
