@@ -25,6 +25,9 @@ use tokio::sync::Mutex;
 /// (peer, batch id), so aggregators sharing an IP address need distinct names.
 pub const PEER_HEADER: &str = "x-ferry-peer";
 
+/// How long `serve` waits, after shutdown, for in-flight work to release the catalog.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     /// Data directory: `catalog.redb` and `objects/`.
@@ -67,6 +70,8 @@ pub async fn serve(
     let catalog = Arc::new(tokio::task::spawn_blocking(move || Catalog::open(&path)).await??);
     let objects = Objects::open_local(&cfg.data.join(OBJECTS_DIR))?;
     let store = SinkStore::new(catalog.clone(), objects.clone(), tokio::runtime::Handle::current());
+    // Kept to wait, after shutdown, until nothing else holds the catalog.
+    let held = catalog.clone();
     let state = AppState {
         sync: Arc::new(Mutex::new(Sync {
             server: Server::new(cfg.server.clone()),
@@ -88,6 +93,23 @@ pub async fn serve(
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await?;
+    // axum returns once every connection has signalled that it closed, but
+    // each connection task drops its copy of the router state (and so of the
+    // catalog) only just after that, and blocking store work of a request
+    // whose client went away may still be running. Wait for all of them, so
+    // the redb file is unlocked when `serve` returns and a new sink or
+    // `rebuild` can open it at once.
+    let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+    while Arc::strong_count(&held) > 1 {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Task(format!(
+                "catalog still in use {} s after shutdown",
+                CLOSE_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    drop(held);
     tracing::info!("cloud-sink stopped");
     Ok(())
 }

@@ -383,3 +383,37 @@ async fn key_pinning_race_in_one_batch_survives_rebuild() -> Result<()> {
     assert_eq!(devices_sans_time(sink.client.devices().await?), devices_sans_time(devs));
     sink.stop().await
 }
+
+/// `serve` promises the catalog is closed when it returns: a new sink or
+/// `rebuild` on the same directory must be able to open it right away, even
+/// with requests (and keep-alive connections) just before the shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_sink_releases_the_catalog_at_once() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let tk = TenantKey::generate()?;
+    let mut gw = Device::new("gw-r", &tk)?;
+    for i in 0..30u64 {
+        let sink = Sink::start(data.path()).await?;
+        let f = gw.file(&format!("r/{i}"), &bytes(i, 64), T0_MS + i)?;
+        // Several connections in flight until just before the stop.
+        let (q, built) = (FileQuery::default(), [&f]);
+        let (a, b, c) = tokio::join!(
+            sync_all(&sink.client, &built, &[], Via::Data),
+            sink.client.files(&q),
+            sink.client.devices()
+        );
+        a?;
+        b?;
+        c?;
+        // Many pooled connections, as restore's parallel chunk fetches leave.
+        let chunk = f.chunks[0].id;
+        futures::future::try_join_all((0..16).map(|_| sink.client.chunk(&chunk))).await?;
+        sink.stop().await?;
+        if i % 10 == 9 {
+            cloud_sink::rebuild(data.path()).await?;
+        } else {
+            cloud_sink::Catalog::open(&data.path().join("catalog.redb"))?;
+        }
+    }
+    Ok(())
+}
