@@ -5,7 +5,10 @@
 //! the order of the `files` table, so new, changed and deleted files are
 //! found by one merge of the walk with a paged cursor over the table —
 //! memory stays bounded however many files there are. Unchanged files cost
-//! one `lstat` (the walk itself reads directories only).
+//! one `lstat` (the walk itself reads directories only) — except a file whose
+//! mtime was within `RACY_NS` of its last read: a same-size rewrite in the
+//! same timestamp tick would not show in the stat, so its content is checked
+//! again, and a new version is recorded only if it differs.
 
 use crate::error::{Error, Result};
 use crate::policy::{Root, APPEND_CLASS};
@@ -251,6 +254,7 @@ impl Agent {
 
     fn scan_file(&mut self, path: &str, entry: &DirEntry, old: Option<FileMeta>, rep: &mut ScanReport) -> Result<()> {
         let fs_path = entry.path();
+        let stat_wall_ns = now_ms() as i64 * 1_000_000;
         let md = entry.metadata().map_err(|e| {
             Error::io(
                 fs_path,
@@ -259,7 +263,7 @@ impl Agent {
         })?;
         let st = Stat::of(&md);
         if let Some(o) = &old {
-            if !o.dirty && st.same_as(o) {
+            if !o.dirty && !o.racy && st.same_as(o) {
                 rep.files_unchanged += 1;
                 return Ok(());
             }
@@ -360,11 +364,6 @@ impl Agent {
         c.chunks_skipped_known += n_known;
         rep.chunks_new += n_new;
         rep.chunks_known += n_known;
-        if old.is_some() {
-            rep.files_changed += 1;
-        } else {
-            rep.files_new += 1;
-        }
         let fv = FileVersion {
             path: path.to_string(),
             size: st.size,
@@ -374,14 +373,43 @@ impl Agent {
             sha256: sha.finish(),
             mode: st.mode,
         };
-        let meta = FileMeta {
+        let mut meta = FileMeta {
             size: st.size,
             mtime_ns: st.mtime_ns,
             inode: st.inode,
             mode: st.mode,
             seq: 0,
             dirty: false,
+            racy: st.mtime_ns > stat_wall_ns.saturating_sub(crate::store::RACY_NS),
         };
+        // Re-read only because the last stat was not trustworthy, and the
+        // content and metadata are what was recorded: no new version.
+        if let Some(o) = old
+            .as_ref()
+            .filter(|o| !o.dirty && o.size == st.size && o.mtime_ns == st.mtime_ns)
+        {
+            let same = o.mode == st.mode
+                && self.store.file_chunks(path)?.is_some_and(|fc| {
+                    fc.class == class
+                        && fc.chunks.len() == chunks.len()
+                        && fc
+                            .chunks
+                            .iter()
+                            .zip(&chunks)
+                            .all(|(a, b)| a.id == b.id && a.len == b.len)
+                });
+            if same {
+                meta.seq = o.seq;
+                self.store.update_file_meta(path, &meta)?;
+                rep.files_unchanged += 1;
+                return Ok(());
+            }
+        }
+        if old.is_some() {
+            rep.files_changed += 1;
+        } else {
+            rep.files_new += 1;
+        }
         let fc = FileChunks {
             chunks,
             sha_before_last: if fv.chunks.is_empty() {

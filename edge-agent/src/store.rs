@@ -64,7 +64,17 @@ pub struct FileMeta {
     /// Set by `supersede`: the next scan re-records the file in full.
     #[n(5)]
     pub dirty: bool,
+    /// The mtime was within [`RACY_NS`] of the moment the file was read: a
+    /// same-size rewrite in the same timestamp tick would leave the stat
+    /// unchanged, so the next scan checks the content (git's "racily clean").
+    #[n(6)]
+    #[cbor(default)]
+    pub racy: bool,
 }
+
+/// Timestamps closer than this to the read are not trusted (coarse kernel
+/// clocks tick every few ms; FAT and some network filesystems every 1–2 s).
+pub const RACY_NS: i64 = 2_000_000_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct StoredChunk {
@@ -518,6 +528,20 @@ impl Store {
         Ok(change)
     }
 
+    /// Updates the stat of a tracked file whose content was checked and
+    /// found identical to its recorded version: no change, no seq.
+    pub fn update_file_meta(&mut self, path: &str, meta: &FileMeta) -> Result<()> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None)?;
+        {
+            let mut files = txn.open_table(FILES)?;
+            files.insert(path, protocol::to_cbor(meta).as_slice())?;
+        }
+        txn.commit()?;
+        self.unflushed += 1;
+        Ok(())
+    }
+
     fn put_counters(meta: &mut redb::Table<&str, &[u8]>, c: &Counters) -> Result<()> {
         let json = serde_json::to_vec(c).map_err(|e| Error::Db(e.to_string()))?;
         meta.insert("counters", json.as_slice())?;
@@ -887,6 +911,7 @@ mod tests {
             mode: 0o644,
             seq: 0,
             dirty: false,
+            racy: false,
         };
         let fc = FileChunks {
             chunks: vec![StoredChunk {

@@ -197,6 +197,8 @@ fn identical_files_skip_known_chunks_and_sealing_is_deterministic() {
     let data = pseudo_random(600 << 10, 11);
     std::fs::write(watch.join("a.bin"), &data).unwrap();
     std::fs::write(watch.join("b.bin"), &data).unwrap();
+    settle(&watch.join("a.bin"));
+    settle(&watch.join("b.bin"));
     let mut cfg = config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"));
     cfg.chunking = small_chunks();
     let mut a = Agent::open(cfg).unwrap();
@@ -215,6 +217,7 @@ fn identical_files_skip_known_chunks_and_sealing_is_deterministic() {
 
     // A third copy in a later scan: also all known, nothing sealed.
     std::fs::write(watch.join("c.bin"), &data).unwrap();
+    settle(&watch.join("c.bin"));
     let r = a.scan_once().unwrap();
     assert_eq!((r.files_new, r.chunks_new, r.chunks_known), (1, 0, k), "{r:?}");
 
@@ -337,4 +340,53 @@ fn supersede_after_the_file_changed_rerecords_and_loses_nothing() {
     a.supersede(&c).unwrap();
     let r = a.scan_once().unwrap();
     assert_eq!(r.changes_recorded, 0, "{r:?}");
+}
+
+#[test]
+fn same_size_rewrite_within_one_mtime_tick_is_not_missed() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("cell");
+    std::fs::create_dir(&watch).unwrap();
+    let file = watch.join("recipe.bin");
+    let set_mtime = |when: std::time::SystemTime| {
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.set_modified(when).unwrap();
+    };
+    let tick = std::time::SystemTime::now();
+    std::fs::write(&file, pseudo_random(40_000, 1)).unwrap();
+    set_mtime(tick);
+    let mut cfg = config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"));
+    cfg.chunking = small_chunks();
+    let mut a = Agent::open(cfg).unwrap();
+    assert_eq!(a.scan_once().unwrap().changes_recorded, 1);
+
+    // Rewritten in place, same size, within the same timestamp tick: size,
+    // mtime and inode all look unchanged.
+    let new_data = pseudo_random(40_000, 2);
+    std::fs::write(&file, &new_data).unwrap();
+    set_mtime(tick);
+    let r = a.scan_once().unwrap();
+    assert_eq!(r.changes_recorded, 1, "same-tick rewrite missed: {r:?}");
+    assert_eq!(latest_version(&mut a, "cell/recipe.bin").sha256.0, sha256(&new_data));
+
+    // While the mtime is still recent the content is re-checked, but an
+    // unchanged file records nothing new.
+    let r = a.scan_once().unwrap();
+    assert_eq!((r.changes_recorded, r.files_unchanged), (0, 1), "{r:?}");
+    assert_eq!(r.bytes_read, 40_000);
+
+    // Once the mtime is old enough, the stat is trusted: one stat, no read.
+    settle(&file);
+    assert_eq!(
+        a.scan_once().unwrap().changes_recorded,
+        1,
+        "mtime is part of the version"
+    );
+    let r = a.scan_once().unwrap();
+    assert_eq!(
+        (r.changes_recorded, r.files_unchanged, r.bytes_read),
+        (0, 1, 0),
+        "{r:?}"
+    );
+    assert_eq!(all_pending(&mut a).len(), 3);
 }

@@ -15,6 +15,7 @@ fn setup(t: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     std::fs::create_dir(&watch).unwrap();
     for (i, n) in ["a.bin", "b.bin", "c.csv"].iter().enumerate() {
         std::fs::write(watch.join(n), pseudo_random(20_000 + i * 1000, i as u64 + 1)).unwrap();
+        settle(&watch.join(n));
     }
     (watch, t.join("state.redb"))
 }

@@ -85,6 +85,13 @@ pub fn bump_mtime(path: &Path, secs: u64) {
     f.set_modified(SystemTime::now() + Duration::from_secs(secs)).unwrap();
 }
 
+/// Sets a file's mtime an hour back: a settled archive file, whose stat a
+/// scan can trust (a fresh mtime makes the next scan re-check the content).
+pub fn settle(path: &Path) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_modified(SystemTime::now() - Duration::from_secs(3600)).unwrap();
+}
+
 /// Every recorded change still in the outbox, in seq order.
 pub fn all_pending(agent: &mut Agent) -> Vec<Change> {
     agent.pending(&Knowledge::default(), usize::MAX, usize::MAX).unwrap()
