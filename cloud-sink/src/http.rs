@@ -6,8 +6,10 @@ use crate::objects::{pack_key, Objects};
 use crate::store::{SinkStore, CATALOG_FILE, OBJECTS_DIR};
 use crate::{Error, Result};
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::{from_fn, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -81,13 +83,31 @@ pub async fn serve(
         objects,
     };
     let app = Router::new()
-        .route("/v1/sync", post(sync).layer(DefaultBodyLimit::max(MAX_MESSAGE)))
-        .route("/v1/packs/{id}", put(put_pack).layer(DefaultBodyLimit::max(MAX_PACK)))
+        .route(
+            "/v1/sync",
+            post(sync)
+                .layer(DefaultBodyLimit::max(MAX_MESSAGE))
+                .layer(from_fn(|r: Request, n: Next| announced_limit(MAX_MESSAGE, r, n))),
+        )
+        .route(
+            "/v1/packs/{id}",
+            put(put_pack)
+                .layer(DefaultBodyLimit::max(MAX_PACK))
+                .layer(from_fn(|r: Request, n: Next| announced_limit(MAX_PACK, r, n))),
+        )
         .route("/v1/chunks/{id}", get(get_chunk))
         .route("/v1/files", get(files))
         .route("/v1/restore", get(restore_set))
         .route("/v1/devices", get(devices))
         .route("/v1/health", get(|| async { "ok" }))
+        // Every error has a plain-text reason, unknown routes and methods too.
+        .method_not_allowed_fallback(|m: Method, uri: Uri| async move {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {m} is not allowed on {}", uri.path()),
+            )
+        })
+        .fallback(|uri: Uri| async move { ApiError(StatusCode::NOT_FOUND, format!("no such endpoint {}", uri.path())) })
         .with_state(state);
     tracing::info!(addr = ?listener.local_addr().ok(), data = %cfg.data.display(), "cloud-sink serving");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -112,6 +132,25 @@ pub async fn serve(
     drop(held);
     tracing::info!("cloud-sink stopped");
     Ok(())
+}
+
+/// Refuses a body whose `content-length` exceeds `limit` before reading any
+/// of it. (`DefaultBodyLimit` alone fails only once `limit + 1` bytes have
+/// arrived, after buffering up to `limit` of them.)
+async fn announced_limit(limit: usize, req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match announced {
+        Some(n) if n > limit as u64 => ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body of {n} bytes exceeds the length limit of {limit} bytes"),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 /// A non-2xx answer with a plain-text reason.
