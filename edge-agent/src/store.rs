@@ -790,11 +790,21 @@ impl Store {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such state file"),
             ));
         }
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .open_read_only(path)
-            .map_err(|e| open_db_error(path, e))?;
-        status_of(&db)
+        match redb::Builder::new().set_cache_size(CACHE_BYTES).open_read_only(path) {
+            Ok(db) => status_of(&db),
+            // Left by a crashed agent: a read-only open cannot repair it. No
+            // agent holds it (that would be DatabaseAlreadyOpen), so repair it
+            // the way the agent's next start would, then read.
+            Err(redb::DatabaseError::RepairAborted) => {
+                tracing::info!(state = %path.display(), "state file needs repair after a crash; repairing");
+                let db = redb::Builder::new()
+                    .set_cache_size(CACHE_BYTES)
+                    .open(path)
+                    .map_err(|e| open_db_error(path, e))?;
+                status_of(&db)
+            }
+            Err(e) => Err(open_db_error(path, e)),
+        }
     }
 }
 

@@ -169,7 +169,13 @@ impl Server {
                                 "{} is signed by a key other than the one pinned for the device",
                                 c.label()
                             )),
-                            _ => None,
+                            Some(_) => None,
+                            None => {
+                                // First use: the first key seen pins the device for
+                                // the rest of this batch too.
+                                keys.insert(c.replica.device.clone(), Some(c.pubkey.clone()));
+                                None
+                            }
                         }
                     }
                 },
@@ -308,7 +314,28 @@ impl Server {
         let (regional, _) = store.knowledge(&devices)?;
         let mut results = Vec::with_capacity(p.changes.len() + p.rejected.len());
         let mut ready = Vec::new();
+        let mut rejected = p.rejected;
+        // Keys are checked again here: another batch may have pinned a key
+        // for a new device between this batch's Prepare and its Commit.
+        let mut keys: HashMap<DeviceRef, Option<Vec<u8>>> = HashMap::new();
+        let mut changes = Vec::with_capacity(p.changes.len());
         for ch in p.changes {
+            let pinned = match keys.get(&ch.replica.device) {
+                Some(k) => k.clone(),
+                None => store.device_key(&ch.replica.device)?,
+            };
+            match pinned {
+                Some(k) if k != ch.pubkey => {
+                    self.stats.changes_rejected += 1;
+                    rejected.push(ch);
+                }
+                _ => {
+                    keys.insert(ch.replica.device.clone(), Some(ch.pubkey.clone()));
+                    changes.push(ch);
+                }
+            }
+        }
+        for ch in changes {
             let status = if regional.contains(&ch.replica, ch.seq) {
                 Status::Applied
             } else {
@@ -334,7 +361,7 @@ impl Server {
                 ready.push(ch);
             }
         }
-        for ch in p.rejected {
+        for ch in rejected {
             results.push(SeqStatus {
                 replica: ch.replica,
                 seq: ch.seq,
@@ -357,4 +384,111 @@ impl Server {
 
 fn nack(reason: String) -> Message {
     Message::Nack(Nack { reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Hlc;
+    use crate::ids::ReplicaId;
+    use crate::manifest::ChangeBody;
+    use ring::rand::SystemRandom;
+    use ring::signature::Ed25519KeyPair;
+    use std::collections::HashMap;
+
+    /// An in-memory store with real key pinning (first use) on apply.
+    #[derive(Default)]
+    struct Mem {
+        keys: HashMap<DeviceRef, Vec<u8>>,
+        know: Knowledge,
+    }
+
+    impl ServerStore for Mem {
+        fn knowledge(&mut self, _: &[DeviceRef]) -> Result<(Knowledge, Knowledge)> {
+            Ok((self.know.clone(), Knowledge::default()))
+        }
+        fn has_chunk(&mut self, _: &Hash32) -> Result<bool> {
+            Ok(true)
+        }
+        fn put_chunks(&mut self, _: &[ChunkData]) -> Result<()> {
+            Ok(())
+        }
+        fn device_key(&mut self, d: &DeviceRef) -> Result<Option<Vec<u8>>> {
+            Ok(self.keys.get(d).cloned())
+        }
+        fn apply(&mut self, changes: &[Change]) -> Result<()> {
+            for c in changes {
+                let k = self
+                    .keys
+                    .entry(c.replica.device.clone())
+                    .or_insert_with(|| c.pubkey.clone());
+                assert_eq!(*k, c.pubkey, "server applied a change signed by an unpinned key");
+                self.know.insert(&c.replica, c.seq);
+            }
+            Ok(())
+        }
+        fn backpressure(&mut self) -> Option<u64> {
+            None
+        }
+    }
+
+    fn key() -> Ed25519KeyPair {
+        let pk = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("keygen");
+        Ed25519KeyPair::from_pkcs8(pk.as_ref()).expect("key")
+    }
+
+    fn change(seq: u64, k: &Ed25519KeyPair) -> Change {
+        let replica = ReplicaId {
+            device: DeviceRef::new("t", "s", "new-dev").expect("ids"),
+            epoch: 1,
+        };
+        Change::sign(replica, seq, Hlc(seq), ChangeBody::Delete(format!("f{seq}")), k)
+    }
+
+    fn statuses(m: &[Message]) -> Vec<(u64, Status)> {
+        match m {
+            [Message::Committed(c)] => c.results.iter().map(|r| (r.seq, r.status)).collect(),
+            other => panic!("expected Committed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_key_pins_a_new_device_within_a_batch_and_across_batches() {
+        let (good, bad) = (key(), key());
+        let mut srv = Server::new(ServerConfig::default());
+        let mut st = Mem::default();
+        let peer = Peer {
+            name: "agg",
+            device: None,
+        };
+        // One batch, two keys for a device never seen: the second is refused.
+        let b = Batch {
+            batch_id: 1,
+            changes: vec![change(1, &good), change(2, &bad)],
+        };
+        let r = srv.handle(0, &peer, Message::Batch(b), &mut st).expect("batch");
+        let Message::Prepare(p) = &r[0] else { panic!("{r:?}") };
+        assert_eq!(p.rejected.len(), 1);
+        assert_eq!(p.rejected[0].0, 2);
+        // A second batch, prepared before the first commits, with the other key.
+        let b2 = Batch {
+            batch_id: 2,
+            changes: vec![change(3, &bad)],
+        };
+        let r = srv.handle(0, &peer, Message::Batch(b2), &mut st).expect("batch");
+        let Message::Prepare(p) = &r[0] else { panic!("{r:?}") };
+        assert!(p.rejected.is_empty(), "nothing pinned yet at Prepare time");
+        let c1 = srv
+            .handle(0, &peer, Message::Commit(Commit { batch_id: 1 }), &mut st)
+            .expect("commit");
+        assert_eq!(statuses(&c1), vec![(1, Status::Applied), (2, Status::Rejected)]);
+        // Now the device is pinned: the other key's change is rejected at Commit,
+        // not reported Applied.
+        let c2 = srv
+            .handle(0, &peer, Message::Commit(Commit { batch_id: 2 }), &mut st)
+            .expect("commit");
+        assert_eq!(statuses(&c2), vec![(3, Status::Rejected)]);
+        assert!(st.know.contains(&change(1, &good).replica, 1));
+        assert!(!st.know.contains(&change(3, &bad).replica, 3));
+    }
 }

@@ -23,10 +23,12 @@ fn find_or_build() -> Result<PathBuf> {
         dir.pop();
     }
     let names = ["edge-agent", "aggregator", "cloud-sink"];
-    if names.iter().all(|n| dir.join(n).exists()) {
+    // Outside cargo (no $CARGO) use what is there. Under `cargo test`, build
+    // once per test process: `cargo test -p sim` alone does not rebuild the
+    // other crates' binaries, and a stale daemon would test old code.
+    if names.iter().all(|n| dir.join(n).exists()) && (std::env::var_os("CARGO").is_none() || !stale(&dir, &names)) {
         return Ok(dir);
     }
-    // Not built yet (e.g. `cargo test -p sim`): build them for this profile.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let release = dir.ends_with("release");
     let mut cmd = Command::new(cargo);
@@ -48,6 +50,30 @@ fn find_or_build() -> Result<PathBuf> {
         bail!("could not build the daemons into {}", dir.display());
     }
     Ok(dir)
+}
+
+/// True when a source file of the workspace is newer than the oldest binary.
+fn stale(dir: &Path, names: &[&str]) -> bool {
+    let oldest_bin = names
+        .iter()
+        .filter_map(|n| std::fs::metadata(dir.join(n)).and_then(|m| m.modified()).ok())
+        .min();
+    let Some(oldest_bin) = oldest_bin else { return true };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut newest = None;
+    for sub in ["protocol", "edge-agent", "aggregator", "cloud-sink"] {
+        for e in walkdir::WalkDir::new(root.join(sub).join("src")).into_iter().flatten() {
+            if let Ok(t) = std::fs::metadata(e.path()).and_then(|m| m.modified()) {
+                newest = newest.max(Some(t));
+            }
+        }
+    }
+    for f in ["Cargo.lock", "Cargo.toml"] {
+        if let Ok(t) = std::fs::metadata(root.join(f)).and_then(|m| m.modified()) {
+            newest = newest.max(Some(t));
+        }
+    }
+    newest.is_some_and(|n| n > oldest_bin)
 }
 
 /// A running daemon; SIGKILLed on drop.

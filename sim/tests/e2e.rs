@@ -168,9 +168,14 @@ fn kill_everything_mid_transfer(mosquitto: bool) -> Result<()> {
     std::fs::write(arch.join("camera").join("late.raw"), b)?;
     pause(1500);
     agent.kill();
-    // TODO(status after crash): `edge-agent status` on a state file left by
-    // a SIGKILL needs redb's repair; read it after the final sync instead.
-    eprintln!("before the final sync: {} bytes through the link", f.link.up_bytes());
+    // `status` works on a state file left by a SIGKILL (it needs repair).
+    let before_final = f.status(dev)?;
+    eprintln!(
+        "before the final sync: {} of {} changes cloud-durable; {} bytes through the link",
+        u(&before_final, "cloud_durable"),
+        u(&before_final, "changes_recorded"),
+        f.link.up_bytes()
+    );
     f.link.set_rate(0);
 
     let r = f.sync(dev, 180)?;
