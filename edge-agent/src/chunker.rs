@@ -31,6 +31,13 @@ impl Default for ChunkParams {
 }
 
 impl ChunkParams {
+    /// The `db` class: 2 / 8 / 32 KiB.
+    pub const DB: ChunkParams = ChunkParams {
+        min: 2 << 10,
+        avg: 8 << 10,
+        max: 32 << 10,
+    };
+
     pub fn validate(&self) -> Result<()> {
         use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN};
         let ok = (MINIMUM_MIN..=MINIMUM_MAX).contains(&self.min)

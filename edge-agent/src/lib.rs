@@ -48,7 +48,13 @@ pub struct AgentConfig {
     pub exclude: Vec<String>,
     /// Globs of the `append` class (append fast path, zstd level 1).
     pub append_globs: Vec<String>,
+    /// Globs of the `db` class (page-structured databases, small chunks).
+    pub db_globs: Vec<String>,
     pub chunking: ChunkParams,
+    /// Chunk sizes of the `db` class. Measured on SQLite with ~10 % of pages
+    /// edited per hour (`benches/examples/step_cost.rs`): 8 KiB average
+    /// chunks send 2.2x fewer bytes than 64 KiB ones, manifests included.
+    pub db_chunking: ChunkParams,
     /// zstd level of the `default` class.
     pub zstd_level: i32,
     /// zstd level of the `append` class.
@@ -82,7 +88,9 @@ impl AgentConfig {
             include: Vec::new(),
             exclude: Vec::new(),
             append_globs: policy::DEFAULT_APPEND_GLOBS.iter().map(|s| s.to_string()).collect(),
+            db_globs: policy::DEFAULT_DB_GLOBS.iter().map(|s| s.to_string()).collect(),
             chunking: ChunkParams::default(),
+            db_chunking: ChunkParams::DB,
             zstd_level: 3,
             append_zstd_level: 1,
             client: ClientConfig {
@@ -217,6 +225,7 @@ pub struct Agent {
     pub(crate) policy: Policy,
     pub(crate) roots: Vec<Root>,
     pub(crate) chunker: chunker::Chunker,
+    pub(crate) db_chunker: chunker::Chunker,
     pub(crate) seal_buf: Vec<u8>,
     pub(crate) read_buf: Vec<u8>,
 }
@@ -232,9 +241,11 @@ impl Agent {
             &cfg.include,
             &cfg.exclude,
             &cfg.append_globs,
+            &cfg.db_globs,
             (cfg.zstd_level, cfg.append_zstd_level),
         )?;
         let chunker = chunker::Chunker::new(cfg.chunking)?;
+        let db_chunker = chunker::Chunker::new(cfg.db_chunking)?;
         let store = Store::open(&cfg.state, &device)?;
         let sealer = Sealer::new(&cfg.key, cfg.cipher)?;
         tracing::info!(replica = %store.replica(), next_seq = store.next_seq(), "state opened");
@@ -245,6 +256,7 @@ impl Agent {
             policy,
             roots,
             chunker,
+            db_chunker,
             seal_buf: Vec::new(),
             read_buf: Vec::new(),
             cfg,

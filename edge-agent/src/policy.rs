@@ -56,6 +56,12 @@ pub fn fs_path(roots: &[Root], manifest: &str) -> Option<PathBuf> {
 
 pub const APPEND_CLASS: &str = "append";
 pub const DEFAULT_CLASS: &str = "default";
+/// Page-structured databases (SQLite and the like): edits land in scattered
+/// 4 KiB pages, so this class chunks small (see `db_chunking`).
+pub const DB_CLASS: &str = "db";
+
+/// Default globs of the `db` class.
+pub const DEFAULT_DB_GLOBS: &[&str] = &["*.sqlite", "*.sqlite3", "*.db", "*.db3"];
 
 /// Default globs of the `append` class: archives that grow at the end.
 pub const DEFAULT_APPEND_GLOBS: &[&str] = &["*.csv", "*.log", "*.jsonl", "*.txt"];
@@ -65,7 +71,8 @@ pub struct Policy {
     include: Option<GlobSet>,
     exclude: GlobSet,
     append: GlobSet,
-    /// zstd level of the `default` class.
+    db: GlobSet,
+    /// zstd level of the `default` and `db` classes.
     pub level_default: i32,
     /// zstd level of the `append` class: text logs compress well even at 1,
     /// and appends are sealed often, so favour CPU.
@@ -81,11 +88,18 @@ fn set(globs: &[String]) -> Result<GlobSet> {
 }
 
 impl Policy {
-    pub fn new(include: &[String], exclude: &[String], append: &[String], levels: (i32, i32)) -> Result<Policy> {
+    pub fn new(
+        include: &[String],
+        exclude: &[String],
+        append: &[String],
+        db: &[String],
+        levels: (i32, i32),
+    ) -> Result<Policy> {
         Ok(Policy {
             include: if include.is_empty() { None } else { Some(set(include)?) },
             exclude: set(exclude)?,
             append: set(append)?,
+            db: set(db)?,
             level_default: levels.0,
             level_append: levels.1,
         })
@@ -99,6 +113,8 @@ impl Policy {
     pub fn class(&self, path: &str) -> &'static str {
         if self.append.is_match(Path::new(path)) {
             APPEND_CLASS
+        } else if self.db.is_match(Path::new(path)) {
+            DB_CLASS
         } else {
             DEFAULT_CLASS
         }
@@ -125,8 +141,10 @@ mod tests {
         assert_eq!(fs_path(&r, "x/d/f.csv"), Some(PathBuf::from("/a/x/d/f.csv")));
         assert_eq!(fs_path(&r, "x/../f"), None);
         let globs: Vec<String> = DEFAULT_APPEND_GLOBS.iter().map(|s| s.to_string()).collect();
-        let p = Policy::new(&[], &["*.tmp".into()], &globs, (3, 1)).unwrap();
+        let db: Vec<String> = DEFAULT_DB_GLOBS.iter().map(|s| s.to_string()).collect();
+        let p = Policy::new(&[], &["*.tmp".into()], &globs, &db, (3, 1)).unwrap();
         assert_eq!(p.class("x/deep/dir/a.csv"), APPEND_CLASS);
+        assert_eq!(p.class("x/db/quality.sqlite"), DB_CLASS);
         assert_eq!(p.class("x/a.bin"), DEFAULT_CLASS);
         assert!(!p.included("x/a/b.tmp") && p.included("x/a.bin"));
     }

@@ -11,7 +11,7 @@
 //! again, and a new version is recorded only if it differs.
 
 use crate::error::{Error, Result};
-use crate::policy::{Root, APPEND_CLASS};
+use crate::policy::{Root, APPEND_CLASS, DB_CLASS};
 use crate::store::{now_ms, FileChunks, FileMeta, KnownChunk, StoredChunk};
 use crate::Agent;
 use protocol::manifest::{ChangeBody, ChunkRef, FileVersion};
@@ -313,10 +313,12 @@ impl Agent {
         let (mut n_new, mut n_known) = (0u64, 0u64);
         let Agent {
             chunker,
+            db_chunker,
             sealer,
             seal_buf,
             ..
         } = self;
+        let chunker = if class == DB_CLASS { db_chunker } else { chunker };
         let cipher = sealer.cipher() as u8;
         let read = chunker.run(&mut file, fs_path, |plain| {
             sha_before_last = sha.clone();

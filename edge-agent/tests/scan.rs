@@ -390,3 +390,60 @@ fn same_size_rewrite_within_one_mtime_tick_is_not_missed() {
     );
     assert_eq!(all_pending(&mut a).len(), 3);
 }
+
+#[test]
+fn db_class_chunks_small_so_a_page_edit_resends_little() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir(&watch).unwrap();
+    let db = watch.join("quality.sqlite");
+    let bin = watch.join("same.bin");
+    let content = pseudo_random(2 << 20, 11);
+    std::fs::write(&db, &content).unwrap();
+    std::fs::write(&bin, &content).unwrap();
+    settle(&db);
+    settle(&bin);
+    let mut agent = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"))).unwrap();
+    agent.scan_once().unwrap();
+    let v1 = latest_version(&mut agent, "plant/quality.sqlite");
+    let b1 = latest_version(&mut agent, "plant/same.bin");
+    assert_eq!(v1.class, "db");
+    assert_eq!(b1.class, "default");
+    let p = ChunkParams::DB;
+    assert!(
+        v1.chunks.iter().all(|c| c.len as usize <= p.max),
+        "db chunks stay small"
+    );
+    assert!(
+        v1.chunks.len() > 4 * b1.chunks.len(),
+        "{} vs {}",
+        v1.chunks.len(),
+        b1.chunks.len()
+    );
+
+    // Edit one 4 KiB page in the middle of both files (same size).
+    for f in [&db, &bin] {
+        let mut h = std::fs::OpenOptions::new().write(true).open(f).unwrap();
+        h.seek(SeekFrom::Start(1 << 20)).unwrap();
+        h.write_all(&[0xAB; 4096]).unwrap();
+        drop(h);
+        bump_mtime(f, 7200);
+    }
+    agent.scan_once().unwrap();
+    let changed_bytes = |old: &protocol::FileVersion, new: &protocol::FileVersion| -> u64 {
+        let before: HashSet<_> = old.chunks.iter().map(|c| c.id).collect();
+        new.chunks
+            .iter()
+            .filter(|c| !before.contains(&c.id))
+            .map(|c| u64::from(c.len))
+            .sum()
+    };
+    let v2 = latest_version(&mut agent, "plant/quality.sqlite");
+    let b2 = latest_version(&mut agent, "plant/same.bin");
+    let (db_new, bin_new) = (changed_bytes(&v1, &v2), changed_bytes(&b1, &b2));
+    assert!(
+        db_new > 0 && db_new <= 3 * p.max as u64,
+        "db re-sends {db_new} bytes for one page"
+    );
+    assert!(db_new < bin_new, "db class {db_new} vs default {bin_new}");
+}

@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod demo;
 pub mod gen;
+pub mod ideal;
 pub mod procs;
 pub mod proxy;
 pub mod tree;

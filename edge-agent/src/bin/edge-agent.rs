@@ -116,6 +116,13 @@ struct AgentArgs {
     /// Globs of append-only files (logs): append fast path, zstd level 1.
     #[arg(long, env = "FERRY_APPEND", value_delimiter = ',')]
     append: Vec<String>,
+    /// Globs of page-structured databases (SQLite …): small chunks, so an
+    /// edit of a few pages re-sends little. Default: *.sqlite, *.sqlite3, *.db, *.db3.
+    #[arg(long, env = "FERRY_DB", value_delimiter = ',')]
+    db: Vec<String>,
+    /// FastCDC average chunk size in KiB for the db class (min = avg/4, max = avg*4).
+    #[arg(long, default_value_t = 8, env = "FERRY_DB_CHUNK_AVG_KIB")]
+    db_chunk_avg_kib: usize,
     /// zstd level for other files.
     #[arg(long, default_value_t = 3, env = "FERRY_ZSTD_LEVEL")]
     zstd_level: i32,
@@ -139,6 +146,18 @@ impl AgentArgs {
         if !self.append.is_empty() {
             cfg.append_globs = self.append.clone();
         }
+        if !self.db.is_empty() {
+            cfg.db_globs = self.db.clone();
+        }
+        let db_avg = self.db_chunk_avg_kib << 10;
+        cfg.db_chunking = ChunkParams {
+            min: db_avg / 4,
+            avg: db_avg,
+            max: db_avg * 4,
+        };
+        cfg.db_chunking
+            .validate()
+            .context("--db-chunk-avg-kib must be between 1 and 1024 KiB")?;
         cfg.zstd_level = self.zstd_level;
         cfg.cipher = match self.cipher {
             CipherArg::Auto => Cipher::for_this_cpu(),

@@ -1,0 +1,125 @@
+//! Where the bytes of one change step go, per file: the ideal lower bound
+//! (zstd -3 of exactly the new and changed bytes: appended tails, or the
+//! differing 4 KiB blocks) next to what content-defined chunking must send
+//! (zstd of the chunks whose plaintext is new), before sealing overhead.
+//!
+//! `cargo run --release -p benches --example step_cost -- [SCALE] [STEP]`
+
+use edge_agent::chunker::Chunker;
+use edge_agent::ChunkParams;
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+fn params(path: &str) -> ChunkParams {
+    let avg: usize = std::env::var(if path.ends_with(".sqlite") { "DB_AVG" } else { "AVG" })
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64 << 10);
+    ChunkParams {
+        min: avg / 4,
+        avg,
+        max: avg * 4,
+    }
+}
+
+fn chunks(data: &[u8], p: ChunkParams) -> Vec<Vec<u8>> {
+    let mut c = Chunker::new(p).expect("params");
+    let mut out = Vec::new();
+    c.run(data, Path::new("mem"), |ch| {
+        out.push(ch.to_vec());
+        Ok(())
+    })
+    .expect("chunk");
+    out
+}
+
+fn changed_bytes(old: Option<&Vec<u8>>, new: &[u8]) -> Vec<u8> {
+    match old {
+        None => new.to_vec(),
+        Some(o) if new.starts_with(o) => new[o.len()..].to_vec(),
+        Some(o) => {
+            let mut out = Vec::new();
+            for (i, b) in new.chunks(4096).enumerate() {
+                let s = i * 4096;
+                if o.get(s..s + b.len()) != Some(b) {
+                    out.extend_from_slice(b);
+                }
+            }
+            out
+        }
+    }
+}
+
+fn zlen(b: &[u8], level: i32) -> usize {
+    if b.is_empty() {
+        0
+    } else {
+        zstd::bulk::compress(b, level).expect("zstd").len()
+    }
+}
+
+fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    sim::tree::list_files(dir)
+        .expect("list")
+        .keys()
+        .map(|k| (k.clone(), std::fs::read(dir.join(k)).expect("read")))
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let scale: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let step: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let work = tempfile::tempdir().expect("tmp");
+    let dir = work.path().join("archive");
+    let g = sim::gen::GenConfig::new(1, scale, 0, 4);
+    sim::gen::generate_initial(&dir, &g).expect("gen");
+    for s in 1..step {
+        sim::gen::apply_step(&dir, &g, s).expect("step");
+    }
+    let before = read_tree(&dir);
+    let known: HashSet<Vec<u8>> = before.iter().flat_map(|(p, d)| chunks(d, params(p))).collect();
+    sim::gen::apply_step(&dir, &g, step).expect("step");
+    let after = read_tree(&dir);
+    let (mut t_raw, mut t_ideal, mut t_cdc) = (0, 0, 0);
+    println!(
+        "{:<36} {:>10} {:>10} {:>10} {:>7}",
+        "file", "changed", "ideal", "cdc", "cdc/id"
+    );
+    for (path, data) in &after {
+        let ch = changed_bytes(before.get(path), data);
+        if ch.is_empty() {
+            continue;
+        }
+        let level = if path.ends_with(".csv") || path.ends_with(".log") {
+            1
+        } else {
+            3
+        };
+        let ideal = zlen(&ch, 3);
+        let cdc: usize = chunks(data, params(path))
+            .iter()
+            .filter(|c| !known.contains(*c))
+            .map(|c| zlen(c, level).min(c.len()))
+            .sum();
+        t_raw += ch.len();
+        t_ideal += ideal;
+        t_cdc += cdc;
+        println!(
+            "{:<36} {:>10} {:>10} {:>10} {:>6.2}x",
+            path,
+            ch.len(),
+            ideal,
+            cdc,
+            cdc as f64 / ideal.max(1) as f64
+        );
+    }
+    println!(
+        "{:<36} {:>10} {:>10} {:>10} {:>6.2}x",
+        "TOTAL",
+        t_raw,
+        t_ideal,
+        t_cdc,
+        t_cdc as f64 / t_ideal.max(1) as f64
+    );
+}
