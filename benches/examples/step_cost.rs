@@ -4,17 +4,20 @@
 //! (zstd of the chunks whose plaintext is new), before sealing overhead.
 //!
 //! `cargo run --release -p benches --example step_cost -- [SCALE] [STEP]`
+//! (env `AVG` / `DB_AVG`: average chunk bytes to try instead of the defaults)
 
 use edge_agent::chunker::Chunker;
 use edge_agent::ChunkParams;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 
 fn params(path: &str) -> ChunkParams {
-    let avg: usize = std::env::var(if path.ends_with(".sqlite") { "DB_AVG" } else { "AVG" })
+    // Defaults as in the agent: db class 8 KiB, everything else 64 KiB.
+    let db = path.ends_with(".sqlite");
+    let avg: usize = std::env::var(if db { "DB_AVG" } else { "AVG" })
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(64 << 10);
+        .unwrap_or(if db { 8 << 10 } else { 64 << 10 });
     ChunkParams {
         min: avg / 4,
         avg,
@@ -33,37 +36,12 @@ fn chunks(data: &[u8], p: ChunkParams) -> Vec<Vec<u8>> {
     out
 }
 
-fn changed_bytes(old: Option<&Vec<u8>>, new: &[u8]) -> Vec<u8> {
-    match old {
-        None => new.to_vec(),
-        Some(o) if new.starts_with(o) => new[o.len()..].to_vec(),
-        Some(o) => {
-            let mut out = Vec::new();
-            for (i, b) in new.chunks(4096).enumerate() {
-                let s = i * 4096;
-                if o.get(s..s + b.len()) != Some(b) {
-                    out.extend_from_slice(b);
-                }
-            }
-            out
-        }
-    }
-}
-
 fn zlen(b: &[u8], level: i32) -> usize {
     if b.is_empty() {
         0
     } else {
         zstd::bulk::compress(b, level).expect("zstd").len()
     }
-}
-
-fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    sim::tree::list_files(dir)
-        .expect("list")
-        .keys()
-        .map(|k| (k.clone(), std::fs::read(dir.join(k)).expect("read")))
-        .collect()
 }
 
 fn main() {
@@ -77,17 +55,17 @@ fn main() {
     for s in 1..step {
         sim::gen::apply_step(&dir, &g, s).expect("step");
     }
-    let before = read_tree(&dir);
+    let before = sim::ideal::snapshot(&dir).expect("snapshot");
     let known: HashSet<Vec<u8>> = before.iter().flat_map(|(p, d)| chunks(d, params(p))).collect();
     sim::gen::apply_step(&dir, &g, step).expect("step");
-    let after = read_tree(&dir);
+    let after = sim::ideal::snapshot(&dir).expect("snapshot");
     let (mut t_raw, mut t_ideal, mut t_cdc) = (0, 0, 0);
     println!(
         "{:<36} {:>10} {:>10} {:>10} {:>7}",
         "file", "changed", "ideal", "cdc", "cdc/id"
     );
     for (path, data) in &after {
-        let ch = changed_bytes(before.get(path), data);
+        let ch = sim::ideal::changed_bytes(before.get(path).map(Vec::as_slice), data);
         if ch.is_empty() {
             continue;
         }
