@@ -65,6 +65,20 @@ pub struct AgentConfig {
     /// Write `<state>.status.json` every few seconds while running, so
     /// `edge-agent status` works while the daemon holds the state file.
     pub status_snapshot: bool,
+    /// MQTT keepalive. A silent link (open, nothing moving) is noticed and
+    /// redialled within [`net::dead_after`] (2 × keepalive + 1 s).
+    pub keepalive: Duration,
+    /// Wall clock (Unix ms) used to stamp changes (their hybrid logical
+    /// clock). The system clock by default; tests inject one that jumps.
+    pub clock: Clock,
+}
+
+/// A wall clock in Unix milliseconds.
+pub type Clock = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    std::sync::Arc::new(store::now_ms)
 }
 
 impl AgentConfig {
@@ -100,6 +114,8 @@ impl AgentConfig {
                 ..ClientConfig::default()
             },
             status_snapshot: true,
+            keepalive: net::DEFAULT_KEEPALIVE,
+            clock: system_clock(),
         }
     }
 
@@ -388,9 +404,14 @@ impl ClientStore for Agent {
     }
     fn supersede(&mut self, change: &Change) -> protocol::Result<()> {
         tracing::info!(change = %change.label(), "file changed before its chunks were sent; superseded");
-        self.store.supersede(change, store::now_ms()).map_err(store_err)
+        let now = (self.cfg.clock)();
+        self.store.supersede(change, now).map_err(store_err)
     }
     fn on_knowledge(&mut self, regional: &Knowledge, cloud: &Knowledge) -> protocol::Result<()> {
-        self.store.on_knowledge(regional, cloud).map(|_| ()).map_err(store_err)
+        let now = (self.cfg.clock)();
+        self.store
+            .on_knowledge(regional, cloud, now)
+            .map(|_| ())
+            .map_err(store_err)
     }
 }

@@ -25,6 +25,8 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::Outgoing;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -44,7 +46,11 @@ enum NetEvent {
     Down(String),
 }
 
-const KEEPALIVE: Duration = Duration::from_secs(30);
+/// Default MQTT keepalive. rumqttc pings every keepalive and fails the
+/// connection when a ping is still unanswered at the next one, so an idle
+/// silent link is noticed within about twice this; a busy one by the
+/// liveness watchdog (see [`dead_after`]).
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
 const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 const REQUEST_CAPACITY: usize = 8;
 const INFLIGHT: u16 = 8;
@@ -102,12 +108,43 @@ fn presence(agent: &Agent, online: bool) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn poll_loop(mut el: EventLoop, tx: mpsc::Sender<NetEvent>) {
-    let mut backoff = Duration::from_secs(1);
+/// How long the MQTT event loop may show no sign of life (no packet in,
+/// no packet fully written out, no ping) while connected before the driver
+/// drops the connection and dials again.
+///
+/// rumqttc pings only between packets: while it is stuck writing a publish
+/// into a link that stopped reading (a "stalled" link: open but silent,
+/// TCP zero window), it never gets to its ping timer and TCP itself never
+/// gives up, so without this watchdog the agent would hang forever. On a
+/// live link something happens at least every keepalive (a ping and its
+/// answer), and every finished publish (at most `data_bytes`, 512 KiB) is an
+/// event, so links slower than about `data_bytes / (2 * keepalive)` (17 KB/s
+/// at 15 s) could be mistaken for stalled.
+pub fn dead_after(keepalive: Duration) -> Duration {
+    keepalive * 2 + Duration::from_secs(1)
+}
+
+/// Back-off before reconnect attempt `n` (0-based): doubling from 1 s to
+/// [`BACKOFF_MAX`], with up to 25 % random jitter so a fleet that lost its
+/// broker at the same moment does not return in lockstep.
+fn backoff_delay(n: u32) -> Duration {
+    let base = Duration::from_secs(1).saturating_mul(1u32 << n.min(5)).min(BACKOFF_MAX);
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let frac = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX) * 0.25;
+    base.mul_f64(1.0 + frac)
+}
+
+async fn poll_loop(mut el: EventLoop, tx: mpsc::Sender<NetEvent>, alive: Arc<AtomicU64>, t0: Instant) {
+    let mut attempt = 0u32;
     loop {
-        let ev = match el.poll().await {
+        let polled = el.poll().await;
+        if polled.is_ok() {
+            alive.store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        let ev = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_secs(1);
+                attempt = 0;
                 NetEvent::Connected
             }
             Ok(Event::Incoming(Packet::Publish(p))) => NetEvent::Publish {
@@ -124,14 +161,50 @@ async fn poll_loop(mut el: EventLoop, tx: mpsc::Sender<NetEvent>) {
                 if tx.send(NetEvent::Down(e.to_string())).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                tokio::time::sleep(backoff_delay(attempt)).await;
+                attempt = attempt.saturating_add(1);
                 continue;
             }
         };
         if tx.send(ev).await.is_err() {
             return;
         }
+    }
+}
+
+/// One rumqttc client and its polling task. Replaced as a whole when the
+/// liveness watchdog finds the link dead: rumqttc cannot be told to drop a
+/// connection that is stuck mid-write.
+struct Conn {
+    client: AsyncClient,
+    poller: tokio::task::JoinHandle<()>,
+    rx: mpsc::Receiver<NetEvent>,
+    /// Milliseconds since `t0` of the event loop's last sign of life.
+    alive: Arc<AtomicU64>,
+}
+
+impl Conn {
+    fn open(opts: &MqttOptions, t0: Instant) -> Conn {
+        let (client, eventloop) = AsyncClient::new(opts.clone(), REQUEST_CAPACITY);
+        let (tx, rx) = mpsc::channel(64);
+        let alive = Arc::new(AtomicU64::new(t0.elapsed().as_millis() as u64));
+        let poller = tokio::spawn(poll_loop(eventloop, tx, alive.clone(), t0));
+        Conn {
+            client,
+            poller,
+            rx,
+            alive,
+        }
+    }
+    /// When the event loop last showed a sign of life.
+    fn last_alive(&self, t0: Instant) -> Instant {
+        t0 + Duration::from_millis(self.alive.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.poller.abort();
     }
 }
 
@@ -171,9 +244,10 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
 
     let dev = agent.store.device().clone();
     let (host, port) = parse_broker(&agent.config().broker)?;
+    let keepalive = agent.config().keepalive.max(Duration::from_secs(1));
     let client_id = format!("ferry-agent-{}-{}-{}", dev.tenant, dev.site, dev.device);
     let mut opts = MqttOptions::new(client_id, host, port);
-    opts.set_keep_alive(KEEPALIVE)
+    opts.set_keep_alive(keepalive)
         .set_clean_start(false)
         .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
         .set_max_packet_size(Some(MQTT_MAX_PACKET as u32))
@@ -185,9 +259,8 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
             true,
             None,
         ));
-    let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
-    let (tx, mut rx) = mpsc::channel(64);
-    let poller = tokio::spawn(poll_loop(eventloop, tx));
+    let dead_after = dead_after(keepalive);
+    let mut conn = Conn::open(&opts, t0);
     let down_prefix = topic::down(&dev, "");
 
     let mut session = ClientSession::new(agent.config().client.clone(), now_ms());
@@ -250,7 +323,10 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                 },
             };
             let len = h.payload.len() as u64;
-            match client.try_publish(h.topic.clone(), QoS::AtLeastOnce, false, h.payload.clone()) {
+            match conn
+                .client
+                .try_publish(h.topic.clone(), QoS::AtLeastOnce, false, h.payload.clone())
+            {
                 Ok(()) => {
                     let c = &mut agent.store.counters;
                     c.wire_bytes_sent += len;
@@ -306,19 +382,38 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
         if held.is_some() {
             wake = wake.min(Instant::now() + Duration::from_millis(50));
         }
+        if online {
+            wake = wake.min(conn.last_alive(t0) + dead_after);
+        }
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            ev = rx.recv() => match ev {
+            ev = conn.rx.recv() => match ev {
                 None => break Err(Error::Mqtt("MQTT event loop stopped".into())),
                 Some(NetEvent::Connected) => {
                     tracing::info!(broker = %agent.config().broker, "connected");
                     online = true;
                     was_down = false;
                     held = None;
-                    let sub = client.subscribe(topic::down_filter(&dev), QoS::AtLeastOnce).await;
-                    let pres = client.publish(topic::presence(&dev), QoS::AtLeastOnce, true, presence(agent, true)).await;
-                    if let Err(e) = sub.and(pres) {
-                        break Err(Error::Mqtt(e.to_string()));
+                    // Bounded: requests queued before a reconnect may fill
+                    // rumqttc's channel, and the link may stall right away.
+                    let client = conn.client.clone();
+                    let pres = presence(agent, true);
+                    let setup = tokio::time::timeout(dead_after, async {
+                        client.subscribe(topic::down_filter(&dev), QoS::AtLeastOnce).await?;
+                        client.publish(topic::presence(&dev), QoS::AtLeastOnce, true, pres).await
+                    })
+                    .await;
+                    match setup {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break Err(Error::Mqtt(e.to_string())),
+                        Err(_) => {
+                            tracing::warn!("no progress subscribing after connect; dialing again");
+                            online = false;
+                            was_down = true;
+                            session.disconnected();
+                            conn = Conn::open(&opts, t0);
+                            continue;
+                        }
                     }
                     if paused_until.is_none() {
                         session.connected(now(), agent);
@@ -362,6 +457,23 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
         }
 
         // 4. Timers.
+        // Liveness: a connected event loop that showed no sign of life for
+        // `dead_after` (and is not just waiting for us to take its events)
+        // is stuck on a dead link. Drop it and dial again.
+        if online && conn.rx.is_empty() && Instant::now() >= conn.last_alive(t0) + dead_after {
+            let silent = Instant::now().saturating_duration_since(conn.last_alive(t0));
+            tracing::warn!(
+                broker = %agent.config().broker,
+                silent_secs = format!("{:.1}", silent.as_secs_f64()),
+                "link silent while connected (stalled?); dropping the connection and dialing again"
+            );
+            agent.store.counters.link_stalls += 1;
+            online = false;
+            was_down = true;
+            held = None;
+            session.disconnected();
+            conn = Conn::open(&opts, t0);
+        }
         if paused_until.is_some_and(|p| Instant::now() >= p) {
             paused_until = None;
             session.disconnected();
@@ -401,10 +513,12 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
 
     // Leave cleanly: retained offline presence, MQTT disconnect, counters.
     if online {
-        let _ = client.try_publish(topic::presence(&dev), QoS::AtLeastOnce, true, presence(agent, false));
-        let _ = client.try_disconnect();
+        let _ = conn
+            .client
+            .try_publish(topic::presence(&dev), QoS::AtLeastOnce, true, presence(agent, false));
+        let _ = conn.client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some(ev) = rx.recv().await {
+            while let Some(ev) = conn.rx.recv().await {
                 if matches!(ev, NetEvent::Down(_)) {
                     break;
                 }
@@ -412,7 +526,7 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
         })
         .await;
     }
-    poller.abort();
+    drop(conn);
     agent.store.flush()?;
     let _ = agent.write_snapshot();
     result?;

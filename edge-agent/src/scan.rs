@@ -246,7 +246,8 @@ impl Agent {
                 return Ok(());
             }
         }
-        self.store.record(ChangeBody::Delete(path), None, &[], now_ms())?;
+        let now = (self.config().clock)();
+        self.store.record(ChangeBody::Delete(path), None, &[], now)?;
         rep.files_deleted += 1;
         rep.changes_recorded += 1;
         Ok(())
@@ -421,8 +422,9 @@ impl Agent {
             },
             class: class.to_string(),
         };
+        let now = (self.config().clock)();
         self.store
-            .record(ChangeBody::File(fv), Some((meta, fc)), &new_known, now_ms())?;
+            .record(ChangeBody::File(fv), Some((meta, fc)), &new_known, now)?;
         rep.changes_recorded += 1;
         Ok(())
     }

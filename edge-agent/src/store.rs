@@ -24,9 +24,7 @@ use minicbor::{Decode, Encode};
 use protocol::hlc::Hlc;
 use protocol::manifest::{Change, ChangeBody};
 use protocol::{DeviceRef, Hash32, Knowledge, ReplicaId};
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::Ed25519KeyPair;
 use serde::{Deserialize, Serialize};
@@ -152,6 +150,11 @@ pub struct Counters {
     pub messages_received: u64,
     pub bad_messages: u64,
     pub superseded: u64,
+    /// Connections dropped because the link went silent while connected.
+    pub link_stalls: u64,
+    /// Times the server knew seqs of this replica that this state never
+    /// handed out (state lost or restored from an old copy): new epoch.
+    pub state_rollbacks: u64,
 }
 
 /// One replica's knowledge, for status output.
@@ -275,6 +278,84 @@ struct Meta {
     epoch: u32,
     next_seq: u64,
     hlc: Hlc,
+    /// Highest seq of this epoch that ever left the device (made durable
+    /// here before it was returned by `pending`). The server can know no
+    /// higher seq of this replica unless another copy of this state sent
+    /// it: the state was rolled back.
+    offered: u64,
+}
+
+/// The device's Ed25519 signing key lives in its own file next to the state
+/// file (`<state>.device-key`, mode 0600): the sink pins it on first use, so
+/// a state file that is lost or rolled back must not take the device's
+/// identity with it. Losing both is a re-enrolment.
+pub fn device_key_path(state: &Path) -> PathBuf {
+    let mut s = state.as_os_str().to_owned();
+    s.push(".device-key");
+    PathBuf::from(s)
+}
+
+const KEY_FILE_HEADER: &str = "ferry-device-key v1";
+
+/// PKCS#8 of the device key in `path`, if the file exists. A key file of
+/// another device is an identity error.
+fn read_device_key(path: &Path, device: &DeviceRef, state: &Path) -> Result<Option<Vec<u8>>> {
+    let text = match std::fs::read(path) {
+        Ok(t) if t.len() <= 4096 => String::from_utf8_lossy(&t).into_owned(),
+        Ok(_) => return Err(corrupt("device key file", format!("{}: too large", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let bad = |why: &str| corrupt("device key file", format!("{}: {why}", path.display()));
+    let mut lines = text.lines();
+    if lines.next() != Some(KEY_FILE_HEADER) {
+        return Err(bad("not a Ferry device key file"));
+    }
+    let (mut dev, mut pkcs8) = (None, None);
+    for l in lines {
+        match l.split_once(' ') {
+            Some(("device", d)) => dev = Some(d.to_string()),
+            Some(("pkcs8", h)) => pkcs8 = Some(hex::decode(h.trim()).map_err(|_| bad("bad pkcs8 hex"))?),
+            _ => {}
+        }
+    }
+    let (Some(dev), Some(pkcs8)) = (dev, pkcs8) else {
+        return Err(bad("missing device or pkcs8 line"));
+    };
+    if dev != device.key() {
+        return Err(Error::Identity {
+            path: state.to_path_buf(),
+            stored: format!("{dev} (in {})", path.display()),
+            requested: device.key(),
+        });
+    }
+    Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| bad(&e.to_string()))?;
+    Ok(Some(pkcs8))
+}
+
+/// Writes a new device key file (0600, fsynced, never overwriting).
+fn write_device_key(path: &Path, device: &DeviceRef, pkcs8: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    let text = format!(
+        "{KEY_FILE_HEADER}\ndevice {}\npkcs8 {}\n",
+        device.key(),
+        hex::encode(pkcs8)
+    );
+    let mut f = o.open(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(path, e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 pub struct Store {
@@ -300,6 +381,7 @@ impl Store {
             .set_cache_size(CACHE_BYTES)
             .create(path)
             .map_err(|e| open_db_error(path, e))?;
+        let key_path = device_key_path(path);
         let txn = db.begin_write()?;
         let fresh;
         {
@@ -322,8 +404,16 @@ impl Store {
                 Some(_) => fresh = false,
                 None => {
                     fresh = true;
-                    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-                        .map_err(|_| Error::Protocol(protocol::Error::Crypto("ed25519 keygen")))?;
+                    // The device keeps its key across lost state files.
+                    let pkcs8 = match read_device_key(&key_path, device, path)? {
+                        Some(k) => k,
+                        None => {
+                            let k = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+                                .map_err(|_| Error::Protocol(protocol::Error::Crypto("ed25519 keygen")))?;
+                            write_device_key(&key_path, device, k.as_ref())?;
+                            k.as_ref().to_vec()
+                        }
+                    };
                     let counters = Counters {
                         epochs_started: 1,
                         ..Counters::default()
@@ -332,7 +422,7 @@ impl Store {
                     meta.insert("epoch", &random_epoch()?.to_be_bytes()[..])?;
                     meta.insert("next_seq", &1u64.to_be_bytes()[..])?;
                     meta.insert("hlc", &0u64.to_be_bytes()[..])?;
-                    meta.insert("key", pkcs8.as_ref())?;
+                    meta.insert("key", pkcs8.as_slice())?;
                     meta.insert("created_ms", &now_ms().to_be_bytes()[..])?;
                     meta.insert("counters", serde_json::to_vec(&counters).unwrap_or_default().as_slice())?;
                 }
@@ -351,12 +441,41 @@ impl Store {
                     .ok_or_else(|| corrupt("meta", format!("missing {k}")))
             };
             let epoch = u32::from_be_bytes(get("epoch")?.try_into().map_err(|_| corrupt("meta", "epoch"))?);
+            let next_seq = u64_of("next_seq", &get("next_seq")?)?;
+            // State files from before `offered` was kept: assume everything
+            // recorded may have left (the old, weaker check).
+            let offered = match t.get("offered")? {
+                Some(v) => u64_of("offered", v.value())?,
+                None => next_seq.saturating_sub(1),
+            };
             let meta = Meta {
                 epoch,
-                next_seq: u64_of("next_seq", &get("next_seq")?)?,
+                next_seq,
                 hlc: Hlc(u64_of("hlc", &get("hlc")?)?),
+                offered,
             };
-            let key = Ed25519KeyPair::from_pkcs8(&get("key")?).map_err(|e| corrupt("device key", e))?;
+            let pkcs8 = get("key")?;
+            let key = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| corrupt("device key", e))?;
+            match read_device_key(&key_path, device, path)? {
+                Some(k) if k != pkcs8 => {
+                    return Err(corrupt(
+                        "device key file",
+                        format!(
+                            "{} holds another key than the state file {}; the sink accepts only the \
+                             key it pinned for the device: restore the matching key file",
+                            key_path.display(),
+                            path.display()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+                // State files from before the key file existed.
+                None => {
+                    if let Err(e) = write_device_key(&key_path, device, &pkcs8) {
+                        tracing::warn!("cannot save the device key next to the state file: {e}");
+                    }
+                }
+            }
             let counters: Counters = serde_json::from_slice(&get("counters")?).map_err(|e| corrupt("counters", e))?;
             let know = |k: &str| -> Result<Knowledge> {
                 match t.get(k)? {
@@ -565,9 +684,32 @@ impl Store {
     /// at most `max` and (beyond the first) `max_bytes` of CBOR. Flushes
     /// first: a change leaves the device only once it is durable here.
     pub fn pending(&mut self, have: &Knowledge, max: usize, max_bytes: usize) -> Result<Vec<Change>> {
-        if self.unflushed > 0 {
-            self.flush()?;
+        let out = self.pending_unflushed(have, max, max_bytes)?;
+        // Durable before anything leaves: every record so far and the
+        // high-water mark of what left (the rollback check relies on it).
+        let top = out.iter().map(|c| c.seq).max().unwrap_or(0);
+        if self.unflushed > 0 || top > self.meta.offered {
+            let offered = top.max(self.meta.offered);
+            let txn = self.db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                Self::put_counters(&mut meta, &self.counters)?;
+                meta.insert("offered", &offered.to_be_bytes()[..])?;
+            }
+            txn.commit()?;
+            self.meta.offered = offered;
+            self.unflushed = 0;
+            self.last_flush = Instant::now();
         }
+        Ok(out)
+    }
+
+    /// Highest seq of the current epoch that ever left the device.
+    pub fn offered(&self) -> u64 {
+        self.meta.offered
+    }
+
+    fn pending_unflushed(&mut self, have: &Knowledge, max: usize, max_bytes: usize) -> Result<Vec<Change>> {
         let epoch = self.meta.epoch;
         let set = have.get(&self.replica());
         let r = self.db.begin_read()?;
@@ -677,25 +819,33 @@ impl Store {
     /// the cloud holds, and starts a new epoch if the server knows seqs of
     /// this replica that this state file never handed out (restored from an
     /// old copy). Returns true when a new epoch was started.
-    pub fn on_knowledge(&mut self, regional: &Knowledge, cloud: &Knowledge) -> Result<bool> {
+    /// `now` (Unix ms) stamps the deletions a new epoch records again.
+    pub fn on_knowledge(&mut self, regional: &Knowledge, cloud: &Knowledge, now: u64) -> Result<bool> {
         let regional = regional.for_device(&self.device);
         let cloud = cloud.for_device(&self.device);
         let me = self.replica();
+        // Seqs above `offered` never left this state file. (Comparing with
+        // next_seq instead misses a rolled-back state that recorded new
+        // changes before it reconnected: their seqs collide with the ones
+        // the lost lineage sent, and the server's copies would be taken
+        // for ours — those changes would never be sent.)
         let ahead = [&regional, &cloud]
             .iter()
             .filter_map(|k| k.get(&me).max())
             .max()
-            .filter(|m| *m >= self.meta.next_seq);
+            .filter(|m| *m > self.meta.offered);
         if let Some(max) = ahead {
+            self.counters.state_rollbacks += 1;
             tracing::error!(
                 replica = %me,
                 server_max_seq = max,
+                offered = self.meta.offered,
                 next_seq = self.meta.next_seq,
                 "the server holds seqs this state file never recorded: the state was restored \
                  from an old copy or lost. Starting a new epoch; every file is offered again \
                  (known chunks make that cheap)"
             );
-            self.new_epoch()?;
+            self.new_epoch(now)?;
             return Ok(true);
         }
         if regional == self.regional && cloud == self.cloud {
@@ -727,38 +877,69 @@ impl Store {
         Ok(false)
     }
 
-    /// New replica: forget file states and the outbox (their seqs belong to
-    /// a history the server no longer agrees with) and re-record everything.
-    /// Known chunks stay: they are a local seal cache, valid for any epoch.
-    pub fn new_epoch(&mut self) -> Result<()> {
+    /// New replica: drop the outbox (its seqs belong to a history the
+    /// server no longer agrees with) and re-record every file. File states
+    /// are kept but marked dirty, so the next scan records every file still
+    /// on disk again, in full, and a deletion for every tracked file that is
+    /// gone (without them, the old epoch's versions of files deleted since
+    /// would come back in a restore). Known chunks stay: they are a local
+    /// seal cache, valid for any epoch, so re-offering costs no chunk bytes
+    /// the server already has.
+    ///
+    /// Deletions still in the outbox are recorded again in the new epoch:
+    /// their files have no state left to notice they are gone.
+    pub fn new_epoch(&mut self, now: u64) -> Result<()> {
         let epoch = random_epoch()?;
         let mut counters = self.counters.clone();
         counters.epochs_started += 1;
-        counters.files_tracked = 0;
-        counters.logical_bytes = 0;
         counters.outbox_bytes = 0;
+        let mut deleted: Vec<String> = Vec::new();
         let txn = self.db.begin_write()?;
         {
-            Self::clear(&txn)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            for item in outbox.iter()? {
+                let (_, v) = item?;
+                let v = v.value();
+                outbox_header(v)?;
+                let c: Change = protocol::from_cbor(&v[OUTBOX_HEADER..], protocol::msg::MAX_MESSAGE)?;
+                if let ChangeBody::Delete(p) = c.body {
+                    deleted.push(p);
+                }
+            }
+            outbox.retain(|_, _| false)?;
+            drop(outbox);
+            let mut files = txn.open_table(FILES)?;
+            deleted.retain(|p| files.get(p.as_str()).ok().flatten().is_none());
+            let mut dirty = Vec::new();
+            for item in files.iter()? {
+                let (k, v) = item?;
+                let mut m: FileMeta = cbor_decode("file state", v.value())?;
+                m.dirty = true;
+                m.seq = 0;
+                dirty.push((k.value().to_string(), m));
+            }
+            for (k, m) in dirty {
+                files.insert(k.as_str(), protocol::to_cbor(&m).as_slice())?;
+            }
             let mut meta = txn.open_table(META)?;
             meta.insert("epoch", &epoch.to_be_bytes()[..])?;
             meta.insert("next_seq", &1u64.to_be_bytes()[..])?;
+            meta.insert("offered", &0u64.to_be_bytes()[..])?;
             Self::put_counters(&mut meta, &counters)?;
         }
         txn.commit()?;
         tracing::warn!(old = self.meta.epoch, new = epoch, "started a new epoch");
         self.meta.epoch = epoch;
         self.meta.next_seq = 1;
+        self.meta.offered = 0;
         self.counters = counters;
         self.rescan = true;
         self.unflushed = 0;
-        Ok(())
-    }
-
-    fn clear(txn: &WriteTransaction) -> Result<()> {
-        txn.open_table(FILES)?.retain(|_, _| false)?;
-        txn.open_table(FILE_CHUNKS)?.retain(|_, _| false)?;
-        txn.open_table(OUTBOX)?.retain(|_, _| false)?;
+        deleted.sort();
+        deleted.dedup();
+        for p in deleted {
+            self.record(ChangeBody::Delete(p), None, &[], now)?;
+        }
         Ok(())
     }
 

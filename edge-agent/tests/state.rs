@@ -119,12 +119,168 @@ fn server_ahead_of_state_starts_a_new_epoch_and_reoffers_everything() {
     assert_ne!(a.replica(), old);
     assert_eq!(a.replica().device, old.device);
     let s = a.status().unwrap();
-    assert_eq!((s.next_seq, s.pending_changes, s.files_tracked), (1, 0, 0));
+    assert_eq!((s.next_seq, s.pending_changes), (1, 0));
+    assert_eq!(s.counters.state_rollbacks, 1);
     let r = a.scan_once().unwrap();
-    assert_eq!((r.files_new, r.chunks_new), (3, 0), "known chunks stay valid: {r:?}");
+    assert_eq!(
+        (r.files_changed, r.changes_recorded, r.chunks_new),
+        (3, 3, 0),
+        "every file re-recorded; known chunks stay valid: {r:?}"
+    );
     let p = all_pending(&mut a);
     assert_eq!(p.len(), 3);
     assert!(p.iter().all(|c| c.replica == a.replica()));
+    let s = a.status().unwrap();
+    assert_eq!((s.files_tracked, s.logical_bytes), (3, 63_000));
+}
+
+/// The bug this guards against: a state file restored from an old copy
+/// records new changes (a startup scan, or days offline) before it hears
+/// from the server. Its new seqs then collide with the ones the lost
+/// lineage already sent, so "server knows a seq >= next_seq" never fires,
+/// and the server's copies of those seqs were taken for these changes,
+/// which were never sent: a.bin's newest content was silently lost.
+#[test]
+fn rolled_back_state_that_recorded_before_reconnecting_starts_a_new_epoch() {
+    let t = tempfile::tempdir().unwrap();
+    let (watch, state) = setup(t.path());
+    let cfg = config("gw1", std::slice::from_ref(&watch), &state);
+    let old_copy = t.path().join("old.redb");
+    let replica;
+    {
+        let mut a = Agent::open(cfg.clone()).unwrap();
+        replica = a.replica();
+        a.scan_once().unwrap();
+        all_pending(&mut a);
+        a.on_knowledge(&knowledge_up_to(&replica, 3), &knowledge_up_to(&replica, 3))
+            .unwrap();
+    }
+    std::fs::copy(&state, &old_copy).unwrap();
+    {
+        // The lineage that is about to be lost sends seqs 4 and 5.
+        let mut a = Agent::open(cfg.clone()).unwrap();
+        std::fs::write(watch.join("a.bin"), pseudo_random(30_000, 41)).unwrap();
+        std::fs::write(watch.join("b.bin"), pseudo_random(30_000, 42)).unwrap();
+        bump_mtime(&watch.join("a.bin"), 5);
+        bump_mtime(&watch.join("b.bin"), 5);
+        assert_eq!(a.scan_once().unwrap().changes_recorded, 2);
+        assert_eq!(all_pending(&mut a).len(), 2);
+        a.on_knowledge(&knowledge_up_to(&replica, 5), &knowledge_up_to(&replica, 5))
+            .unwrap();
+        assert_eq!(a.replica(), replica, "no rollback yet");
+    }
+    // The state comes back from the old copy; meanwhile a.bin changed again
+    // and c.csv was deleted.
+    std::fs::copy(&old_copy, &state).unwrap();
+    std::fs::write(watch.join("a.bin"), pseudo_random(30_000, 43)).unwrap();
+    bump_mtime(&watch.join("a.bin"), 10);
+    std::fs::remove_file(watch.join("c.csv")).unwrap();
+    let mut a = Agent::open(cfg).unwrap();
+    assert_eq!(a.replica(), replica);
+    let pubkey = a.public_key();
+    assert_eq!(a.scan_once().unwrap().changes_recorded, 3); // seqs 4, 5, 6
+                                                            // Reconnect: the server knows 1..=5. Seqs 4 and 5 of this state never
+                                                            // left it; the server's are the lost lineage's.
+    a.on_knowledge(&knowledge_up_to(&replica, 5), &knowledge_up_to(&replica, 5))
+        .unwrap();
+    assert_ne!(a.replica(), replica, "a rolled-back state must start a new epoch");
+    assert_eq!(a.public_key(), pubkey, "the device keeps its key");
+    assert_eq!(a.status().unwrap().counters.state_rollbacks, 1);
+    let r = a.scan_once().unwrap();
+    assert_eq!((r.changes_recorded, r.files_changed), (2, 2), "{r:?}");
+    let p = all_pending(&mut a);
+    let paths: Vec<(&str, bool)> = p
+        .iter()
+        .map(|c| {
+            (
+                c.body.path(),
+                matches!(c.body, protocol::manifest::ChangeBody::Delete(_)),
+            )
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        vec![("cell/c.csv", true), ("cell/a.bin", false), ("cell/b.bin", false)],
+        "the deletion the old outbox held is recorded again, and every file on disk re-offered"
+    );
+    assert!(p.iter().all(|c| c.replica == a.replica()));
+    // a.bin's newest content is what is offered.
+    let v = latest_version(&mut a, "cell/a.bin");
+    assert_eq!(v.sha256.0, sha256(&pseudo_random(30_000, 43)));
+}
+
+/// The server knowing exactly what this state offered is not a rollback,
+/// even when nothing beyond it was recorded; and offers survive a restart.
+#[test]
+fn knowledge_of_offered_seqs_is_not_a_rollback() {
+    let t = tempfile::tempdir().unwrap();
+    let (watch, state) = setup(t.path());
+    let cfg = config("gw1", std::slice::from_ref(&watch), &state);
+    let r;
+    {
+        let mut a = Agent::open(cfg.clone()).unwrap();
+        r = a.replica();
+        a.scan_once().unwrap();
+        assert_eq!(a.pending(&Knowledge::default(), 2, 1 << 20).unwrap().len(), 2);
+    }
+    let mut a = Agent::open(cfg).unwrap();
+    a.on_knowledge(&knowledge_up_to(&r, 2), &Knowledge::default()).unwrap();
+    assert_eq!(a.replica(), r);
+    // Seq 3 was recorded but never offered: a server that knows it got it
+    // from another copy of this state.
+    a.on_knowledge(&knowledge_up_to(&r, 3), &Knowledge::default()).unwrap();
+    assert_ne!(a.replica(), r);
+}
+
+/// The device key lives next to the state file: a deleted state file gives
+/// a new epoch but the same key (the sink pinned it); a key file of another
+/// device, or one that disagrees with the state file, is refused.
+#[test]
+fn device_key_survives_a_deleted_state_file() {
+    let t = tempfile::tempdir().unwrap();
+    let (watch, state) = setup(t.path());
+    let cfg = config("gw1", std::slice::from_ref(&watch), &state);
+    let a = Agent::open(cfg.clone()).unwrap();
+    let (key, replica) = (a.public_key(), a.replica());
+    drop(a);
+    let key_file = edge_agent::store::device_key_path(&state);
+    let text = std::fs::read_to_string(&key_file).unwrap();
+    assert!(text.contains("device acme/plant1/gw1"), "{text}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "key file readable by others: {mode:o}");
+    }
+    std::fs::remove_file(&state).unwrap();
+    let mut a = Agent::open(cfg.clone()).unwrap();
+    assert_eq!(a.public_key(), key);
+    assert_ne!(a.replica(), replica, "new state, new epoch");
+    assert_eq!(a.scan_once().unwrap().files_new, 3);
+    drop(a);
+
+    // Another device's key file next to a new state file.
+    let other = t.path().join("other.redb");
+    std::fs::copy(&key_file, edge_agent::store::device_key_path(&other)).unwrap();
+    match Agent::open(config("gw2", std::slice::from_ref(&watch), &other)) {
+        Err(Error::Identity { requested, .. }) => assert_eq!(requested, "acme/plant1/gw2"),
+        Err(e) => panic!("expected Identity, got {e}"),
+        Ok(_) => panic!("opened with another device's key"),
+    }
+    // A key file that disagrees with the state file.
+    let st2 = t.path().join("st2.redb");
+    drop(Agent::open(config("gw1", std::slice::from_ref(&watch), &st2)).unwrap());
+    std::fs::copy(&key_file, edge_agent::store::device_key_path(&st2)).unwrap();
+    match Agent::open(config("gw1", std::slice::from_ref(&watch), &st2)) {
+        Err(Error::Corrupt { detail, .. }) => assert!(detail.contains("another key"), "{detail}"),
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("opened with a mismatched key file"),
+    }
+    // Garbage in the key file is a clear error, not a panic.
+    std::fs::write(edge_agent::store::device_key_path(&st2), "junk").unwrap();
+    assert!(matches!(
+        Agent::open(config("gw1", std::slice::from_ref(&watch), &st2)),
+        Err(Error::Corrupt { .. })
+    ));
 }
 
 #[test]
@@ -181,6 +337,7 @@ fn status_json_has_the_operator_fields() {
         let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &state)).unwrap();
         a.scan_once().unwrap();
         let r = a.replica();
+        all_pending(&mut a); // offered to the server
         a.on_knowledge(&knowledge_up_to(&r, 3), &knowledge_up_to(&r, 1))
             .unwrap();
     }

@@ -132,6 +132,14 @@ struct AgentArgs {
     /// FastCDC average chunk size in KiB (min = avg/4, max = avg*4).
     #[arg(long, default_value_t = 64, env = "FERRY_CHUNK_AVG_KIB")]
     chunk_avg_kib: usize,
+    /// MQTT keepalive in seconds. A link that goes silent (open but nothing
+    /// moving) is dropped and redialled within 2 × keepalive + 1 s.
+    #[arg(long, default_value_t = 15, env = "FERRY_KEEPALIVE")]
+    keepalive: u64,
+    /// Seconds to wait for the aggregator's answer (Knowledge, Prepare,
+    /// Committed) before sending the request again.
+    #[arg(long, default_value_t = 30, env = "FERRY_RESPONSE_TIMEOUT")]
+    response_timeout: u64,
 }
 
 impl AgentArgs {
@@ -141,6 +149,12 @@ impl AgentArgs {
         let mut cfg = AgentConfig::new(&self.broker, &device, self.watch.clone(), &self.state, key);
         edge_agent::net::parse_broker(&self.broker)?;
         cfg.scan_interval = Duration::from_secs(self.scan_interval.max(1));
+        anyhow::ensure!(
+            (1..=3600).contains(&self.keepalive),
+            "--keepalive must be between 1 and 3600 seconds"
+        );
+        cfg.keepalive = Duration::from_secs(self.keepalive);
+        cfg.client.response_timeout_ms = self.response_timeout.clamp(1, 86_400) * 1000;
         cfg.include = self.include.clone();
         cfg.exclude = self.exclude.clone();
         if !self.append.is_empty() {
