@@ -5,8 +5,9 @@
 //! queue, cloud knowledge is persisted and relayed to agents as CloudAck.
 //!
 //! Every step is idempotent at the sink, so any failure just means: back off
-//! (exponentially, up to 30 s) and start the round again. Nothing is dropped.
+//! (exponentially, up to `sink_retry_max`, 30 s by default) and start the round again. Nothing is dropped.
 
+use crate::sink::SinkHttp;
 use crate::store::{AggStore, ChunkBytes, ClosedPack, Queued};
 use crate::{AggConfig, AggStats, Error, Result};
 use protocol::msg::{Batch, CloudAck, Commit, Hello, Message, MAX_MESSAGE};
@@ -24,17 +25,14 @@ const MAX_BATCH: usize = 512;
 const MAX_BATCH_BYTES: usize = MAX_MESSAGE / 2;
 /// Queue entries looked at per round when searching for ready changes.
 const SCAN: usize = 50_000;
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub struct Forwarder {
     store: Arc<AggStore>,
-    http: reqwest::Client,
-    sink: String,
+    sink: SinkHttp,
     client: AsyncClient,
     stats: Arc<AggStats>,
     max_delay: Duration,
-    software: String,
-    peer: String,
+    retry_max: Duration,
     hello_done: bool,
     /// Distinguishes this process's batch ids at the sink.
     id_salt: u64,
@@ -43,27 +41,32 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(cfg: &AggConfig, store: Arc<AggStore>, client: AsyncClient, stats: Arc<AggStats>) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(300))
-            .build()?;
+        let sink = SinkHttp::new(cfg, stats.clone())?;
+        Ok(Self::with_sink(cfg, sink, store, client, stats))
+    }
+
+    pub fn with_sink(
+        cfg: &AggConfig,
+        sink: SinkHttp,
+        store: Arc<AggStore>,
+        client: AsyncClient,
+        stats: Arc<AggStats>,
+    ) -> Self {
         // FNV-1a of the aggregator id.
         let id_salt = cfg.id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
-        Ok(Forwarder {
+        Forwarder {
             store,
-            http,
-            sink: cfg.sink.trim_end_matches('/').to_string(),
+            sink,
             client,
             stats,
             max_delay: cfg.pack_max_delay,
-            software: format!("ferry-aggregator/{} {}", env!("CARGO_PKG_VERSION"), cfg.id),
-            peer: cfg.id.clone(),
+            retry_max: cfg.sink_retry_max,
             hello_done: false,
             id_salt,
             batches: 0,
-        })
+        }
     }
 
     /// Runs a blocking store operation off the async threads.
@@ -114,45 +117,11 @@ impl Forwarder {
     }
 
     async fn put_pack(&self, id_hex: &str, body: Vec<u8>) -> Result<()> {
-        let r = self
-            .http
-            .put(format!("{}/v1/packs/{id_hex}", self.sink))
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send()
-            .await?;
-        let status = r.status();
-        if !status.is_success() {
-            let why = r.text().await.unwrap_or_default();
-            return Err(Error::Sink(format!("PUT pack {id_hex}: {status}: {}", why.trim())));
-        }
-        Ok(())
+        self.sink.put_pack(id_hex, body).await
     }
 
     async fn sync(&self, m: &Message) -> Result<Message> {
-        let body = m.encode()?;
-        let r = self
-            .http
-            .post(format!("{}/v1/sync", self.sink))
-            .header("content-type", "application/cbor")
-            // How the sink tells aggregators apart (else by IP address).
-            .header("x-ferry-peer", &self.peer)
-            .body(body)
-            .send()
-            .await?;
-        let status = r.status();
-        let bytes = r.bytes().await?;
-        if !status.is_success() {
-            return Err(Error::Sink(format!(
-                "{}: {status}: {}",
-                m.kind(),
-                String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).trim()
-            )));
-        }
-        match Message::decode(&bytes)? {
-            Message::Nack(n) => Err(Error::Sink(format!("{} refused: {}", m.kind(), n.reason))),
-            reply => Ok(reply),
-        }
+        self.sink.sync(m).await
     }
 
     fn next_batch_id(&mut self) -> u64 {
@@ -167,7 +136,7 @@ impl Forwarder {
                 proto: protocol::PROTO_VERSION,
                 device: None,
                 replica: None,
-                software: self.software.clone(),
+                software: self.sink.software().to_string(),
             });
             match self.sync(&hello).await? {
                 Message::Knowledge(_) => self.hello_done = true,
@@ -183,7 +152,7 @@ impl Forwarder {
         };
         if prepare.retry_after_ms > 0 {
             tracing::info!("sink is busy: retrying in {} ms", prepare.retry_after_ms);
-            tokio::time::sleep(Duration::from_millis(prepare.retry_after_ms).min(MAX_BACKOFF)).await;
+            tokio::time::sleep(Duration::from_millis(prepare.retry_after_ms).min(self.retry_max)).await;
             return Ok(());
         }
         if !prepare.missing.is_empty() {
@@ -279,17 +248,18 @@ impl Forwarder {
 /// Runs rounds forever, backing off while the sink is unreachable.
 pub async fn forwarder(mut f: Forwarder) {
     let idle = (f.max_delay / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
-    let mut backoff = Duration::from_millis(500);
+    let first = Duration::from_millis(500).min(f.retry_max);
+    let mut backoff = first;
     loop {
         match f.round().await {
-            Ok(true) => backoff = Duration::from_millis(500),
+            Ok(true) => backoff = first,
             Ok(false) => tokio::time::sleep(idle).await,
             Err(e) => {
                 AggStats::add(&f.stats.sink_errors, 1);
                 f.hello_done = false;
-                tracing::warn!("forwarding to {}: {e}; retrying in {backoff:?}", f.sink);
+                tracing::warn!("forwarding to {}: {e}; retrying in {backoff:?}", f.sink.base());
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff = (backoff * 2).min(f.retry_max);
             }
         }
     }

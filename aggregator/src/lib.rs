@@ -22,6 +22,7 @@
 
 pub mod forward;
 pub mod mqtt;
+pub mod sink;
 pub mod store;
 
 pub use store::{AggStore, StoreConfig};
@@ -97,6 +98,18 @@ pub struct AggConfig {
     /// Spool watermarks (bytes of local packs not yet uploaded).
     pub spool_high: u64,
     pub spool_low: u64,
+    /// A sink request that makes no progress for this long fails (a stalled
+    /// link is noticed): each request may take `sink_timeout` plus its body
+    /// size at `sink_min_rate`.
+    pub sink_timeout: Duration,
+    /// Slowest upload rate (bytes/s) a sink link is expected to sustain.
+    pub sink_min_rate: u64,
+    /// Longest back-off between attempts while the sink is unreachable.
+    pub sink_retry_max: Duration,
+    /// At an agent's Hello, ask the sink what it holds of that device (at
+    /// most this long) so the agent does not re-send what the cloud has.
+    /// Zero turns the lookup off.
+    pub cloud_lookup_timeout: Duration,
 }
 
 impl AggConfig {
@@ -112,6 +125,10 @@ impl AggConfig {
             pack_max_delay: Duration::from_secs(1),
             spool_high: 2 << 30,
             spool_low: 3 << 29,
+            sink_timeout: Duration::from_secs(30),
+            sink_min_rate: 256 << 10,
+            sink_retry_max: Duration::from_secs(30),
+            cloud_lookup_timeout: Duration::from_secs(3),
         }
     }
 
@@ -129,6 +146,11 @@ impl AggConfig {
         }
         if self.spool_low > self.spool_high {
             return Err(Error::Config("spool low watermark is above the high one".into()));
+        }
+        if self.sink_timeout.is_zero() || self.sink_min_rate == 0 || self.sink_retry_max.is_zero() {
+            return Err(Error::Config(
+                "sink timeout, minimum rate and retry maximum must be positive".into(),
+            ));
         }
         if self.pack_target == 0 {
             return Err(Error::Config("pack target must be positive".into()));
@@ -172,6 +194,11 @@ pub struct AggStats {
     pub sink_errors: AtomicU64,
     pub spool_bytes: AtomicU64,
     pub forward_queue: AtomicU64,
+    /// Sink requests that failed for lack of progress (stalled link).
+    pub sink_timeouts: AtomicU64,
+    /// Agent Hellos answered with cloud knowledge fetched from the sink.
+    pub cloud_lookups: AtomicU64,
+    pub cloud_lookup_failures: AtomicU64,
 }
 
 /// A plain copy of [`AggStats`].
@@ -195,6 +222,9 @@ pub struct StatsSnapshot {
     pub sink_errors: u64,
     pub spool_bytes: u64,
     pub forward_queue: u64,
+    pub sink_timeouts: u64,
+    pub cloud_lookups: u64,
+    pub cloud_lookup_failures: u64,
 }
 
 impl AggStats {
@@ -223,6 +253,9 @@ impl AggStats {
             sink_errors: g(&self.sink_errors),
             spool_bytes: g(&self.spool_bytes),
             forward_queue: g(&self.forward_queue),
+            sink_timeouts: g(&self.sink_timeouts),
+            cloud_lookups: g(&self.cloud_lookups),
+            cloud_lookup_failures: g(&self.cloud_lookup_failures),
         }
     }
 }
@@ -265,13 +298,22 @@ pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl
         tx,
         stats.clone(),
     ));
-    tasks.spawn(mqtt::worker(rx, client.clone(), store.clone(), stats.clone()));
-    tasks.spawn(forward::forwarder(forward::Forwarder::new(
+    let sink = sink::SinkHttp::new(&cfg, stats.clone())?;
+    let lookup = mqtt::CloudLookup::new(sink.clone(), cfg.cloud_lookup_timeout);
+    tasks.spawn(mqtt::worker(
+        rx,
+        client.clone(),
+        store.clone(),
+        stats.clone(),
+        Some(lookup),
+    ));
+    tasks.spawn(forward::forwarder(forward::Forwarder::with_sink(
         &cfg,
+        sink,
         store.clone(),
         client.clone(),
         stats.clone(),
-    )?));
+    )));
     let report = {
         let (stats, store) = (stats.clone(), store.clone());
         async move {

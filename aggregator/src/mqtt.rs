@@ -7,6 +7,7 @@
 //! the event loop and the worker stays bounded by the broker's in-flight
 //! window and a message the aggregator crashed on is redelivered.
 
+use crate::sink::SinkHttp;
 use crate::store::AggStore;
 use crate::{AggConfig, AggStats, Result};
 use protocol::msg::{Message, Nack, MQTT_MAX_PACKET};
@@ -16,7 +17,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// Unacked QoS 1 messages the broker may send us at once.
@@ -93,16 +94,80 @@ pub async fn event_loop(
     }
 }
 
+/// Asks the sink, at an agent's Hello, what the cloud holds of that device,
+/// so an agent that moved here from another aggregator (or whose CloudAck was
+/// lost) re-sends nothing the cloud has (DESIGN.md §6: the new aggregator
+/// combines its own and the cloud's knowledge).
+pub struct CloudLookup {
+    pub sink: SinkHttp,
+    pub timeout: Duration,
+    /// After a failed lookup, Hellos are answered from local knowledge alone
+    /// for a while rather than each waiting for a sink that is away.
+    quiet_until: Option<Instant>,
+}
+
+impl CloudLookup {
+    pub fn new(sink: SinkHttp, timeout: Duration) -> CloudLookup {
+        CloudLookup {
+            sink,
+            timeout,
+            quiet_until: None,
+        }
+    }
+
+    /// Merges the cloud's knowledge of the device that sent `topic_bytes`
+    /// (a Hello) into the store. Failures only cost the optimisation.
+    async fn before_hello(&mut self, topic_bytes: &[u8], store: &Arc<AggStore>, stats: &AggStats) {
+        if self.timeout.is_zero() || self.quiet_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let t = String::from_utf8_lossy(topic_bytes);
+        let Some((device, Dir::Up, kind)) = topic::parse(&t) else {
+            return;
+        };
+        if kind != "hello" {
+            return;
+        }
+        let started = Instant::now();
+        let k = match self.sink.cloud_knowledge(&device, self.timeout).await {
+            Ok(k) => k,
+            Err(e) => {
+                AggStats::add(&stats.cloud_lookup_failures, 1);
+                self.quiet_until = Some(Instant::now() + LOOKUP_QUIET);
+                tracing::info!(%device, "cloud knowledge lookup failed: {e}; answering from local knowledge");
+                return;
+            }
+        };
+        self.quiet_until = None;
+        let st = store.clone();
+        match tokio::task::spawn_blocking(move || st.merge_cloud(&k)).await {
+            Ok(Ok(grew)) => {
+                AggStats::add(&stats.cloud_lookups, 1);
+                tracing::debug!(%device, grew, ms = started.elapsed().as_millis() as u64, "cloud knowledge looked up");
+            }
+            Ok(Err(e)) => tracing::error!(%device, "storing cloud knowledge: {e}"),
+            Err(e) => tracing::error!(%device, "storing cloud knowledge: {e}"),
+        }
+    }
+}
+
+/// How long Hellos skip the cloud lookup after one failed.
+const LOOKUP_QUIET: Duration = Duration::from_secs(30);
+
 /// Handles up messages in arrival order (so per device order too).
 pub async fn worker(
     mut rx: UnboundedReceiver<Publish>,
     client: AsyncClient,
     store: Arc<AggStore>,
     stats: Arc<AggStats>,
+    mut lookup: Option<CloudLookup>,
 ) {
     let mut server = Some(Server::new(ServerConfig::default()));
     let mut seen = ServerStats::default();
     while let Some(p) = rx.recv().await {
+        if let Some(l) = lookup.as_mut() {
+            l.before_hello(&p.topic, &store, &stats).await;
+        }
         let srv = server.take().unwrap_or_else(|| Server::new(ServerConfig::default()));
         let (st, pt) = (store.clone(), p.clone());
         let out = tokio::task::spawn_blocking(move || {

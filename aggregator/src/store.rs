@@ -775,6 +775,36 @@ impl AggStore {
         Ok(out)
     }
 
+    /// Adds what the sink reports it holds (e.g. of a device that moved here
+    /// from another aggregator) to the cloud knowledge. Returns whether it grew.
+    pub fn merge_cloud(&self, k: &Knowledge) -> Result<bool> {
+        let mut grew = false;
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        {
+            let mut cl = tx.open_table(CLOUD)?;
+            for (rep, set) in &k.map {
+                let rk = rep.key();
+                let mut cur = match cl.get(rk.as_str())? {
+                    Some(v) => decode_know(v.value())?.1,
+                    None => RangeSet::new(),
+                };
+                let before = cur.clone();
+                cur.union_with(set);
+                if cur != before {
+                    cl.insert(rk.as_str(), protocol::to_cbor(&(rep.clone(), cur)).as_slice())?;
+                    grew = true;
+                }
+            }
+        }
+        if grew {
+            tx.commit()?;
+        } else {
+            tx.abort()?;
+        }
+        Ok(grew)
+    }
+
     /// Changes the sink refused, with reasons.
     pub fn sink_rejected(&self) -> Result<Vec<(String, u64, String)>> {
         let rtx = self.db.begin_read()?;
@@ -1052,6 +1082,32 @@ mod tests {
             .cloud_knowledge(&ch.replica.device)
             .expect("cloud")
             .contains(&ch.replica, 1));
+    }
+
+    #[test]
+    fn cloud_knowledge_learned_from_the_sink_is_merged_and_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = AggStore::open(dir.path(), cfg()).expect("open");
+        let rep = ReplicaId {
+            device: DeviceRef::new("acme", "plant-1", "gw-moved").expect("ids"),
+            epoch: 3,
+        };
+        let mut k = Knowledge::default();
+        for seq in 1..=5 {
+            k.insert(&rep, seq);
+        }
+        assert!(s.merge_cloud(&k).expect("merge"));
+        // Nothing new: no write.
+        assert!(!s.merge_cloud(&k).expect("merge again"));
+        let mut more = Knowledge::default();
+        more.insert(&rep, 9);
+        assert!(s.merge_cloud(&more).expect("merge more"));
+        drop(s);
+        let s = AggStore::open(dir.path(), cfg()).expect("reopen");
+        let (regional, cloud) = s.knowledge_of(std::slice::from_ref(&rep.device)).expect("k");
+        assert!(regional.map.is_empty(), "the region holds none of it");
+        assert!((1..=5).all(|q| cloud.contains(&rep, q)) && cloud.contains(&rep, 9));
+        assert!(!cloud.contains(&rep, 6));
     }
 
     #[test]

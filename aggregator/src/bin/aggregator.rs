@@ -54,6 +54,20 @@ struct RunArgs {
     /// ... until the spool is below this.
     #[arg(long, env = "FERRY_SPOOL_LOW", default_value = "1536MiB", value_parser = parse_size)]
     spool_low: u64,
+    /// A sink request with no progress for this long fails and is retried
+    /// (a stalled link is noticed); requests with a body get body/min-rate more.
+    #[arg(long, env = "FERRY_SINK_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    sink_timeout: Duration,
+    /// Slowest upload rate to the sink that still counts as progress (e.g. 256KiB).
+    #[arg(long, env = "FERRY_SINK_MIN_RATE", default_value = "256KiB", value_parser = parse_size)]
+    sink_min_rate: u64,
+    /// Longest back-off between attempts while the sink is unreachable.
+    #[arg(long, env = "FERRY_SINK_RETRY_MAX", default_value = "30s", value_parser = parse_duration)]
+    sink_retry_max: Duration,
+    /// How long an agent's Hello may wait for the sink's knowledge of that
+    /// device (so a moved agent re-sends nothing the cloud holds); 0 = off.
+    #[arg(long, env = "FERRY_CLOUD_LOOKUP_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    cloud_lookup_timeout: Duration,
 }
 
 fn parse_broker(s: &str) -> Result<String, String> {
@@ -141,6 +155,10 @@ fn real_main() -> Result<()> {
         pack_max_delay: a.pack_max_delay,
         spool_high: a.spool_high,
         spool_low: a.spool_low,
+        sink_timeout: a.sink_timeout,
+        sink_min_rate: a.sink_min_rate,
+        sink_retry_max: a.sink_retry_max,
+        cloud_lookup_timeout: a.cloud_lookup_timeout,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let stats = Arc::new(AggStats::default());

@@ -37,6 +37,25 @@ pub struct Fleet {
     pub key: PathBuf,
     /// Agents reach the broker through this proxy (counts, throttles, cuts).
     pub link: Proxy,
+    /// With `FleetOpts::sink_proxy`: the aggregator reaches the sink through this.
+    pub sink_link: Option<Proxy>,
+    /// With `FleetOpts::agg_broker_proxy`: the aggregator reaches the broker through this.
+    pub agg_link: Option<Proxy>,
+}
+
+/// How `Fleet::start_with` sets the fleet up.
+#[derive(Clone, Debug, Default)]
+pub struct FleetOpts {
+    /// Mosquitto (else the embedded rumqttd).
+    pub mosquitto: bool,
+    /// Mosquitto without persistence: a restart loses every session.
+    pub no_persistence: bool,
+    /// A proxy between the aggregator and the sink (`Fleet::sink_link`).
+    pub sink_proxy: bool,
+    /// A proxy between the aggregator and the broker (`Fleet::agg_link`).
+    pub agg_broker_proxy: bool,
+    /// Extra `aggregator run` flags.
+    pub agg_args: Vec<String>,
 }
 
 pub fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
@@ -46,10 +65,18 @@ pub fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
 impl Fleet {
     /// Starts a broker, a sink and an aggregator, and writes a tenant key.
     pub fn start(mosquitto: bool) -> Result<Fleet> {
+        Fleet::start_with(FleetOpts {
+            mosquitto,
+            ..FleetOpts::default()
+        })
+    }
+
+    /// Starts a fleet as `opts` says.
+    pub fn start_with(opts: FleetOpts) -> Result<Fleet> {
         let work = tempfile::Builder::new().prefix("ferry-e2e-").tempdir()?;
-        let broker = if mosquitto {
-            // Persistence on, as production should run it.
-            Broker::Mosquitto(Mosquitto::start(&work.path().join("mosquitto"), true)?)
+        let broker = if opts.mosquitto {
+            // Persistence on, as production should run it, unless asked otherwise.
+            Broker::Mosquitto(Mosquitto::start(&work.path().join("mosquitto"), !opts.no_persistence)?)
         } else {
             Broker::Embedded(broker::start_embedded(0)?)
         };
@@ -67,27 +94,38 @@ impl Fleet {
             &work.path().join("sink.log"),
         )?;
         broker::wait_for_port(sink_port, Duration::from_secs(20))?;
-        let agg = Proc::start(
-            "aggregator",
-            &[
-                "run".into(),
-                "--broker".into(),
-                broker.url(),
-                "--sink".into(),
-                sink_url.clone(),
-                "--data".into(),
-                s(work.path().join("region")),
-                "--pack-max-delay".into(),
-                "200ms".into(),
-            ],
-            &work.path().join("agg.log"),
-        )?;
+        let local = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let sink_link = if opts.sink_proxy {
+            Some(Proxy::start(local(sink_port))?)
+        } else {
+            None
+        };
+        let agg_link = if opts.agg_broker_proxy {
+            Some(Proxy::start(local(broker.port()))?)
+        } else {
+            None
+        };
+        let mut agg_args: Vec<String> = vec![
+            "run".into(),
+            "--broker".into(),
+            agg_link.as_ref().map_or_else(|| broker.url(), |p| p.url("mqtt")),
+            "--sink".into(),
+            sink_link.as_ref().map_or_else(|| sink_url.clone(), |p| p.url("http")),
+            "--data".into(),
+            s(work.path().join("region")),
+            "--pack-max-delay".into(),
+            "200ms".into(),
+        ];
+        agg_args.extend(opts.agg_args.iter().cloned());
+        let agg = Proc::start("aggregator", &agg_args, &work.path().join("agg.log"))?;
         let key = work.path().join("tenant.key");
         let (ok, _, err) = run_to_end("edge-agent", &["keygen".into(), "--out".into(), s(&key)], secs(20))?;
         anyhow::ensure!(ok, "keygen failed: {err}");
         let link = Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], broker.port())))?;
         Ok(Fleet {
             link,
+            sink_link,
+            agg_link,
             work,
             broker,
             sink_url,
@@ -112,9 +150,14 @@ impl Fleet {
 
     /// The flags `run` and `sync` share.
     pub fn agent_args(&self, device: &str) -> Vec<String> {
+        self.agent_args_via(device, &self.link.url("mqtt"))
+    }
+
+    /// The flags `run` and `sync` share, with the agent talking to `broker`.
+    pub fn agent_args_via(&self, device: &str, broker: &str) -> Vec<String> {
         vec![
             "--broker".into(),
-            self.link.url("mqtt"),
+            broker.into(),
             "--tenant".into(),
             "acme".into(),
             "--site".into(),
@@ -132,11 +175,16 @@ impl Fleet {
 
     /// `edge-agent sync --wait cloud`; returns the parsed JSON report.
     pub fn sync(&self, device: &str, timeout_secs: u64) -> Result<serde_json::Value> {
+        self.sync_via(device, &self.link.url("mqtt"), "cloud", timeout_secs)
+    }
+
+    /// `edge-agent sync --wait LEVEL` through `broker`; returns the parsed JSON report.
+    pub fn sync_via(&self, device: &str, broker: &str, wait: &str, timeout_secs: u64) -> Result<serde_json::Value> {
         let mut args = vec!["sync".to_string()];
-        args.extend(self.agent_args(device));
+        args.extend(self.agent_args_via(device, broker));
         args.extend([
             "--wait".into(),
-            "cloud".into(),
+            wait.into(),
             "--timeout".into(),
             timeout_secs.to_string(),
             "--json".into(),
@@ -220,6 +268,70 @@ impl Fleet {
         }
         Ok(())
     }
+}
+
+impl Fleet {
+    /// Starts another aggregator named `id` (data under `region-{id}`, log
+    /// `agg-{id}.log`) on `broker`, forwarding to `sink`.
+    pub fn start_aggregator(&self, id: &str, broker: &str, sink: &str, extra: &[&str]) -> Result<Proc> {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--id".into(),
+            id.into(),
+            "--broker".into(),
+            broker.into(),
+            "--sink".into(),
+            sink.into(),
+            "--data".into(),
+            s(self.dir().join(format!("region-{id}"))),
+            "--pack-max-delay".into(),
+            "200ms".into(),
+        ];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        Proc::start("aggregator", &args, &self.dir().join(format!("agg-{id}.log")))
+    }
+
+    /// `cloud-sink ls --versions --json` rows of `device`.
+    pub fn versions(&self, device: &str) -> Result<Vec<serde_json::Value>> {
+        let (ok, out, err) = run_to_end(
+            "cloud-sink",
+            &[
+                "ls".into(),
+                "--sink".into(),
+                self.sink_url.clone(),
+                "--device".into(),
+                device.into(),
+                "--versions".into(),
+                "--json".into(),
+            ],
+            secs(30),
+        )?;
+        anyhow::ensure!(ok, "ls --versions failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Every (epoch, seq) of `device` is in the catalog once; returns how many.
+    pub fn assert_changes_once(&self, device: &str) -> Result<usize> {
+        let rows = self.versions(device)?;
+        let mut seen = std::collections::HashSet::new();
+        for r in &rows {
+            let k = (u(r, "epoch"), u(r, "seq"));
+            anyhow::ensure!(seen.insert(k), "change {k:?} of {device} is in the catalog twice");
+        }
+        Ok(rows.len())
+    }
+}
+
+/// Bytes of the files under `dir` (0 if it does not exist).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 pub fn unique() -> u64 {
