@@ -51,6 +51,8 @@ enum NetEvent {
 /// silent link is noticed within about twice this; a busy one by the
 /// liveness watchdog (see [`dead_after`]).
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
+/// The shortest keepalive rumqttc accepts.
+pub const MIN_KEEPALIVE: Duration = Duration::from_secs(5);
 const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 const REQUEST_CAPACITY: usize = 8;
 const INFLIGHT: u16 = 8;
@@ -244,7 +246,11 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
 
     let dev = agent.store.device().clone();
     let (host, port) = parse_broker(&agent.config().broker)?;
-    let keepalive = agent.config().keepalive.max(Duration::from_secs(1));
+    // rumqttc panics below 5 s.
+    let keepalive = agent
+        .config()
+        .keepalive
+        .clamp(MIN_KEEPALIVE, Duration::from_secs(u16::MAX.into()));
     let client_id = format!("ferry-agent-{}-{}-{}", dev.tenant, dev.site, dev.device);
     let mut opts = MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(keepalive)

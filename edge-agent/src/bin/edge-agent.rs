@@ -150,8 +150,8 @@ impl AgentArgs {
         edge_agent::net::parse_broker(&self.broker)?;
         cfg.scan_interval = Duration::from_secs(self.scan_interval.max(1));
         anyhow::ensure!(
-            (1..=3600).contains(&self.keepalive),
-            "--keepalive must be between 1 and 3600 seconds"
+            (5..=3600).contains(&self.keepalive),
+            "--keepalive must be between 5 and 3600 seconds"
         );
         cfg.keepalive = Duration::from_secs(self.keepalive);
         cfg.client.response_timeout_ms = self.response_timeout.clamp(1, 86_400) * 1000;
