@@ -333,7 +333,7 @@ fn broker_restarts_losing_all_sessions_mid_transfer() -> Result<()> {
 /// never heard so (its CloudAck was lost), moves to a new aggregator B with
 /// an empty data directory. B must learn the cloud's knowledge of the
 /// device at Hello, so the agent re-sends ~nothing.
-fn moved_agent(other_broker: bool) -> Result<()> {
+fn moved_agent(other_broker: bool, lookup: bool) -> Result<()> {
     let mut f = Fleet::start_with(FleetOpts {
         sink_proxy: true,
         agg_broker_proxy: true,
@@ -371,7 +371,8 @@ fn moved_agent(other_broker: bool) -> Result<()> {
         None
     };
     let broker_b = other.as_ref().map_or_else(|| f.broker.url(), |b| b.url());
-    let mut agg_b = f.start_aggregator("agg-b", &broker_b, &f.sink_url, &[])?;
+    let extra: &[&str] = if lookup { &[] } else { &["--cloud-lookup-timeout", "0"] };
+    let mut agg_b = f.start_aggregator("agg-b", &broker_b, &f.sink_url, extra)?;
     let link_b = if other_broker {
         Some(sim::proxy::Proxy::start(std::net::SocketAddr::from((
             [127, 0, 0, 1],
@@ -390,6 +391,15 @@ fn moved_agent(other_broker: bool) -> Result<()> {
         if other_broker { "other broker" } else { "same broker" },
         u(&r, "chunks_sent")
     );
+    if !lookup {
+        // Without the lookup B knows nothing and asks for every chunk again:
+        // what the lookup saves.
+        ensure!(
+            resent > first / 2,
+            "expected a full re-send without the lookup: {resent}"
+        );
+        return Ok(());
+    }
     ensure!(u(&r, "chunks_sent") == 0, "agent re-sent chunks the cloud holds: {r}");
     ensure!(resent < first / 20, "re-sent {resent} bytes (first sync {first})");
     ensure!(agg_b.log_text().contains("aggregator agg-b starting"), "B did not run");
@@ -407,10 +417,17 @@ fn moved_agent(other_broker: bool) -> Result<()> {
 
 #[test]
 fn moved_agent_resends_nothing_the_cloud_holds_same_broker() -> Result<()> {
-    moved_agent(false)
+    moved_agent(false, true)
 }
 
 #[test]
 fn moved_agent_resends_nothing_the_cloud_holds_other_broker() -> Result<()> {
-    moved_agent(true)
+    moved_agent(true, true)
+}
+
+/// The same move with the lookup turned off re-sends everything: the
+/// bytes the lookup saves, and proof the tests above depend on it.
+#[test]
+fn moved_agent_without_the_cloud_lookup_resends_everything() -> Result<()> {
+    moved_agent(false, false)
 }
