@@ -192,8 +192,12 @@ mod tests {
         let mut got = [0u8; 5];
         c.read_exact(&mut got)?;
         assert_eq!(&got, b"hello");
-        assert_eq!(p.up_bytes(), 5);
-        assert_eq!(p.down_bytes(), 5);
+        // Counters move right after each write: poll briefly.
+        let t = std::time::Instant::now();
+        while (p.up_bytes(), p.down_bytes()) != (5, 5) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!((p.up_bytes(), p.down_bytes()), (5, 5));
 
         p.set_rate(20_000);
         let t = std::time::Instant::now();
