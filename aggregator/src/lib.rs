@@ -22,6 +22,7 @@
 
 pub mod forward;
 pub mod mqtt;
+pub mod presence;
 pub mod sink;
 pub mod store;
 
@@ -199,6 +200,16 @@ pub struct AggStats {
     /// Agent Hellos answered with cloud knowledge fetched from the sink.
     pub cloud_lookups: AtomicU64,
     pub cloud_lookup_failures: AtomicU64,
+    /// Payloads on presence topics (valid or not).
+    pub presence_in: AtomicU64,
+    /// Presence payloads ignored as malformed or oversized.
+    pub presence_bad: AtomicU64,
+    /// Presence of devices beyond `presence::MAX_DEVICES`, dropped.
+    pub presence_dropped: AtomicU64,
+    /// Presence entries the sink accepted.
+    pub presence_forwarded: AtomicU64,
+    /// Failed `POST /v1/presence` attempts (retried).
+    pub presence_forward_errors: AtomicU64,
 }
 
 /// A plain copy of [`AggStats`].
@@ -225,6 +236,11 @@ pub struct StatsSnapshot {
     pub sink_timeouts: u64,
     pub cloud_lookups: u64,
     pub cloud_lookup_failures: u64,
+    pub presence_in: u64,
+    pub presence_bad: u64,
+    pub presence_dropped: u64,
+    pub presence_forwarded: u64,
+    pub presence_forward_errors: u64,
 }
 
 impl AggStats {
@@ -256,6 +272,11 @@ impl AggStats {
             sink_timeouts: g(&self.sink_timeouts),
             cloud_lookups: g(&self.cloud_lookups),
             cloud_lookup_failures: g(&self.cloud_lookup_failures),
+            presence_in: g(&self.presence_in),
+            presence_bad: g(&self.presence_bad),
+            presence_dropped: g(&self.presence_dropped),
+            presence_forwarded: g(&self.presence_forwarded),
+            presence_forward_errors: g(&self.presence_forward_errors),
         }
     }
 }
@@ -291,14 +312,17 @@ pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl
     let (client, eventloop) = mqtt::connect(&cfg)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
+    let tracker = Arc::new(presence::Tracker::new(&cfg.id, stats.clone()));
     tasks.spawn(mqtt::event_loop(
         eventloop,
         client.clone(),
         mqtt::subscription(&cfg),
         tx,
         stats.clone(),
+        tracker.clone(),
     ));
     let sink = sink::SinkHttp::new(&cfg, stats.clone())?;
+    tasks.spawn(presence::forward_loop(tracker, sink.clone(), cfg.sink_retry_max));
     let lookup = mqtt::CloudLookup::new(sink.clone(), cfg.cloud_lookup_timeout);
     tasks.spawn(mqtt::worker(
         rx,

@@ -7,6 +7,7 @@
 //! the event loop and the worker stays bounded by the broker's in-flight
 //! window and a message the aggregator crashed on is redelivered.
 
+use crate::presence::Tracker;
 use crate::sink::SinkHttp;
 use crate::store::AggStore;
 use crate::{AggConfig, AggStats, Result};
@@ -41,6 +42,14 @@ pub fn subscription(cfg: &AggConfig) -> String {
     topic::up_filter(cfg.share_group.as_deref())
 }
 
+/// The presence subscription: never shared (retained messages are not sent
+/// on shared subscriptions, and every aggregator should know the whole
+/// fleet), QoS 0 (nothing stale is queued while we are away; every
+/// re-subscription delivers the retained latest presence). See `presence`.
+pub fn presence_subscription() -> String {
+    topic::presence_filter()
+}
+
 /// Drives the connection forever: reconnects with backoff, subscribes after
 /// every ConnAck, hands publishes to the worker.
 pub async fn event_loop(
@@ -49,6 +58,7 @@ pub async fn event_loop(
     filter: String,
     to_worker: UnboundedSender<Publish>,
     stats: Arc<AggStats>,
+    tracker: Arc<Tracker>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -63,6 +73,10 @@ pub async fn event_loop(
                     if let Err(e) = c.subscribe(f.clone(), QoS::AtLeastOnce).await {
                         tracing::error!("subscribing to {f}: {e}");
                     }
+                    let pf = presence_subscription();
+                    if let Err(e) = c.subscribe(pf.clone(), QoS::AtMostOnce).await {
+                        tracing::error!("subscribing to {pf}: {e}");
+                    }
                 });
             }
             Ok(Event::Incoming(Packet::SubAck(s))) => {
@@ -70,15 +84,20 @@ pub async fn event_loop(
                     .iter()
                     .any(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)))
                 {
-                    tracing::error!("broker refused subscription {filter}: {:?}", s.return_codes);
+                    tracing::error!(
+                        "broker refused a subscription ({filter} or presence): {:?}",
+                        s.return_codes
+                    );
                 } else {
-                    tracing::info!("subscribed to {filter}");
+                    tracing::info!("subscribed (pkid {})", s.pkid);
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 AggStats::add(&stats.messages_in, 1);
-                if to_worker.send(p).is_err() {
-                    return; // worker gone: shutting down
+                if let Some(p) = on_publish(&tracker, p) {
+                    if to_worker.send(p).is_err() {
+                        return; // worker gone: shutting down
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -91,6 +110,28 @@ pub async fn event_loop(
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+/// Notes who sent `p`. Presence is handled here (it is tiny and needs no
+/// ack at QoS 0); anything else goes on to the worker.
+pub fn on_publish(tracker: &Tracker, p: Publish) -> Option<Publish> {
+    let t = String::from_utf8_lossy(&p.topic);
+    match topic::parse(&t) {
+        Some((device, Dir::Up, kind)) if kind == "presence" => {
+            let _ = tracker.on_payload(&device, &p.payload, crate::now_ms());
+            if p.qos != QoS::AtMostOnce {
+                // Someone subscribed us at QoS 1 (or the broker upgraded): the
+                // worker acks it.
+                return Some(p);
+            }
+            None
+        }
+        Some((device, Dir::Up, _)) => {
+            tracker.seen(&device, crate::now_ms());
+            Some(p)
+        }
+        _ => Some(p),
     }
 }
 
@@ -250,6 +291,10 @@ pub fn handle_publish(
         tracing::warn!("message on unexpected topic {t:?} ignored");
         return (Vec::new(), true);
     };
+    if kind == "presence" {
+        // Handled by `on_publish`; a QoS 1 copy only needs its ack.
+        return (Vec::new(), false);
+    }
     let msg = match Message::decode(payload) {
         Ok(m) => m,
         Err(e) => {

@@ -144,6 +144,33 @@ impl SinkHttp {
     }
 }
 
+impl SinkHttp {
+    /// `POST /v1/presence` with a JSON array of presence updates.
+    pub async fn post_presence(&self, updates: &[crate::presence::Update]) -> Result<()> {
+        let body = serde_json::to_vec(updates).map_err(|e| Error::Sink(format!("encoding presence: {e}")))?;
+        let t = self.deadline(body.len());
+        let r = self
+            .http
+            .post(format!("{}/v1/presence", self.base))
+            .header("content-type", "application/json")
+            .header("x-ferry-peer", &self.peer)
+            .timeout(t)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.note(e))?;
+        let status = r.status();
+        if !status.is_success() {
+            let why = r.text().await.unwrap_or_default();
+            return Err(Error::Sink(format!(
+                "POST presence: {status}: {}",
+                why.chars().take(500).collect::<String>().trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// `base` plus the time `body` bytes take at `min_rate` bytes/s.
 pub fn deadline(base: Duration, min_rate: u64, body: usize) -> Duration {
     base + Duration::from_secs_f64(body as f64 / min_rate.max(1) as f64)

@@ -30,6 +30,11 @@ const VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("versions")
 const KNOWLEDGE: TableDefinition<&str, &[u8]> = TableDefinition::new("knowledge");
 /// device key (`tenant/site/device`) → CBOR DeviceRecord
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// device key → JSON `fleet::PresenceRecord`. Live state forwarded by
+/// aggregators; not in the objects, so `rebuild` leaves it empty.
+const PRESENCE: TableDefinition<&str, &[u8]> = TableDefinition::new("presence");
+/// Largest presence record read back.
+const MAX_PRESENCE_RECORD: usize = 64 << 10;
 
 /// Bytes after the path in a version key: 0 ‖ hlc(8) ‖ 0 ‖ epoch(4) ‖ 0 ‖ seq(8).
 const VKEY_SUFFIX: usize = 23;
@@ -247,6 +252,13 @@ fn split_version_key(k: &[u8], prefix_len: usize) -> Option<(&str, u64)> {
     Some((path, protocol::hlc::Hlc(hlc).millis()))
 }
 
+fn read_presence(b: &[u8]) -> Result<crate::fleet::PresenceRecord> {
+    if b.len() > MAX_PRESENCE_RECORD {
+        return Err(Error::Corrupt(format!("presence record of {} bytes", b.len())));
+    }
+    serde_json::from_slice(b).map_err(|e| Error::Corrupt(format!("presence record: {e}")))
+}
+
 fn decode<'b, T: minicbor::Decode<'b, ()>>(b: &'b [u8], what: &str) -> Result<T> {
     protocol::from_cbor(b, MAX_CHANGE).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
 }
@@ -262,6 +274,7 @@ impl Catalog {
         tx.open_table(VERSIONS)?;
         tx.open_table(KNOWLEDGE)?;
         tx.open_table(DEVICES)?;
+        tx.open_table(PRESENCE)?;
         tx.commit()?;
         Ok(Catalog { db })
     }
@@ -467,6 +480,74 @@ impl Catalog {
             out.push(decode(v.value(), "device")?);
         }
         Ok(out)
+    }
+
+    /// Merges presence updates (see `fleet::PresenceRecord::merge`) in one
+    /// transaction. Not fsynced on its own: presence is live state that
+    /// aggregators re-send, and the next durable commit makes it durable.
+    pub fn put_presence(
+        &self,
+        updates: &[(DeviceRef, crate::fleet::PresenceUpdate)],
+    ) -> Result<crate::fleet::PresenceAck> {
+        let mut ack = crate::fleet::PresenceAck::default();
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::None)?;
+        {
+            let mut t = tx.open_table(PRESENCE)?;
+            for (d, u) in updates {
+                let key = d.key();
+                let mut rec = match t.get(key.as_str())? {
+                    Some(v) => read_presence(v.value())?,
+                    None => crate::fleet::PresenceRecord {
+                        last_seen_ms: 0,
+                        presence: None,
+                        aggregator: None,
+                    },
+                };
+                if rec.merge(u) {
+                    let bytes = serde_json::to_vec(&rec).map_err(|e| Error::Corrupt(format!("presence: {e}")))?;
+                    t.insert(key.as_str(), bytes.as_slice())?;
+                    ack.applied += 1;
+                } else {
+                    ack.unchanged += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(ack)
+    }
+
+    /// One row per device the catalog or presence knows, sorted by device key.
+    pub fn fleet(&self, now_ms: u64) -> Result<Vec<crate::fleet::FleetRow>> {
+        use crate::fleet::{row, CatalogCounts, PresenceRecord};
+        let mut devs: BTreeMap<String, (DeviceRef, Option<CatalogCounts>, Option<PresenceRecord>)> = BTreeMap::new();
+        for r in self.device_records()? {
+            let counts = CatalogCounts {
+                last_seen_ms: r.last_seen_ms,
+                changes: r.changes,
+                files: r.files,
+                logical_bytes: r.logical_bytes,
+                epochs: r.epochs.iter().copied().collect(),
+            };
+            devs.insert(r.device.key(), (r.device.clone(), Some(counts), None));
+        }
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PRESENCE)?;
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let key = k.value().to_string();
+            let mut parts = key.splitn(3, '/');
+            let (Some(ts), Some(ss), Some(ds)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(Error::Corrupt(format!("presence key {key:?}")));
+            };
+            let d = DeviceRef::new(ts, ss, ds).map_err(|e| Error::Corrupt(format!("presence key {key:?}: {e}")))?;
+            let rec = read_presence(v.value())?;
+            devs.entry(key).or_insert_with(|| (d, None, None)).2 = Some(rec);
+        }
+        Ok(devs
+            .values()
+            .map(|(d, c, p)| row(d, c.as_ref(), p.as_ref(), now_ms))
+            .collect())
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceInfo>> {

@@ -61,6 +61,24 @@ impl SinkClient {
         serde_json::from_slice(&b).map_err(|e| Error::BadRequest(format!("bad /v1/devices answer: {e}")))
     }
 
+    /// Fleet health, one row per device (`/v1/fleet`).
+    pub async fn fleet(&self) -> Result<Vec<crate::fleet::FleetRow>> {
+        let b = self.send(self.http.get(self.url("fleet")), MAX_LISTING).await?;
+        serde_json::from_slice(&b).map_err(|e| Error::BadRequest(format!("bad /v1/fleet answer: {e}")))
+    }
+
+    /// `POST /v1/presence` (what aggregators send; for tests and tools).
+    pub async fn post_presence(&self, updates: &[crate::fleet::PresenceUpdate]) -> Result<crate::fleet::PresenceAck> {
+        let body = serde_json::to_vec(updates).map_err(|e| Error::BadRequest(format!("encoding presence: {e}")))?;
+        let req = self
+            .http
+            .post(self.url("presence"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let b = self.send(req, 64 << 10).await?;
+        serde_json::from_slice(&b).map_err(|e| Error::BadRequest(format!("bad /v1/presence answer: {e}")))
+    }
+
     /// The signed changes to restore (`/v1/restore`). Not verified here.
     pub async fn restore(&self, q: &FileQuery) -> Result<Vec<Change>> {
         let b = self

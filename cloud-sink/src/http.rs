@@ -99,6 +99,15 @@ pub async fn serve(
         .route("/v1/files", get(files))
         .route("/v1/restore", get(restore_set))
         .route("/v1/devices", get(devices))
+        .route(
+            "/v1/presence",
+            post(presence)
+                .layer(DefaultBodyLimit::max(crate::fleet::MAX_PRESENCE_BODY))
+                .layer(from_fn(|r: Request, n: Next| {
+                    announced_limit(crate::fleet::MAX_PRESENCE_BODY, r, n)
+                })),
+        )
+        .route("/v1/fleet", get(fleet))
         .route("/v1/health", get(|| async { "ok" }))
         // Every error has a plain-text reason, unknown routes and methods too.
         .method_not_allowed_fallback(|m: Method, uri: Uri| async move {
@@ -285,5 +294,20 @@ async fn restore_set(State(st): State<AppState>, Query(q): Query<FileQuery>) -> 
 async fn devices(State(st): State<AppState>) -> ApiResult<Response> {
     let cat = st.catalog.clone();
     let rows = tokio::task::spawn_blocking(move || cat.devices()).await??;
+    Ok(Json(rows).into_response())
+}
+
+/// `POST /v1/presence`: a JSON array of presence updates from an aggregator.
+async fn presence(State(st): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    let updates = crate::fleet::parse_updates(&body, crate::now_ms())?;
+    let cat = st.catalog.clone();
+    let ack = tokio::task::spawn_blocking(move || cat.put_presence(&updates)).await??;
+    Ok(Json(ack).into_response())
+}
+
+/// `GET /v1/fleet`: one row per device.
+async fn fleet(State(st): State<AppState>) -> ApiResult<Response> {
+    let cat = st.catalog.clone();
+    let rows = tokio::task::spawn_blocking(move || cat.fleet(crate::now_ms())).await??;
     Ok(Json(rows).into_response())
 }

@@ -4,7 +4,8 @@
 //!
 //! Layout of a data directory:
 //! ```text
-//! DIR/catalog.redb                                   index, rebuildable
+//! DIR/catalog.redb                                   index, rebuildable (its
+//!                                                    `presence` table is live state, re-sent by aggregators)
 //! DIR/objects/packs/<2 hex>/<pack id hex>            protocol::pack objects
 //! DIR/objects/manifests/<tenant>/<site>/<device>/<epoch>/<seq>   CBOR signed Change
 //! ```
@@ -12,6 +13,7 @@
 
 pub mod catalog;
 pub mod client;
+pub mod fleet;
 pub mod http;
 pub mod objects;
 pub mod restore;
@@ -19,6 +21,7 @@ pub mod store;
 
 pub use catalog::{Catalog, DeviceInfo, FileEntry, FileQuery};
 pub use client::SinkClient;
+pub use fleet::{FleetRow, PresenceUpdate};
 pub use http::{serve, ServeConfig};
 pub use restore::{restore, RestoreReport, RestoreRequest};
 pub use store::{rebuild, RebuildReport, SinkStore};

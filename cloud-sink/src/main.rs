@@ -49,6 +49,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Fleet health: per device online/offline, last seen, backlog not yet
+    /// cloud-durable, epoch, conflicts, counts. Devices that are offline or
+    /// have a large or old backlog are flagged.
+    Fleet {
+        #[arg(long, env = "FERRY_SINK")]
+        sink: String,
+        /// The sink's JSON rows (`GET /v1/fleet`) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Flag a backlog of at least this many bytes (e.g. 1GiB, 500M).
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        backlog_warn: u64,
+        /// Flag a backlog whose oldest change is at least this old (e.g. 1h, 30m, 90s).
+        #[arg(long, default_value = "1h", value_parser = parse_secs)]
+        age_warn: u64,
+    },
     /// Restore files byte-identical as of a time, verifying every chunk, the
     /// signature of every manifest and each file's SHA-256. Files go under
     /// OUT/<path>; nothing is written outside OUT.
@@ -192,6 +208,20 @@ fn real_main() -> Result<()> {
                     }
                 }
             }
+            Cmd::Fleet {
+                sink,
+                json,
+                backlog_warn,
+                age_warn,
+            } => {
+                let client = SinkClient::new(&sink)?;
+                let rows = client.fleet().await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    print!("{}", fleet_table(&rows, backlog_warn, age_warn));
+                }
+            }
             Cmd::Restore { sel, key, out } => {
                 let key = edge_key(&key)?;
                 let client = SinkClient::new(&sel.sink)?;
@@ -235,4 +265,143 @@ fn edge_key(path: &std::path::Path) -> Result<protocol::seal::TenantKey> {
     );
     let text = std::fs::read_to_string(path).with_context(|| format!("key file {}", path.display()))?;
     protocol::seal::TenantKey::parse(&text).with_context(|| format!("key file {}", path.display()))
+}
+
+/// `123`, `16MiB`, `16M`, `2GiB`, `1.5G`, `64KiB`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?} (use B, KiB, MiB, GiB, TiB)")),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size like 1GiB"))?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(format!("{s:?} is not a size"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// `90s`, `30m`, `2h`, `1d`, or plain seconds.
+fn parse_secs(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 1h"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        u => return Err(format!("unknown duration unit {u:?} (use s, m, h, d)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// `3s`, `4m`, `2h`, `5d`.
+fn ago(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// The readable fleet table, flagged rows marked with `!`, and a summary line.
+fn fleet_table(rows: &[cloud_sink::FleetRow], backlog_warn: u64, age_warn: u64) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "  {:<32} {:<8} {:>9} {:>8} {:>11} {:>8} {:>10} {:>8} {:>7} {:>10} {:>9} {:<8} flags",
+        "tenant/site/device",
+        "state",
+        "last seen",
+        "backlog",
+        "bytes",
+        "oldest",
+        "epoch",
+        "changes",
+        "files",
+        "size",
+        "conflicts",
+        "version"
+    );
+    let mut flagged = 0;
+    let mut online = 0;
+    for r in rows {
+        let f = cloud_sink::fleet::flags(r, backlog_warn, age_warn);
+        if !f.is_empty() {
+            flagged += 1;
+        }
+        if r.online {
+            online += 1;
+        }
+        let dash = || "-".to_string();
+        let _ = writeln!(
+            out,
+            "{} {:<32} {:<8} {:>9} {:>8} {:>11} {:>8} {:>10} {:>8} {:>7} {:>10} {:>9} {:<8} {}",
+            if f.is_empty() { ' ' } else { '!' },
+            format!("{}/{}/{}", r.tenant, r.site, r.device),
+            r.state,
+            r.last_seen_age_secs.map_or_else(dash, |a| format!("{} ago", ago(a))),
+            r.backlog_changes.map_or_else(dash, |n| n.to_string()),
+            r.backlog_bytes.map_or_else(dash, human_bytes),
+            r.oldest_unsynced_age_secs.map_or_else(dash, ago),
+            r.epoch.map_or_else(dash, |e| e.to_string()),
+            r.changes,
+            r.files,
+            human_bytes(r.logical_bytes),
+            r.conflict_count,
+            r.agent_version.clone().unwrap_or_else(dash),
+            f.join(",")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{} device(s), {online} online, {flagged} flagged (backlog >= {}, oldest unsynced change >= {})",
+        rows.len(),
+        human_bytes(backlog_warn),
+        ago(age_warn)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("500M"), Ok(500 << 20));
+        assert!(parse_size("3 furlongs").is_err());
+        assert_eq!(parse_secs("1h"), Ok(3600));
+        assert_eq!(parse_secs("90"), Ok(90));
+        assert!(parse_secs("1y").is_err());
+        assert_eq!(ago(59), "59s");
+        assert_eq!(ago(3 * 3600), "3h");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
 }
