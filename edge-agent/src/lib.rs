@@ -8,16 +8,19 @@
 //! level, exit), [`Agent::status`] / [`read_status`].
 
 pub mod chunker;
+pub mod disk;
 pub mod error;
 pub mod net;
 pub mod policy;
 pub mod scan;
+pub mod sched;
 pub mod store;
 
 pub use chunker::ChunkParams;
 pub use error::{Error, Result};
+pub use policy::{ClassSpec, DiskProbe, DiskStat, DiskWatermarks, FileConfig, Prune, Watermark};
 pub use scan::ScanReport;
-pub use store::{Counters, Status};
+pub use store::{Counters, DiskStatus, Status};
 
 use policy::{Policy, Root};
 use protocol::client::{ClientConfig, ClientStore};
@@ -70,7 +73,23 @@ pub struct AgentConfig {
     pub keepalive: Duration,
     /// Wall clock (Unix ms) used to stamp changes (their hybrid logical
     /// clock). The system clock by default; tests inject one that jumps.
+    /// Policy time (schedule windows, budget days, `keep_local`,
+    /// starvation) follows this clock too.
     pub clock: Clock,
+    /// Policy classes from the config file: new classes (matched before the
+    /// built-in ones, in this order) and overrides of `append`, `db` and
+    /// `default` ([`policy::ClassSpec`]).
+    pub classes: Vec<ClassSpec>,
+    /// A class with pending changes gets a batch at least this often while
+    /// higher-priority classes hold backlog (no class starves forever).
+    pub starvation: Duration,
+    /// Logical bytes of file versions per batch, beyond the first change:
+    /// bounds how long a higher-priority change waits for a batch in flight.
+    pub batch_data_bytes: u64,
+    /// Disk watermarks; `None` disables pruning.
+    pub disk: Option<DiskWatermarks>,
+    /// How disk usage is measured (`df -Pk` by default; tests inject one).
+    pub disk_probe: DiskProbe,
 }
 
 /// A wall clock in Unix milliseconds.
@@ -116,6 +135,11 @@ impl AgentConfig {
             status_snapshot: true,
             keepalive: net::DEFAULT_KEEPALIVE,
             clock: system_clock(),
+            classes: Vec::new(),
+            starvation: Duration::from_secs(600),
+            batch_data_bytes: 64 << 20,
+            disk: None,
+            disk_probe: policy::df_probe(),
         }
     }
 
@@ -240,10 +264,13 @@ pub struct Agent {
     other_sealer: Option<Sealer>,
     pub(crate) policy: Policy,
     pub(crate) roots: Vec<Root>,
-    pub(crate) chunker: chunker::Chunker,
-    pub(crate) db_chunker: chunker::Chunker,
+    /// One chunker per policy class (same order as `policy.classes`).
+    pub(crate) chunkers: Vec<chunker::Chunker>,
     pub(crate) seal_buf: Vec<u8>,
     pub(crate) read_buf: Vec<u8>,
+    pub(crate) sched: sched::Sched,
+    /// The last disk watermark check.
+    pub(crate) disk_status: Option<store::DiskStatus>,
 }
 
 impl Agent {
@@ -253,16 +280,26 @@ impl Agent {
             return Err(Error::Config("at least one --watch directory is needed".into()));
         }
         let roots = policy::roots(&cfg.watch)?;
-        let policy = Policy::new(
+        let policy = Policy::build(
             &cfg.include,
             &cfg.exclude,
-            &cfg.append_globs,
-            &cfg.db_globs,
-            (cfg.zstd_level, cfg.append_zstd_level),
+            &policy::Builtins {
+                append_globs: &cfg.append_globs,
+                db_globs: &cfg.db_globs,
+                chunking: cfg.chunking,
+                db_chunking: cfg.db_chunking,
+                zstd_level: cfg.zstd_level,
+                append_zstd_level: cfg.append_zstd_level,
+            },
+            &cfg.classes,
         )?;
-        let chunker = chunker::Chunker::new(cfg.chunking)?;
-        let db_chunker = chunker::Chunker::new(cfg.db_chunking)?;
+        let chunkers = policy
+            .classes
+            .iter()
+            .map(|c| chunker::Chunker::new(c.chunking))
+            .collect::<Result<Vec<_>>>()?;
         let store = Store::open(&cfg.state, &device)?;
+        let sched = sched::Sched::new(&policy, (cfg.clock)());
         let sealer = Sealer::new(&cfg.key, cfg.cipher)?;
         tracing::info!(replica = %store.replica(), next_seq = store.next_seq(), "state opened");
         Ok(Agent {
@@ -271,10 +308,11 @@ impl Agent {
             other_sealer: None,
             policy,
             roots,
-            chunker,
-            db_chunker,
+            chunkers,
             seal_buf: Vec::new(),
             read_buf: Vec::new(),
+            sched,
+            disk_status: None,
             cfg,
         })
     }
@@ -288,6 +326,23 @@ impl Agent {
     /// The device's Ed25519 public key (what the sink pins).
     pub fn public_key(&self) -> Vec<u8> {
         self.store.public_key()
+    }
+    /// The resolved policy (classes in matching order).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+    /// Index of a policy class by name.
+    pub fn class_index(&self, name: &str) -> Option<usize> {
+        self.policy.classes.iter().position(|c| c.name == name)
+    }
+    /// The record of a file the disk watermarks pruned (and that was not
+    /// recorded again since).
+    pub fn pruned(&self, path: &str) -> Result<Option<store::PrunedFile>> {
+        self.store.pruned(path)
+    }
+    /// The last disk watermark check of this process.
+    pub fn disk_status(&self) -> Option<&store::DiskStatus> {
+        self.disk_status.as_ref()
     }
     pub fn counters(&self) -> &Counters {
         &self.store.counters
@@ -378,7 +433,13 @@ impl Agent {
             }
         };
         let got = sealer.seal(&self.read_buf, level, &mut self.seal_buf)?;
-        Ok((got == *id).then(|| std::mem::take(&mut self.seal_buf)))
+        if got != *id {
+            return Ok(None);
+        }
+        let bytes = std::mem::take(&mut self.seal_buf);
+        let ci = self.policy.class_idx(&f.path);
+        self.sched.charges.push((ci, bytes.len() as u64));
+        Ok(Some(bytes))
     }
 }
 
@@ -397,7 +458,7 @@ impl ClientStore for Agent {
         self.store.replica()
     }
     fn pending(&mut self, have: &Knowledge, max: usize, max_bytes: usize) -> protocol::Result<Vec<Change>> {
-        self.store.pending(have, max, max_bytes).map_err(store_err)
+        self.pending_by_policy(have, max, max_bytes).map_err(store_err)
     }
     fn chunk(&mut self, change: &Change, id: &Hash32) -> protocol::Result<Option<Vec<u8>>> {
         self.read_chunk(change, id).map_err(store_err)

@@ -104,6 +104,14 @@ fn presence(agent: &Agent, online: bool) -> Vec<u8> {
         "backlog_bytes": s.as_ref().map(|s| s.pending_bytes),
         "backlog_changes": s.as_ref().map(|s| s.pending_changes),
         "oldest_unsynced_age_secs": s.as_ref().and_then(|s| s.oldest_pending_age_secs),
+        "disk": agent.disk_status.as_ref().map(|d| serde_json::json!({
+            "used_pct": (d.used_pct * 10.0).round() / 10.0,
+            "free_bytes": d.free_bytes,
+            "over_high": d.over_high,
+            "pruned_files": d.pruned_files,
+            "pruned_bytes": d.pruned_bytes,
+            "blocked_bytes_not_durable": d.blocked_bytes_not_durable,
+        })),
         "ts_ms": now_ms(),
     })
     .to_string()
@@ -215,7 +223,15 @@ struct Held {
     payload: Bytes,
     chunks: u64,
     chunk_bytes: u64,
+    /// (policy class, bytes) of the chunks in a Data message.
+    charges: Vec<(usize, u64)>,
+    /// Counted once in `data_held` when first held back by policy.
+    policy_held: bool,
 }
+
+/// How often a policy-gated agent offers its backlog again (a schedule
+/// window may have opened, a budget day begun).
+const POLICY_RECHECK: Duration = Duration::from_secs(10);
 
 /// Every change of the current epoch is in `have` (or nothing is recorded).
 fn all_durable(agent: &Agent, session: &ClientSession, wait: WaitLevel) -> bool {
@@ -243,6 +259,9 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
     let mut scans: Vec<ScanReport> = Vec::new();
     let is_sync = matches!(mode, Mode::Sync { .. });
     scans.push(blocking(|| agent.scan_once())?);
+    if let Err(e) = blocking(|| agent.enforce_disk()) {
+        tracing::warn!("disk watermark check failed: {e}");
+    }
 
     let dev = agent.store.device().clone();
     let (host, port) = parse_broker(&agent.config().broker)?;
@@ -280,6 +299,9 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
     let mut online = false;
     let mut was_down = false;
     let mut held: Option<Held> = None;
+    // A Data message held back by a bandwidth cap, schedule or budget.
+    let mut gate_until: Option<Instant> = None;
+    let mut next_policy_wake = Instant::now() + POLICY_RECHECK;
     // After a store error: stop sending for a while, then restart the flow.
     let mut paused_until: Option<Instant> = None;
     tokio::pin!(shutdown);
@@ -299,6 +321,11 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                             ),
                             _ => (0, 0),
                         };
+                        let charges = if matches!(m, Message::Data(_)) {
+                            agent.take_charges()
+                        } else {
+                            Vec::new()
+                        };
                         let payload = match m.encode() {
                             Ok(p) => p,
                             Err(e) => {
@@ -315,6 +342,8 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                             payload: Bytes::from(payload),
                             chunks,
                             chunk_bytes,
+                            charges,
+                            policy_held: false,
                         }
                     }
                     Ok(None) => break,
@@ -328,6 +357,20 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                     }
                 },
             };
+            let mut h = h;
+            if !h.charges.is_empty() {
+                let wait = agent.data_gate(&h.charges).unwrap_or(Duration::ZERO);
+                if !wait.is_zero() {
+                    if !h.policy_held {
+                        h.policy_held = true;
+                        agent.store.counters.data_held += h.chunk_bytes;
+                    }
+                    gate_until = Some(Instant::now() + wait);
+                    held = Some(h);
+                    break;
+                }
+            }
+            gate_until = None;
             let len = h.payload.len() as u64;
             match conn
                 .client
@@ -339,6 +382,11 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                     c.messages_sent += 1;
                     c.chunks_sent += h.chunks;
                     c.chunk_bytes_sent += h.chunk_bytes;
+                    if !h.charges.is_empty() {
+                        if let Err(e) = agent.charge(&h.charges) {
+                            tracing::warn!("accounting sent bytes: {e}");
+                        }
+                    }
                 }
                 Err(_) => {
                     held = Some(h);
@@ -386,7 +434,10 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
             wake = wake.min(p);
         }
         if held.is_some() {
-            wake = wake.min(Instant::now() + Duration::from_millis(50));
+            wake = wake.min(gate_until.unwrap_or_else(|| Instant::now() + Duration::from_millis(50)));
+        }
+        if agent.policy_gated() {
+            wake = wake.min(next_policy_wake);
         }
         if online {
             wake = wake.min(conn.last_alive(t0) + dead_after);
@@ -490,12 +541,21 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
         if session.poll_timeout().is_some_and(|t| now() >= t) {
             session.handle_timeout(now(), agent);
         }
+        if Instant::now() >= next_policy_wake {
+            if agent.policy_gated() {
+                session.wake();
+            }
+            next_policy_wake = Instant::now() + POLICY_RECHECK;
+        }
         let scan_due = Instant::now() >= next_scan;
         if scan_due || agent.store.rescan {
             match blocking(|| agent.scan_once()) {
                 Ok(r) => {
                     if r.changes_recorded > 0 {
                         session.wake();
+                    }
+                    if let Err(e) = blocking(|| agent.enforce_disk()) {
+                        tracing::warn!("disk watermark check failed: {e}");
                     }
                     if is_sync {
                         scans.push(r);

@@ -11,7 +11,7 @@
 //! again, and a new version is recorded only if it differs.
 
 use crate::error::{Error, Result};
-use crate::policy::{Root, APPEND_CLASS, DB_CLASS};
+use crate::policy::Root;
 use crate::store::{now_ms, FileChunks, FileMeta, KnownChunk, StoredChunk};
 use crate::Agent;
 use protocol::manifest::{ChangeBody, ChunkRef, FileVersion};
@@ -269,8 +269,12 @@ impl Agent {
                 return Ok(());
             }
         }
-        let class = self.policy.class(path);
-        let level = self.policy.level(class);
+        let ci = self.policy.class_idx(path);
+        let (class, level, append_class) = match self.policy.classes.get(ci) {
+            Some(c) => (c.name.clone(), c.zstd_level, c.append),
+            None => return Err(Error::Config("no policy class".into())),
+        };
+        let class = class.as_str();
         let mut file = File::open(fs_path).map_err(|e| Error::io(fs_path, e))?;
         let mut start = 0u64;
         let mut chunks: Vec<StoredChunk> = Vec::new();
@@ -280,7 +284,7 @@ impl Agent {
         // Append fast path: the file grew and its last stable chunk is unchanged.
         let appendable = old
             .as_ref()
-            .is_some_and(|o| class == APPEND_CLASS && !o.dirty && o.inode == st.inode && st.size > o.size);
+            .is_some_and(|o| append_class && !o.dirty && o.inode == st.inode && st.size > o.size);
         if appendable {
             if let Some(fc) = self.store.file_chunks(path)? {
                 let n = fc.chunks.len();
@@ -313,13 +317,14 @@ impl Agent {
         let mut sha_before_last = sha.clone();
         let (mut n_new, mut n_known) = (0u64, 0u64);
         let Agent {
-            chunker,
-            db_chunker,
+            chunkers,
             sealer,
             seal_buf,
             ..
         } = self;
-        let chunker = if class == DB_CLASS { db_chunker } else { chunker };
+        let chunker = chunkers
+            .get_mut(ci)
+            .ok_or_else(|| Error::Config("no chunker for the policy class".into()))?;
         let cipher = sealer.cipher() as u8;
         let read = chunker.run(&mut file, fs_path, |plain| {
             sha_before_last = sha.clone();

@@ -8,6 +8,13 @@
 //!   tags and the saved SHA-256 state for the append fast path).
 //! - `known`: HMAC index tag → sealed chunk id + how it was sealed.
 //! - `outbox`: (epoch, seq) → recorded time, logical bytes, CBOR [`Change`].
+//! - `budget`: policy class → budget day, bytes of chunk data sent that day
+//!   (daily budgets survive restarts).
+//! - `durable`: manifest path → (seq, Unix ms) when that version of the file
+//!   became cloud-durable (for `keep_local`).
+//! - `pruned`: manifest path → [`PrunedFile`]: files the disk watermarks
+//!   deleted locally. Not deletions: the cloud keeps them and restores bring
+//!   them back.
 //!
 //! Invariants:
 //! - A recorded change (outbox entry, file state, known chunks, next seq,
@@ -36,6 +43,9 @@ const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const FILE_CHUNKS: TableDefinition<&str, &[u8]> = TableDefinition::new("file_chunks");
 const KNOWN: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("known");
 const OUTBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("outbox");
+const BUDGET: TableDefinition<&str, &[u8]> = TableDefinition::new("budget");
+const DURABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("durable");
+const PRUNED: TableDefinition<&str, &[u8]> = TableDefinition::new("pruned");
 
 /// redb page cache: small and explicit (the default is 1 GiB).
 pub const CACHE_BYTES: usize = 4 << 20;
@@ -97,6 +107,47 @@ pub struct FileChunks {
     pub class: String,
 }
 
+/// A file the disk watermarks deleted from the watch folder.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct PrunedFile {
+    #[n(0)]
+    pub size: u64,
+    #[n(1)]
+    pub mtime_ns: i64,
+    #[n(2)]
+    pub epoch: u32,
+    #[n(3)]
+    pub seq: u64,
+    #[n(4)]
+    pub pruned_ms: u64,
+    /// Deleted although not cloud-durable (`prune = "force"`).
+    #[n(5)]
+    pub forced: bool,
+}
+
+/// The disk watermark condition, as of the last check.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DiskStatus {
+    /// Highest percent used over the watched filesystems.
+    pub used_pct: f64,
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    pub over_high: bool,
+    pub high: String,
+    pub low: String,
+    /// Files and bytes pruned over the life of the state file.
+    pub pruned_files: u64,
+    pub pruned_bytes: u64,
+    /// Of those, deleted while not cloud-durable (`prune = "force"`).
+    pub pruned_forced: u64,
+    /// Still over the low watermark after pruning: bytes of tracked files
+    /// that could not be pruned because they are not cloud-durable yet.
+    pub blocked_bytes_not_durable: u64,
+    /// Unix ms of the check.
+    pub checked_ms: u64,
+}
+
 /// How a known chunk was sealed, so `chunk()` can reproduce the same bytes
 /// even after the class's zstd level or the cipher setting changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +206,13 @@ pub struct Counters {
     /// Times the server knew seqs of this replica that this state never
     /// handed out (state lost or restored from an old copy): new epoch.
     pub state_rollbacks: u64,
+    /// Files deleted locally by the disk watermarks (not user deletions).
+    pub pruned_files: u64,
+    pub pruned_bytes: u64,
+    pub pruned_forced: u64,
+    /// Chunk data bytes held back by bandwidth caps, schedules or budgets
+    /// (counted once per held Data message).
+    pub data_held: u64,
 }
 
 /// One replica's knowledge, for status output.
@@ -218,6 +276,9 @@ pub struct Status {
     pub as_of_ms: u64,
     /// True when read from the daemon's snapshot file because it holds the lock.
     pub from_snapshot: bool,
+    /// Disk watermarks (null when never checked or not configured).
+    #[serde(default)]
+    pub disk: Option<DiskStatus>,
 }
 
 pub fn now_ms() -> u64 {
@@ -390,6 +451,9 @@ impl Store {
             txn.open_table(FILE_CHUNKS)?;
             txn.open_table(KNOWN)?;
             txn.open_table(OUTBOX)?;
+            txn.open_table(BUDGET)?;
+            txn.open_table(DURABLE)?;
+            txn.open_table(PRUNED)?;
             let stored = meta
                 .get("device")?
                 .map(|v| String::from_utf8_lossy(v.value()).into_owned());
@@ -619,6 +683,8 @@ impl Store {
                 }
                 _ => return Err(Error::Config("record: body and file state disagree".into())),
             }
+            txn.open_table(PRUNED)?.remove(path)?;
+            txn.open_table(DURABLE)?.remove(path)?;
             let mut known = txn.open_table(KNOWN)?;
             for (tag, k) in new_known {
                 known.insert(tag.0, &k.to_bytes()[..])?;
@@ -684,7 +750,76 @@ impl Store {
     /// at most `max` and (beyond the first) `max_bytes` of CBOR. Flushes
     /// first: a change leaves the device only once it is durable here.
     pub fn pending(&mut self, have: &Knowledge, max: usize, max_bytes: usize) -> Result<Vec<Change>> {
-        let out = self.pending_unflushed(have, max, max_bytes)?;
+        self.pending_limited(have, max, max_bytes, usize::MAX as u64)
+    }
+
+    /// [`Store::pending`], also stopping (beyond the first change) at
+    /// `max_logical` bytes of file versions.
+    pub fn pending_limited(
+        &mut self,
+        have: &Knowledge,
+        max: usize,
+        max_bytes: usize,
+        max_logical: u64,
+    ) -> Result<Vec<Change>> {
+        let out = self.pending_unflushed(have, max, max_bytes, max_logical)?;
+        self.mark_offered(out)
+    }
+
+    /// The outbox entries of the current epoch with these seqs, in the
+    /// given order (missing ones skipped), made durable like `pending`.
+    pub fn take(&mut self, seqs: &[u64]) -> Result<Vec<Change>> {
+        let mut out = Vec::with_capacity(seqs.len());
+        {
+            let r = self.db.begin_read()?;
+            let t = r.open_table(OUTBOX)?;
+            for &seq in seqs {
+                if let Some(v) = t.get((self.meta.epoch, seq))? {
+                    let v = v.value();
+                    outbox_header(v)?;
+                    out.push(protocol::from_cbor(&v[OUTBOX_HEADER..], protocol::msg::MAX_MESSAGE)?);
+                }
+            }
+        }
+        self.mark_offered(out)
+    }
+
+    /// Calls `f(seq, recorded_ms, logical_bytes, change_cbor)` for every
+    /// outbox entry of the current epoch not in `have`, in seq order, until
+    /// it returns false.
+    pub fn outbox_scan(&self, have: &Knowledge, mut f: impl FnMut(u64, u64, u64, &[u8]) -> bool) -> Result<()> {
+        let set = have.get(&self.replica());
+        let r = self.db.begin_read()?;
+        let t = r.open_table(OUTBOX)?;
+        let mut cursor = 1u64;
+        'outer: loop {
+            for item in t.range((self.meta.epoch, cursor)..=(self.meta.epoch, u64::MAX))? {
+                let (k, v) = item?;
+                let seq = k.value().1;
+                if set.contains(seq) {
+                    let hi = set
+                        .ranges()
+                        .iter()
+                        .find(|(lo, hi)| *lo <= seq && seq <= *hi)
+                        .map_or(seq, |r| r.1);
+                    if hi == u64::MAX {
+                        break 'outer;
+                    }
+                    cursor = hi + 1;
+                    continue 'outer;
+                }
+                let v = v.value();
+                let (recorded, logical) = outbox_header(v)?;
+                if !f(seq, recorded, logical, &v[OUTBOX_HEADER..]) {
+                    break 'outer;
+                }
+            }
+            break;
+        }
+        Ok(())
+    }
+
+    fn mark_offered(&mut self, out: Vec<Change>) -> Result<Vec<Change>> {
         // Durable before anything leaves: every record so far and the
         // high-water mark of what left (the rollback check relies on it).
         let top = out.iter().map(|c| c.seq).max().unwrap_or(0);
@@ -709,12 +844,19 @@ impl Store {
         self.meta.offered
     }
 
-    fn pending_unflushed(&mut self, have: &Knowledge, max: usize, max_bytes: usize) -> Result<Vec<Change>> {
+    fn pending_unflushed(
+        &mut self,
+        have: &Knowledge,
+        max: usize,
+        max_bytes: usize,
+        max_logical: u64,
+    ) -> Result<Vec<Change>> {
         let epoch = self.meta.epoch;
         let set = have.get(&self.replica());
         let r = self.db.begin_read()?;
         let t = r.open_table(OUTBOX)?;
         let (mut out, mut bytes, mut cursor) = (Vec::new(), 0usize, 1u64);
+        let mut logical = 0u64;
         'outer: loop {
             for item in t.range((epoch, cursor)..=(epoch, u64::MAX))? {
                 let (k, v) = item?;
@@ -733,11 +875,12 @@ impl Store {
                     continue 'outer;
                 }
                 let v = v.value();
-                outbox_header(v)?;
+                let (_, lb) = outbox_header(v)?;
                 let body = &v[OUTBOX_HEADER..];
-                if !out.is_empty() && bytes + body.len() > max_bytes {
+                if !out.is_empty() && (bytes + body.len() > max_bytes || logical.saturating_add(lb) > max_logical) {
                     break 'outer;
                 }
+                logical = logical.saturating_add(lb);
                 let c: Change = protocol::from_cbor(body, protocol::msg::MAX_MESSAGE)?;
                 bytes += body.len();
                 out.push(c);
@@ -857,11 +1000,33 @@ impl Store {
             let mut outbox = txn.open_table(OUTBOX)?;
             let epoch = self.meta.epoch;
             let mut freed = 0u64;
+            let mut made_durable: Vec<(String, u64)> = Vec::new();
             for &(lo, hi) in cloud.get(&me).ranges() {
-                outbox.retain_in((epoch, lo)..=(epoch, hi), |_, v| {
-                    freed += outbox_header(v).map_or(0, |h| h.1);
+                outbox.retain_in((epoch, lo)..=(epoch, hi), |k, v| {
+                    let logical = outbox_header(v).map_or(0, |h| h.1);
+                    freed += logical;
+                    if logical > 0 {
+                        if let Some(p) = v.get(OUTBOX_HEADER..).and_then(change_path) {
+                            made_durable.push((p, k.1));
+                        }
+                    }
                     false
                 })?;
+            }
+            drop(outbox);
+            let files = txn.open_table(FILES)?;
+            let mut durable = txn.open_table(DURABLE)?;
+            for (p, seq) in made_durable {
+                let current = match files.get(p.as_str())? {
+                    Some(v) => cbor_decode::<FileMeta>("file state", v.value())?.seq == seq,
+                    None => false,
+                };
+                if current {
+                    let mut b = [0u8; 16];
+                    b[..8].copy_from_slice(&seq.to_be_bytes());
+                    b[8..].copy_from_slice(&now.to_be_bytes());
+                    durable.insert(p.as_str(), &b[..])?;
+                }
             }
             counters.outbox_bytes = counters.outbox_bytes.saturating_sub(freed);
             let mut meta = txn.open_table(META)?;
@@ -940,6 +1105,114 @@ impl Store {
         for p in deleted {
             self.record(ChangeBody::Delete(p), None, &[], now)?;
         }
+        Ok(())
+    }
+
+    /// Bytes of chunk data sent today (budget day `day`) for `class`.
+    pub fn budget_spent(&self, class: &str, day: u64) -> Result<u64> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(BUDGET)?;
+        Ok(match t.get(class)? {
+            Some(v) if v.value().len() == 16 && u64_of("budget day", &v.value()[..8])? == day => {
+                u64_of("budget spent", &v.value()[8..])?
+            }
+            _ => 0,
+        })
+    }
+
+    /// Adds `bytes` to the class's spend of budget day `day` (a new day
+    /// starts from zero) and returns the total. Durable at once: a restart
+    /// must not hand a metered link a fresh budget.
+    pub fn budget_add(&mut self, class: &str, day: u64, bytes: u64) -> Result<u64> {
+        let spent = self.budget_spent(class, day)?.saturating_add(bytes);
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(BUDGET)?;
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&day.to_be_bytes());
+            b[8..].copy_from_slice(&spent.to_be_bytes());
+            t.insert(class, &b[..])?;
+        }
+        txn.commit()?;
+        self.unflushed = 0;
+        Ok(spent)
+    }
+
+    /// Unix ms since which version `seq` of `path` is cloud-durable, if recorded.
+    pub fn durable_since(&self, path: &str, seq: u64) -> Result<Option<u64>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(DURABLE)?;
+        Ok(match t.get(path)? {
+            Some(v) if v.value().len() == 16 && u64_of("durable seq", &v.value()[..8])? == seq => {
+                Some(u64_of("durable ms", &v.value()[8..])?)
+            }
+            _ => None,
+        })
+    }
+
+    /// Is the tracked version of a file cloud-durable (this epoch)?
+    pub fn is_cloud_durable(&self, meta: &FileMeta) -> bool {
+        !meta.dirty && meta.seq > 0 && self.cloud.get(&self.replica()).contains(meta.seq)
+    }
+
+    /// Forgets a file the disk watermarks are about to delete: it leaves
+    /// `files` (so no scan records a deletion) and is listed in `pruned`.
+    /// Durable before the caller deletes the file: a crash in between
+    /// leaves an untracked file that the next scan records again, never a
+    /// deletion in the cloud.
+    pub fn prune_file(&mut self, path: &str, meta: &FileMeta, forced: bool, now: u64) -> Result<()> {
+        let mut counters = self.counters.clone();
+        let txn = self.db.begin_write()?;
+        {
+            let mut files = txn.open_table(FILES)?;
+            if files.remove(path)?.is_none() {
+                return Ok(());
+            }
+            txn.open_table(FILE_CHUNKS)?.remove(path)?;
+            txn.open_table(DURABLE)?.remove(path)?;
+            let rec = PrunedFile {
+                size: meta.size,
+                mtime_ns: meta.mtime_ns,
+                epoch: self.meta.epoch,
+                seq: meta.seq,
+                pruned_ms: now,
+                forced,
+            };
+            txn.open_table(PRUNED)?
+                .insert(path, protocol::to_cbor(&rec).as_slice())?;
+            counters.files_tracked = counters.files_tracked.saturating_sub(1);
+            counters.logical_bytes = counters.logical_bytes.saturating_sub(meta.size);
+            counters.pruned_files += 1;
+            counters.pruned_bytes += meta.size;
+            if forced {
+                counters.pruned_forced += 1;
+            }
+            let mut m = txn.open_table(META)?;
+            Self::put_counters(&mut m, &counters)?;
+        }
+        txn.commit()?;
+        self.counters = counters;
+        self.unflushed = 0;
+        self.last_flush = Instant::now();
+        Ok(())
+    }
+
+    /// The record of a pruned file, if `path` was pruned and not recorded since.
+    pub fn pruned(&self, path: &str) -> Result<Option<PrunedFile>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(PRUNED)?;
+        let v = t.get(path)?;
+        v.map(|v| cbor_decode("pruned file", v.value())).transpose()
+    }
+
+    /// Saves the last disk check for `status` (made durable by the next flush).
+    pub fn set_disk_status(&mut self, d: &DiskStatus) -> Result<()> {
+        let json = serde_json::to_vec(d).map_err(|e| Error::Db(e.to_string()))?;
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None)?;
+        txn.open_table(META)?.insert("disk", json.as_slice())?;
+        txn.commit()?;
+        self.unflushed += 1;
         Ok(())
     }
 
@@ -1033,6 +1306,15 @@ fn status_of(db: &impl ReadableDatabase) -> Result<Status> {
     };
     let mut both = regional.clone();
     both.union_with(&cloud);
+    let disk = match meta.get("disk")? {
+        Some(v) => serde_json::from_slice::<DiskStatus>(v.value()).ok().map(|mut d| {
+            d.pruned_files = counters.pruned_files;
+            d.pruned_bytes = counters.pruned_bytes;
+            d.pruned_forced = counters.pruned_forced;
+            d
+        }),
+        None => None,
+    };
     Ok(Status {
         device,
         epoch,
@@ -1061,7 +1343,25 @@ fn status_of(db: &impl ReadableDatabase) -> Result<Status> {
         counters,
         as_of_ms: now,
         from_snapshot: false,
+        disk,
     })
+}
+
+/// The path of a CBOR `Change` without decoding its chunk list:
+/// `[replica, seq, hlc, [variant, [path | [path, …]]], …]`.
+pub fn change_path(cbor: &[u8]) -> Option<String> {
+    let mut d = minicbor::Decoder::new(cbor);
+    d.array().ok()?;
+    d.skip().ok()?; // replica
+    d.skip().ok()?; // seq
+    d.skip().ok()?; // hlc
+    d.array().ok()?;
+    let variant = d.u32().ok()?;
+    d.array().ok()?;
+    if variant == 0 {
+        d.array().ok()?; // FileVersion
+    }
+    d.str().ok().map(str::to_string)
 }
 
 /// Known-chunk lookups within one read transaction.

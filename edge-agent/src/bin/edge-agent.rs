@@ -5,15 +5,49 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use edge_agent::{Agent, AgentConfig, ChunkParams, WaitLevel};
+use edge_agent::policy::{ClassSpec, FileConfig};
+use edge_agent::{Agent, AgentConfig, ChunkParams, DiskWatermarks, WaitLevel, Watermark};
 use protocol::seal::Cipher;
 use protocol::DeviceRef;
 use std::path::PathBuf;
 use std::time::Duration;
 
+const CONFIG_HELP: &str = "\
+POLICY CONFIG FILE (--config FILE, TOML; full commented example: docs/agent.example.toml)
+Command-line flags and FERRY_* variables override the file.
+
+  include = [\"line1/**\"]          # like --include / --exclude
+  exclude = [\"*.tmp\"]
+  starvation = \"10m\"              # a class with backlog gets a batch at least this often
+  batch_data_bytes = \"64MiB\"      # file bytes per batch: bounds how long urgent data waits
+  disk_high = \"90%\"               # like --disk-high / --disk-low: % used, or a size = bytes free
+  disk_low = \"80%\"
+
+  [[class]]                       # first matching class wins; new classes match before
+  name = \"alarms\"                 # the built-in append, db and default (which a [[class]]
+  globs = [\"*/alarms/*.csv\"]      # with that name overrides field by field)
+  priority = 100                  # higher goes first after an outage (default 0)
+  append = true                   # append fast path (built-in append class: true)
+  chunk_avg_kib = 64              # FastCDC average (min avg/4, max avg*4)
+  zstd_level = 1
+  schedule = [\"22:00-06:00\"]      # send only inside these windows (still recorded outside)
+  timezone = \"utc\"                # of schedule and budget days: utc (default), local, +HH:MM
+  bandwidth = \"200KiB\"            # cap on chunk data, bytes/s (token bucket)
+  daily_budget = \"50MiB\"          # chunk data per day; spend persisted in the state file
+  keep_local = \"7d\"               # keep on disk this long after cloud durability
+  prune = \"durable\"               # never | durable (default) | force (may delete data
+                                  # not yet in the cloud)
+
+Sizes: 123, 64KiB, 1.5MB, 2GiB. Durations: 90 (s), 30s, 15m, 12h, 7d.
+Disk watermarks: over --disk-high the agent deletes from the watch folders the oldest
+files whose latest version is cloud-durable and older than keep_local, until under
+--disk-low. Pruned files are not recorded as deletions: the cloud keeps them and
+restores bring them back. The condition is in `status --json` (disk), presence and logs.";
+
 #[derive(Parser)]
 #[command(
     name = "edge-agent",
+    after_long_help = CONFIG_HELP,
     version,
     about = "Ferry edge agent: watches archive folders on a gateway, chunks, compresses, \
              encrypts and signs new data, keeps all sync state in one redb file, and syncs \
@@ -36,9 +70,11 @@ enum Cmd {
     },
     /// Run the agent until SIGINT or SIGTERM: scan every --scan-interval,
     /// sync whenever the broker is reachable.
+    #[command(after_long_help = CONFIG_HELP)]
     Run(AgentArgs),
     /// Scan once, sync, and exit 0 only when every recorded change is
     /// durable at the --wait level; non-zero on timeout.
+    #[command(after_long_help = CONFIG_HELP)]
     Sync {
         #[command(flatten)]
         agent: AgentArgs,
@@ -103,6 +139,18 @@ struct AgentArgs {
     /// Tenant key file (from `edge-agent keygen`).
     #[arg(long, env = "FERRY_KEY")]
     key: PathBuf,
+    /// Policy config file (TOML): classes with priority, schedule,
+    /// bandwidth, daily budget, keep_local, prune; disk watermarks. Flags
+    /// given on the command line override it. Format: see --help.
+    #[arg(long, env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Disk high watermark of the watch filesystem: `90%` (used) or a size
+    /// such as `2GiB` (free). Over it, prune down to --disk-low.
+    #[arg(long, env = "FERRY_DISK_HIGH", requires = "disk_low")]
+    disk_high: Option<String>,
+    /// Disk low watermark: `80%` (used) or a size (free), same kind as --disk-high.
+    #[arg(long, env = "FERRY_DISK_LOW", requires = "disk_high")]
+    disk_low: Option<String>,
     /// Seconds between scans of the watch folders (run mode).
     #[arg(long, default_value_t = 60, env = "FERRY_SCAN_INTERVAL")]
     scan_interval: u64,
@@ -120,18 +168,20 @@ struct AgentArgs {
     /// edit of a few pages re-sends little. Default: *.sqlite, *.sqlite3, *.db, *.db3.
     #[arg(long, env = "FERRY_DB", value_delimiter = ',')]
     db: Vec<String>,
-    /// FastCDC average chunk size in KiB for the db class (min = avg/4, max = avg*4).
-    #[arg(long, default_value_t = 8, env = "FERRY_DB_CHUNK_AVG_KIB")]
-    db_chunk_avg_kib: usize,
-    /// zstd level for other files.
-    #[arg(long, default_value_t = 3, env = "FERRY_ZSTD_LEVEL")]
-    zstd_level: i32,
+    /// FastCDC average chunk size in KiB for the db class (min = avg/4,
+    /// max = avg*4). Default 8.
+    #[arg(long, env = "FERRY_DB_CHUNK_AVG_KIB")]
+    db_chunk_avg_kib: Option<usize>,
+    /// zstd level for the default and db classes. Default 3.
+    #[arg(long, env = "FERRY_ZSTD_LEVEL")]
+    zstd_level: Option<i32>,
     /// Chunk cipher.
     #[arg(long, value_enum, default_value = "auto", env = "FERRY_CIPHER")]
     cipher: CipherArg,
-    /// FastCDC average chunk size in KiB (min = avg/4, max = avg*4).
-    #[arg(long, default_value_t = 64, env = "FERRY_CHUNK_AVG_KIB")]
-    chunk_avg_kib: usize,
+    /// FastCDC average chunk size in KiB for the default and append classes
+    /// (min = avg/4, max = avg*4). Default 64.
+    #[arg(long, env = "FERRY_CHUNK_AVG_KIB")]
+    chunk_avg_kib: Option<usize>,
     /// MQTT keepalive in seconds. A link that goes silent (open but nothing
     /// moving) is dropped and redialled within 2 × keepalive + 1 s.
     #[arg(long, default_value_t = 15, env = "FERRY_KEEPALIVE")]
@@ -155,15 +205,64 @@ impl AgentArgs {
         );
         cfg.keepalive = Duration::from_secs(self.keepalive);
         cfg.client.response_timeout_ms = self.response_timeout.clamp(1, 86_400) * 1000;
-        cfg.include = self.include.clone();
-        cfg.exclude = self.exclude.clone();
+        // Defaults < config file < command line (and FERRY_* variables).
+        let file = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        cfg.include = if self.include.is_empty() {
+            file.include.clone().unwrap_or_default()
+        } else {
+            self.include.clone()
+        };
+        cfg.exclude = if self.exclude.is_empty() {
+            file.exclude.clone().unwrap_or_default()
+        } else {
+            self.exclude.clone()
+        };
+        cfg.classes = file.classes.clone();
+        let mut patch = |name: &str, f: &dyn Fn(&mut ClassSpec)| {
+            for c in cfg.classes.iter_mut().filter(|c| c.name == name) {
+                f(c);
+            }
+        };
+        if !self.append.is_empty() {
+            patch("append", &|c| c.globs = None);
+        }
+        if !self.db.is_empty() {
+            patch("db", &|c| c.globs = None);
+        }
+        if self.zstd_level.is_some() {
+            patch("default", &|c| c.zstd_level = None);
+            patch("db", &|c| c.zstd_level = None);
+        }
+        if self.chunk_avg_kib.is_some() {
+            patch("default", &|c| c.chunk_avg_kib = None);
+            patch("append", &|c| c.chunk_avg_kib = None);
+        }
+        if self.db_chunk_avg_kib.is_some() {
+            patch("db", &|c| c.chunk_avg_kib = None);
+        }
         if !self.append.is_empty() {
             cfg.append_globs = self.append.clone();
         }
         if !self.db.is_empty() {
             cfg.db_globs = self.db.clone();
         }
-        let db_avg = self.db_chunk_avg_kib << 10;
+        if let Some(q) = &file.starvation {
+            cfg.starvation = q.duration()?;
+        }
+        if let Some(q) = &file.batch_data_bytes {
+            cfg.batch_data_bytes = q.bytes()?.max(1);
+        }
+        let high = self.disk_high.clone().or(file.disk_high.clone());
+        let low = self.disk_low.clone().or(file.disk_low.clone());
+        cfg.disk = match (high, low) {
+            (Some(h), Some(l)) => Some(DiskWatermarks::new(Watermark::parse(&h)?, Watermark::parse(&l)?)?),
+            (None, None) => None,
+            _ => anyhow::bail!("disk watermarks need both a high and a low value"),
+        };
+        let db_avg = self.db_chunk_avg_kib.unwrap_or(8) << 10;
         cfg.db_chunking = ChunkParams {
             min: db_avg / 4,
             avg: db_avg,
@@ -172,13 +271,13 @@ impl AgentArgs {
         cfg.db_chunking
             .validate()
             .context("--db-chunk-avg-kib must be between 1 and 1024 KiB")?;
-        cfg.zstd_level = self.zstd_level;
+        cfg.zstd_level = self.zstd_level.unwrap_or(3);
         cfg.cipher = match self.cipher {
             CipherArg::Auto => Cipher::for_this_cpu(),
             CipherArg::Aes256Gcm => Cipher::Aes256Gcm,
             CipherArg::Chacha20Poly1305 => Cipher::ChaCha20Poly1305,
         };
-        let avg = self.chunk_avg_kib << 10;
+        let avg = self.chunk_avg_kib.unwrap_or(64) << 10;
         cfg.chunking = ChunkParams {
             min: avg / 4,
             avg,
@@ -313,6 +412,16 @@ fn real_main() -> Result<()> {
                         s.oldest_pending_seq.map_or("?".to_string(), |q| q.to_string())
                     ),
                     None => println!("backlog           none: everything recorded is cloud-durable"),
+                }
+                if let Some(d) = &s.disk {
+                    println!(
+                        "disk              {:.1}% used{}; pruned {} file(s), {} bytes; {} bytes not cloud-durable blocking",
+                        d.used_pct,
+                        if d.over_high { " (OVER the high watermark)" } else { "" },
+                        d.pruned_files,
+                        d.pruned_bytes,
+                        d.blocked_bytes_not_durable
+                    );
                 }
                 if s.from_snapshot {
                     println!("(from the running agent's snapshot)");

@@ -207,6 +207,37 @@ impl Fleet {
         Proc::start("edge-agent", &args, &self.dir().join(format!("agent-{device}.log")))
     }
 
+    /// `edge-agent run` as a daemon (scan every second) with extra flags
+    /// (e.g. `--keepalive 5`).
+    pub fn run_agent_with(&self, device: &str, extra_args: &[&str]) -> Result<Proc> {
+        let mut args = vec!["run".to_string()];
+        args.extend(self.agent_args(device));
+        args.extend(["--scan-interval".into(), "1".into()]);
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        Proc::start("edge-agent", &args, &self.dir().join(format!("agent-{device}.log")))
+    }
+
+    /// `cloud-sink fleet --json`: one row per device, sorted by device key.
+    pub fn fleet_json(&self) -> Result<Vec<serde_json::Value>> {
+        let (ok, out, err) = run_to_end(
+            "cloud-sink",
+            &["fleet".into(), "--sink".into(), self.sink_url.clone(), "--json".into()],
+            secs(30),
+        )?;
+        anyhow::ensure!(ok, "cloud-sink fleet failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("fleet JSON: {out}"))?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// `cloud-sink fleet` as a table, with extra flags.
+    pub fn fleet_table(&self, extra: &[&str]) -> Result<String> {
+        let mut args: Vec<String> = vec!["fleet".into(), "--sink".into(), self.sink_url.clone()];
+        args.extend(extra.iter().map(|x| x.to_string()));
+        let (ok, out, err) = run_to_end("cloud-sink", &args, secs(30))?;
+        anyhow::ensure!(ok, "cloud-sink fleet failed: {err}");
+        Ok(out)
+    }
+
     pub fn status(&self, device: &str) -> Result<serde_json::Value> {
         let (ok, out, err) = run_to_end(
             "edge-agent",
