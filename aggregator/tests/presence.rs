@@ -1,0 +1,188 @@
+//! Presence over a real broker (rumqttd, and Mosquitto when installed):
+//! malformed and oversized payloads on presence topics are ignored and
+//! counted and the aggregator keeps serving; valid presence (retained, so it
+//! also arrives from before the aggregator subscribed) and last-seen reach a
+//! fake sink's `POST /v1/presence`, keyed by the topic's device.
+
+mod common;
+
+use aggregator::AggStats;
+use anyhow::{ensure, Context, Result};
+use common::*;
+use protocol::{topic, DeviceRef};
+use rumqttc::v5::mqttbytes::QoS;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presence_with_rumqttd() -> Result<()> {
+    scenario(start_broker()?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presence_with_mosquitto() -> Result<()> {
+    let Some(m) = start_mosquitto()? else {
+        eprintln!("mosquitto is not installed: skipped");
+        return Ok(());
+    };
+    scenario(m.port).await
+}
+
+/// A sink that records `POST /v1/presence` bodies and answers everything else 503.
+async fn fake_sink() -> Result<(u16, Arc<Mutex<Vec<serde_json::Value>>>)> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = l.local_addr()?.port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let g = g.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = vec![0u8; 64 << 10];
+                let (head, body) = loop {
+                    let Ok(n) = s.read(&mut tmp).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break (head, buf[end + 4..end + 4 + len].to_vec());
+                    }
+                };
+                let answer: &[u8] = if head.starts_with("post /v1/presence ") {
+                    if let Ok(serde_json::Value::Array(v)) = serde_json::from_slice(&body) {
+                        if let Ok(mut g) = g.lock() {
+                            g.extend(v);
+                        }
+                    }
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+                } else {
+                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 5\r\nconnection: close\r\n\r\naway\n"
+                };
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    Ok((port, got))
+}
+
+async fn scenario(broker: u16) -> Result<()> {
+    let (sink, posted) = fake_sink().await?;
+    let d = DeviceRef::new("acme", "plant-1", "gw-1")?;
+    let mut dev = Device::connect(broker, d.clone()).await?;
+    // Retained before the aggregator runs: it must still learn it.
+    dev.client
+        .publish(
+            topic::presence(&d),
+            QoS::AtLeastOnce,
+            true,
+            br#"{"state":"online","version":"9.9.9","epoch":5,"backlog_bytes":0,"backlog_changes":0,"device":"not-me","ts_ms":1}"#.to_vec(),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let data = tempfile::tempdir()?;
+    let stats = Arc::new(AggStats::default());
+    let agg = start_agg(broker, sink, data.path(), stats.clone());
+    dev.hello().await?;
+
+    // Garbage, wrong types, unknown states, oversized, deeply nested; some retained.
+    let oversized = vec![b'{'; 1 << 20];
+    let bad: Vec<Vec<u8>> = vec![
+        b"\xff\xfe\x00".to_vec(),
+        b"{\"state\":\"online\"".to_vec(),
+        b"{\"state\":\"asleep\"}".to_vec(),
+        b"{\"state\":\"online\",\"epoch\":\"x\"}".to_vec(),
+        b"[1,2,3]".to_vec(),
+        format!("{}1{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(),
+        oversized,
+    ];
+    let n_bad = bad.len() as u64;
+    for (i, b) in bad.into_iter().enumerate() {
+        dev.client
+            .publish(topic::presence(&d), QoS::AtLeastOnce, i % 2 == 0, b)
+            .await?;
+    }
+    // Presence on a topic with invalid ids is ignored (the topic does not parse).
+    dev.client
+        .publish(
+            "ferry/v1/ACME/plant-1/gw-1/presence",
+            QoS::AtLeastOnce,
+            false,
+            b"{}".to_vec(),
+        )
+        .await?;
+    let t0 = std::time::Instant::now();
+    while stats.snapshot().presence_bad < n_bad && t0.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = stats.snapshot();
+    ensure!(s.presence_bad == n_bad, "bad presence counted: {s:?}");
+    // The aggregator is alive and serving.
+    dev.hello()
+        .await
+        .context("aggregator still answers after bad presence")?;
+
+    // The last valid presence we send wins; offline does not move last_seen.
+    dev.client
+        .publish(
+            topic::presence(&d),
+            QoS::AtLeastOnce,
+            true,
+            br#"{"state":"offline","version":"9.9.9","epoch":5,"ts_ms":1}"#.to_vec(),
+        )
+        .await?;
+    let found = |want: &str| -> Option<serde_json::Value> {
+        let g = posted.lock().ok()?;
+        g.iter()
+            .rev()
+            .find(|u| u["device"] == "gw-1" && u["presence"]["state"] == want)
+            .cloned()
+    };
+    let t0 = std::time::Instant::now();
+    while found("offline").is_none() && t0.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let online = found("online").context("online presence (retained before start) forwarded")?;
+    let offline = found("offline").context("offline presence forwarded")?;
+    ensure!(online["tenant"] == "acme" && online["site"] == "plant-1", "{online}");
+    ensure!(
+        online["presence"]["version"] == "9.9.9" && online["presence"]["epoch"] == 5,
+        "{online}"
+    );
+    ensure!(online["aggregator"] == "test", "{online}");
+    ensure!(
+        offline["last_seen_ms"].as_u64() > Some(0),
+        "hello counted as seen: {offline}"
+    );
+    ensure!(
+        offline["presence"]["observed_ms"].as_u64() >= online["presence"]["observed_ms"].as_u64(),
+        "{online} {offline}"
+    );
+    ensure!(
+        posted
+            .lock()
+            .map(|g| g.iter().all(|u| u["device"] == "gw-1"))
+            .unwrap_or(false),
+        "only the topic's device is reported"
+    );
+    let s = stats.snapshot();
+    ensure!(s.presence_forwarded >= 2, "{s:?}");
+    // Clean the retained messages so a shared broker is not polluted.
+    dev.client
+        .publish(topic::presence(&d), QoS::AtLeastOnce, true, Vec::new())
+        .await?;
+    agg.stop().await?;
+    Ok(())
+}
