@@ -791,3 +791,24 @@ mod tests {
         assert_eq!(Tz::parse("-05:30").unwrap(), Tz::Fixed(-330));
     }
 }
+
+#[cfg(test)]
+mod example {
+    /// docs/agent.example.toml parses and builds.
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../../docs/agent.example.toml");
+        let f = super::FileConfig::parse(text).unwrap();
+        let b = super::Builtins {
+            append_globs: &[],
+            db_globs: &[],
+            chunking: crate::ChunkParams::default(),
+            db_chunking: crate::ChunkParams::DB,
+            zstd_level: 3,
+            append_zstd_level: 1,
+        };
+        let p = super::Policy::build(&[], &[], &b, &f.classes).unwrap();
+        assert_eq!(p.class("x/alarms/a.csv"), "alarms");
+        assert!(super::Watermark::parse(f.disk_high.as_deref().unwrap()).is_ok());
+    }
+}
