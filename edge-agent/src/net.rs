@@ -95,6 +95,22 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Presence is re-published when it changed, but not more often than this…
+const PRESENCE_MIN: Duration = Duration::from_secs(10);
+/// …and at least this often while online (a heartbeat for `last_seen`).
+const PRESENCE_MAX: Duration = Duration::from_secs(300);
+
+/// A presence payload without its timestamp: equal keys say the same thing.
+fn presence_key(body: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.remove("ts_ms");
+            serde_json::Value::Object(m).to_string()
+        }
+        _ => String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
 fn presence(agent: &Agent, online: bool) -> Vec<u8> {
     let s = agent.status().ok();
     serde_json::json!({
@@ -292,6 +308,8 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
     let scan_interval = agent.config().scan_interval.max(Duration::from_millis(100));
     let mut next_scan = Instant::now() + scan_interval;
     let mut next_persist = Instant::now() + PERSIST_EVERY;
+    // What the last retained presence said (without its timestamp), and when.
+    let mut last_presence: Option<(String, Instant)> = None;
     let deadline = match mode {
         Mode::Sync { timeout, .. } => Some(Instant::now() + timeout),
         Mode::Run => None,
@@ -455,6 +473,7 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                     // rumqttc's channel, and the link may stall right away.
                     let client = conn.client.clone();
                     let pres = presence(agent, true);
+                    last_presence = Some((presence_key(&pres), Instant::now()));
                     let setup = tokio::time::timeout(dead_after, async {
                         client.subscribe(topic::down_filter(&dev), QoS::AtLeastOnce).await?;
                         client.publish(topic::presence(&dev), QoS::AtLeastOnce, true, pres).await
@@ -574,6 +593,23 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                 tracing::warn!("persisting counters: {e}");
             }
             next_persist = Instant::now() + PERSIST_EVERY;
+            // Presence follows the backlog: re-published (retained) when what
+            // it says changed, at most every PRESENCE_MIN, and at least every
+            // PRESENCE_MAX as a heartbeat.
+            if online {
+                let body = presence(agent, true);
+                let key = presence_key(&body);
+                let since = last_presence.as_ref().map(|(_, t)| t.elapsed());
+                let changed = last_presence.as_ref().is_none_or(|(k, _)| *k != key);
+                if since.is_none_or(|d| (changed && d >= PRESENCE_MIN) || d >= PRESENCE_MAX)
+                    && conn
+                        .client
+                        .try_publish(topic::presence(&dev), QoS::AtLeastOnce, true, body)
+                        .is_ok()
+                {
+                    last_presence = Some((key, Instant::now()));
+                }
+            }
         }
     };
 

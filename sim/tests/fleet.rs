@@ -139,3 +139,47 @@ fn fleet_shows_presence_and_last_will() -> Result<()> {
     );
     Ok(())
 }
+
+/// Presence follows the backlog while the agent stays connected: with the
+/// aggregator down, a new file raises the backlog the fleet view shows (once
+/// the aggregator is back and relays the retained presence), and after the
+/// sync it falls back to 0 without any reconnect of the agent.
+#[test]
+fn presence_follows_the_backlog_without_reconnecting() -> Result<()> {
+    let mut f = Fleet::start(true)?;
+    let d = "gw-live";
+    std::fs::create_dir_all(f.archive(d))?;
+    std::fs::write(f.archive(d).join("first.bin"), noise(50_000, 77))?;
+    f.sync(d, 60)?;
+    let mut agent = f.run_agent_with(d, &["--keepalive", "5"])?;
+    wait_fleet(&f, &[d], Duration::from_secs(20), "online, empty backlog", |r| {
+        r["online"] == true && r["backlog_changes"] == 0
+    })?;
+    f.agg.kill();
+    let written_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    std::fs::write(f.archive(d).join("second.bin"), noise(50_000, 78))?;
+    // The agent scans every second and re-publishes presence within
+    // PERSIST_EVERY + PRESENCE_MIN (15 s) of the change.
+    std::thread::sleep(Duration::from_secs(16));
+    f.agg.restart()?;
+    let (_, t) = wait_fleet(
+        &f,
+        &[d],
+        Duration::from_secs(30),
+        "backlog 0 again after the sync",
+        |r| {
+            // A presence published after the file was written, by the same
+            // connection: without re-publishing, presence would still be the
+            // one from connect time.
+            r["backlog_changes"] == 0
+                && r["changes"].as_u64().is_some_and(|c| c >= 2)
+                && r["presence_ts_ms"].as_u64().is_some_and(|ts| ts > written_ms)
+        },
+    )?;
+    eprintln!("presence showed the drained backlog {t:?} after the aggregator came back");
+    ensure!(agent.alive(), "agent died");
+    agent.kill();
+    Ok(())
+}

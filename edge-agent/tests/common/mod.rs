@@ -37,7 +37,9 @@ pub fn small_chunks() -> ChunkParams {
 
 /// xorshift64: fixed pseudo-random bytes.
 pub fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
-    seed |= 1;
+    // Distinct seeds give distinct streams (`seed |= 1` alone made 2k and
+    // 2k+1 equal); xorshift needs a non-zero state.
+    seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         seed ^= seed << 13;
