@@ -131,7 +131,7 @@ struct AgentArgs {
     device: String,
     /// Folder to archive; repeat for several. Each is restored under its
     /// folder name, so two watch folders must have different names.
-    #[arg(long, required = true, env = "FERRY_WATCH", value_delimiter = ',')]
+    #[arg(long, required = true, env = "FERRY_WATCH")]
     watch: Vec<PathBuf>,
     /// The agent's state file (redb). Created on first use.
     #[arg(long, env = "FERRY_STATE")]
@@ -156,17 +156,17 @@ struct AgentArgs {
     scan_interval: u64,
     /// Only archive paths matching one of these globs (relative to the
     /// watch folder's parent, e.g. `archive/**/*.csv`). Repeatable.
-    #[arg(long, env = "FERRY_INCLUDE", value_delimiter = ',')]
+    #[arg(long, env = "FERRY_INCLUDE")]
     include: Vec<String>,
     /// Skip paths matching these globs. Repeatable.
-    #[arg(long, env = "FERRY_EXCLUDE", value_delimiter = ',')]
+    #[arg(long, env = "FERRY_EXCLUDE")]
     exclude: Vec<String>,
     /// Globs of append-only files (logs): append fast path, zstd level 1.
-    #[arg(long, env = "FERRY_APPEND", value_delimiter = ',')]
+    #[arg(long, env = "FERRY_APPEND")]
     append: Vec<String>,
     /// Globs of page-structured databases (SQLite …): small chunks, so an
     /// edit of a few pages re-sends little. Default: *.sqlite, *.sqlite3, *.db, *.db3.
-    #[arg(long, env = "FERRY_DB", value_delimiter = ',')]
+    #[arg(long, env = "FERRY_DB")]
     db: Vec<String>,
     /// FastCDC average chunk size in KiB for the db class (min = avg/4,
     /// max = avg*4). Default 8.
