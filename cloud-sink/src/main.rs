@@ -235,9 +235,10 @@ fn real_main() -> Result<()> {
                 };
                 let rep = cloud_sink::restore(&client, req, &key).await?;
                 eprintln!(
-                    "restored {} file(s), {} bytes into {} (every chunk, signature and file hash verified)",
+                    "restored {} file(s), {} bytes, {} empty director(ies) into {} (every chunk, signature and file hash verified)",
                     rep.files,
                     rep.bytes,
+                    rep.dirs,
                     out.display()
                 );
             }

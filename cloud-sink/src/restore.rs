@@ -37,6 +37,8 @@ pub struct RestoreRequest {
 pub struct RestoreReport {
     pub files: u64,
     pub bytes: u64,
+    /// Empty directories recreated.
+    pub dirs: u64,
     /// Files written, in order.
     pub paths: Vec<PathBuf>,
 }
@@ -78,6 +80,26 @@ pub async fn restore(client: &SinkClient, req: RestoreRequest, key: &TenantKey) 
     let mut report = RestoreReport::default();
     for item in &items {
         let target = prepare_target(&req.out_dir, &item.rel)?;
+        if item.file.is_dir() {
+            // An empty directory: no chunks. prepare_target refused links on
+            // the way; the entry itself must be a directory or absent.
+            match std::fs::symlink_metadata(&target) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::UnsafePath(
+                        item.file.path.clone(),
+                        "a non-directory is in the way of a directory".into(),
+                    ))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&target)?,
+                Err(e) => return Err(e.into()),
+            }
+            if item.file.mode & 0o777 != 0 {
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(item.file.mode & 0o777))?;
+            }
+            report.dirs += 1;
+            continue;
+        }
         let mut w = TempFile::create(&target)?;
         let mut sha = ResumableSha256::new();
         let mut written = 0u64;

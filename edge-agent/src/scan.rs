@@ -19,7 +19,7 @@ use protocol::sha::ResumableSha256;
 use protocol::Hash32;
 use serde::Serialize;
 use std::cmp::Ordering;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
@@ -52,6 +52,8 @@ pub struct ScanReport {
 const PROGRESS_FILES: u64 = 5_000;
 const PROGRESS_BYTES: u64 = 512 << 20;
 const PAGE: usize = 256;
+/// Empty directories tracked per root; past this, none are recorded or deleted.
+const MAX_EMPTY_DIRS: usize = 100_000;
 /// Beyond this many unreadable directories in a root, record no deletions in it.
 const MAX_BLOCKED: usize = 1_000;
 
@@ -165,6 +167,8 @@ impl Agent {
             done: false,
         };
         let mut blocked: Vec<String> = Vec::new();
+        let mut empty_dirs: BTreeSet<String> = BTreeSet::new();
+        let mut dirs_capped = false;
         let (mut next_files, mut next_bytes) = (PROGRESS_FILES, PROGRESS_BYTES);
         let walk = WalkDir::new(&root.dir)
             .min_depth(1)
@@ -183,8 +187,24 @@ impl Agent {
                     continue;
                 }
             };
+            if entry.file_type().is_dir() {
+                // Empty directories are recorded (restores recreate them);
+                // others are implied by the files inside.
+                if empty_dirs.len() < MAX_EMPTY_DIRS {
+                    if fs::read_dir(entry.path()).is_ok_and(|mut r| r.next().is_none()) {
+                        if let Some(p) = manifest_path(root, entry.path()) {
+                            if self.policy.included(&p) && protocol::manifest::validate_path(&p).is_ok() {
+                                empty_dirs.insert(p);
+                            }
+                        }
+                    }
+                } else {
+                    dirs_capped = true;
+                }
+                continue;
+            }
             if !entry.file_type().is_file() {
-                continue; // directories are walked; symlinks and devices are not archived
+                continue; // symlinks and devices are not archived
             }
             let Some(path) = manifest_path(root, entry.path()) else {
                 tracing::warn!(path = %entry.path().display(), "skipping non-UTF-8 file name");
@@ -232,6 +252,52 @@ impl Agent {
             if let Some((k, _)) = cursor.take() {
                 self.maybe_delete(root, k, &blocked, rep)?;
             }
+        }
+        if dirs_capped {
+            tracing::warn!(root = %root.dir.display(), "more than {MAX_EMPTY_DIRS} empty directories; not tracking them");
+            return Ok(());
+        }
+        self.sync_empty_dirs(root, &cursor.prefix, &empty_dirs, &blocked, rep)
+    }
+
+    /// Records empty directories that appeared, and the end of those that
+    /// vanished or now hold files (they are then implied by their files).
+    fn sync_empty_dirs(
+        &mut self,
+        root: &Root,
+        prefix: &str,
+        seen: &BTreeSet<String>,
+        blocked: &[String],
+        rep: &mut ScanReport,
+    ) -> Result<()> {
+        let stored: BTreeSet<String> = self.store.empty_dirs(prefix, MAX_EMPTY_DIRS + 1)?.into_iter().collect();
+        for gone in stored.difference(seen) {
+            if blocked.iter().any(|b| gone.starts_with(b.as_str())) {
+                continue;
+            }
+            let now = (self.config().clock)();
+            self.store.record(ChangeBody::Delete(gone.clone()), None, &[], now)?;
+            rep.changes_recorded += 1;
+        }
+        for new in seen.difference(&stored) {
+            let Some(dir) = crate::policy::fs_path(std::slice::from_ref(root), new) else {
+                continue;
+            };
+            let Ok(md) = fs::symlink_metadata(&dir) else {
+                continue; // vanished since the walk: next scan
+            };
+            let v = FileVersion {
+                path: new.clone(),
+                size: 0,
+                mtime_ns: md.mtime().saturating_mul(1_000_000_000).saturating_add(md.mtime_nsec()),
+                class: self.policy.class(new).to_string(),
+                chunks: Vec::new(),
+                sha256: Hash32::of(b""),
+                mode: protocol::manifest::MODE_DIR | (md.mode() & 0o7777),
+            };
+            let now = (self.config().clock)();
+            self.store.record(ChangeBody::File(v), None, &[], now)?;
+            rep.changes_recorded += 1;
         }
         Ok(())
     }

@@ -46,6 +46,8 @@ const OUTBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("outbox"
 const BUDGET: TableDefinition<&str, &[u8]> = TableDefinition::new("budget");
 const DURABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("durable");
 const PRUNED: TableDefinition<&str, &[u8]> = TableDefinition::new("pruned");
+/// Manifest path of each empty directory recorded as present → its seq.
+const EMPTY_DIRS: TableDefinition<&str, u64> = TableDefinition::new("empty_dirs");
 
 /// redb page cache: small and explicit (the default is 1 GiB).
 pub const CACHE_BYTES: usize = 4 << 20;
@@ -454,6 +456,7 @@ impl Store {
             txn.open_table(BUDGET)?;
             txn.open_table(DURABLE)?;
             txn.open_table(PRUNED)?;
+            txn.open_table(EMPTY_DIRS)?;
             let stored = meta
                 .get("device")?
                 .map(|v| String::from_utf8_lossy(v.value()).into_owned());
@@ -677,9 +680,13 @@ impl Store {
                     files.insert(path, protocol::to_cbor(&meta).as_slice())?;
                     chunks.insert(path, protocol::to_cbor(&fc).as_slice())?;
                 }
+                (ChangeBody::File(f), None) if f.is_dir() => {
+                    txn.open_table(EMPTY_DIRS)?.insert(path, seq)?;
+                }
                 (ChangeBody::Delete(_), None) => {
                     files.remove(path)?;
                     chunks.remove(path)?;
+                    txn.open_table(EMPTY_DIRS)?.remove(path)?;
                 }
                 _ => return Err(Error::Config("record: body and file state disagree".into())),
             }
@@ -711,6 +718,22 @@ impl Store {
             self.flush()?;
         }
         Ok(change)
+    }
+
+    /// Empty directories recorded as present under `prefix`, at most `limit`.
+    pub fn empty_dirs(&self, prefix: &str, limit: usize) -> Result<Vec<String>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(EMPTY_DIRS)?;
+        let mut out = Vec::new();
+        for item in t.range(prefix..)? {
+            let (k, _) = item?;
+            let k = k.value();
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(k.to_string());
+        }
+        Ok(out)
     }
 
     /// Updates the stat of a tracked file whose content was checked and
@@ -1086,6 +1109,8 @@ impl Store {
             for (k, m) in dirty {
                 files.insert(k.as_str(), protocol::to_cbor(&m).as_slice())?;
             }
+            // Empty directories are offered again by the next scan.
+            txn.open_table(EMPTY_DIRS)?.retain(|_, _| false)?;
             let mut meta = txn.open_table(META)?;
             meta.insert("epoch", &epoch.to_be_bytes()[..])?;
             meta.insert("next_seq", &1u64.to_be_bytes()[..])?;

@@ -9,6 +9,10 @@ use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
 /// Longest path accepted in a manifest.
 pub const MAX_PATH: usize = 4096;
+/// File-type bits of `FileVersion::mode` (as in `st_mode`) for an empty
+/// directory: recorded so a restore recreates it (no size, no chunks).
+pub const MODE_DIR: u32 = 0o040000;
+const MODE_TYPE: u32 = 0o170000;
 
 /// One chunk of a file version, in file order.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Encode, Decode)]
@@ -40,6 +44,13 @@ pub struct FileVersion {
     /// Unix permission bits.
     #[n(6)]
     pub mode: u32,
+}
+
+impl FileVersion {
+    /// An empty-directory entry (`mode` type bits `MODE_DIR`).
+    pub fn is_dir(&self) -> bool {
+        self.mode & MODE_TYPE == MODE_DIR
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Debug, Encode, Decode)]
@@ -137,6 +148,12 @@ impl Change {
             if total != f.size {
                 return Err(Error::BadSignature(format!(
                     "{} (chunk lengths do not add up to size)",
+                    self.label()
+                )));
+            }
+            if f.is_dir() && f.size != 0 {
+                return Err(Error::BadSignature(format!(
+                    "{} (a directory entry with content)",
                     self.label()
                 )));
             }

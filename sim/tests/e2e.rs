@@ -281,3 +281,43 @@ fn cli_errors_are_clear() -> Result<()> {
     assert!(!ok && !err.is_empty(), "{err}");
     Ok(())
 }
+
+/// `diff -r` equality, empty directories included: they are recorded,
+/// recreated by restore, and their end is recorded when they fill up or go.
+#[test]
+fn empty_directories_survive_the_round_trip() -> Result<()> {
+    let f = Fleet::start(false)?;
+    let dev = "gw-dirs";
+    let a = f.archive(dev);
+    for d in ["x/empty1", "y/deep/empty2", "z"] {
+        std::fs::create_dir_all(a.join(d))?;
+    }
+    std::fs::write(a.join("z/f.txt"), "a\n")?;
+    let diff_r = |out: &std::path::Path| -> Result<()> {
+        let o = std::process::Command::new("diff")
+            .arg("-r")
+            .arg(&a)
+            .arg(out.join("archive"))
+            .output()?;
+        anyhow::ensure!(o.status.success(), "diff -r: {}", String::from_utf8_lossy(&o.stdout));
+        Ok(())
+    };
+    f.sync(dev, 60)?;
+    let out1 = f.dir().join("r1");
+    f.restore(dev, &out1, &[])?;
+    diff_r(&out1)?;
+    // Fill one, remove one, empty a parent, add one, delete the only file.
+    std::fs::write(a.join("x/empty1/now-full.txt"), "c\n")?;
+    std::fs::remove_dir(a.join("y/deep/empty2"))?;
+    std::fs::create_dir(a.join("z/new-empty"))?;
+    std::fs::remove_file(a.join("z/f.txt"))?;
+    f.sync(dev, 60)?;
+    let out2 = f.dir().join("r2");
+    f.restore(dev, &out2, &[])?;
+    diff_r(&out2)?;
+    assert!(out2.join("archive/y/deep").is_dir() && !out2.join("archive/y/deep/empty2").exists());
+    // Nothing new to record on a rescan.
+    let r = f.sync(dev, 60)?;
+    assert_eq!(r["scans"][0]["changes_recorded"], 0, "{r}");
+    Ok(())
+}
