@@ -103,6 +103,15 @@ pub async fn restore(client: &SinkClient, req: RestoreRequest, key: &TenantKey) 
         let mut w = TempFile::create(&target)?;
         let mut sha = ResumableSha256::new();
         let mut written = 0u64;
+        // A symbolic link's content is its target path: kept, bounded, to
+        // create the link once verified.
+        let mut link: Option<Vec<u8>> = item.file.is_link().then(Vec::new);
+        if link.is_some() && item.file.size > MAX_LINK_TARGET {
+            return Err(Error::Verify(format!(
+                "{}: symbolic link target of {} bytes",
+                item.file.path, item.file.size
+            )));
+        }
         for _ in 0..item.file.chunks.len() {
             let Some(next) = chunks.next().await else {
                 return Err(Error::Task("chunk stream ended early".into()));
@@ -119,7 +128,10 @@ pub async fn restore(client: &SinkClient, req: RestoreRequest, key: &TenantKey) 
                 )));
             }
             sha.update(&plain);
-            w.file.write_all(&plain)?;
+            match &mut link {
+                Some(l) => l.extend_from_slice(&plain),
+                None => w.file.write_all(&plain)?,
+            }
             written += plain.len() as u64;
         }
         if written != item.file.size || sha.finish() != item.file.sha256 {
@@ -128,7 +140,13 @@ pub async fn restore(client: &SinkClient, req: RestoreRequest, key: &TenantKey) 
                 item.file.path
             )));
         }
-        w.finish(&target, &item.file)?;
+        match link {
+            Some(l) => {
+                drop(w);
+                make_link(&target, &l)?;
+            }
+            None => w.finish(&target, &item.file)?,
+        }
         report.files += 1;
         report.bytes += written;
         report.paths.push(target);
@@ -237,6 +255,25 @@ struct TempFile {
     file: std::fs::File,
     path: PathBuf,
     done: bool,
+}
+
+/// Longest symbolic link target a restore creates (PATH_MAX).
+const MAX_LINK_TARGET: u64 = 4096;
+
+/// Creates the symbolic link `target` → `dest` via a fresh temporary name
+/// and a rename: never follows or writes through anything already there.
+fn make_link(target: &Path, dest: &[u8]) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".ferry-restore-{}-link-{n}.tmp", std::process::id()));
+    std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(dest), &tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, target) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 impl TempFile {

@@ -398,19 +398,44 @@ impl Agent {
         let (Some(len), Some(path)) = (len, policy::fs_path(&self.roots, &f.path)) else {
             return Ok(None);
         };
-        let mut file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(path, e)),
-        };
-        self.read_buf.resize(len as usize, 0);
-        match file
-            .seek(SeekFrom::Start(off))
-            .and_then(|_| file.read_exact(&mut self.read_buf))
-        {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(Error::io(path, e)),
+        if f.is_link() {
+            // A symbolic link's content is its target, read again now.
+            use std::os::unix::ffi::OsStringExt;
+            let target = match std::fs::read_link(&path) {
+                Ok(t) => t.into_os_string().into_vec(),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(Error::io(path, e)),
+            };
+            let Some(part) = usize::try_from(off)
+                .ok()
+                .and_then(|o| target.get(o..o.checked_add(len as usize)?))
+            else {
+                return Ok(None);
+            };
+            self.read_buf.clear();
+            self.read_buf.extend_from_slice(part);
+        } else {
+            let mut file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::io(path, e)),
+            };
+            self.read_buf.resize(len as usize, 0);
+            match file
+                .seek(SeekFrom::Start(off))
+                .and_then(|_| file.read_exact(&mut self.read_buf))
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                Err(e) => return Err(Error::io(path, e)),
+            }
         }
         self.store.counters.bytes_read += u64::from(len);
         let tag = self.sealer.index_tag(&self.read_buf);

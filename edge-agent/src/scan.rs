@@ -22,10 +22,35 @@ use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Instant;
 use walkdir::{DirEntry, WalkDir};
+
+/// What a file version is read from: the file, or a symbolic link's target.
+enum Src {
+    File(File),
+    Mem(std::io::Cursor<Vec<u8>>),
+}
+
+impl Read for Src {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Src::File(f) => f.read(b),
+            Src::Mem(m) => m.read(b),
+        }
+    }
+}
+
+impl Seek for Src {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match self {
+            Src::File(f) => f.seek(pos),
+            Src::Mem(m) => m.seek(pos),
+        }
+    }
+}
 
 /// What one scan did.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -203,8 +228,8 @@ impl Agent {
                 }
                 continue;
             }
-            if !entry.file_type().is_file() {
-                continue; // symlinks and devices are not archived
+            if !entry.file_type().is_file() && !entry.file_type().is_symlink() {
+                continue; // devices, sockets and fifos are not archived
             }
             let Some(path) = manifest_path(root, entry.path()) else {
                 tracing::warn!(path = %entry.path().display(), "skipping non-UTF-8 file name");
@@ -308,7 +333,7 @@ impl Agent {
         }
         // The walk missed it; make sure it is really gone (one stat per deletion).
         if let Some(p) = crate::policy::fs_path(std::slice::from_ref(root), &path) {
-            if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) && self.policy.included(&path) {
+            if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() || m.is_symlink()) && self.policy.included(&path) {
                 return Ok(());
             }
         }
@@ -341,7 +366,14 @@ impl Agent {
             None => return Err(Error::Config("no policy class".into())),
         };
         let class = class.as_str();
-        let mut file = File::open(fs_path).map_err(|e| Error::io(fs_path, e))?;
+        // A symbolic link is archived as itself: its content is the target path.
+        let is_link = entry.file_type().is_symlink();
+        let mut file = if is_link {
+            let target = fs::read_link(fs_path).map_err(|e| Error::io(fs_path, e))?;
+            Src::Mem(std::io::Cursor::new(target.into_os_string().into_vec()))
+        } else {
+            Src::File(File::open(fs_path).map_err(|e| Error::io(fs_path, e))?)
+        };
         let mut start = 0u64;
         let mut chunks: Vec<StoredChunk> = Vec::new();
         let mut sha = ResumableSha256::new();
@@ -350,7 +382,7 @@ impl Agent {
         // Append fast path: the file grew and its last stable chunk is unchanged.
         let appendable = old
             .as_ref()
-            .is_some_and(|o| append_class && !o.dirty && o.inode == st.inode && st.size > o.size);
+            .is_some_and(|o| append_class && !is_link && !o.dirty && o.inode == st.inode && st.size > o.size);
         if appendable {
             if let Some(fc) = self.store.file_chunks(path)? {
                 let n = fc.chunks.len();
@@ -445,7 +477,11 @@ impl Agent {
             class: class.to_string(),
             chunks: chunks.iter().map(|c| ChunkRef { id: c.id, len: c.len }).collect(),
             sha256: sha.finish(),
-            mode: st.mode,
+            mode: if is_link {
+                protocol::manifest::MODE_LINK | st.mode
+            } else {
+                st.mode
+            },
         };
         let mut meta = FileMeta {
             size: st.size,

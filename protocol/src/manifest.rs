@@ -12,6 +12,8 @@ pub const MAX_PATH: usize = 4096;
 /// File-type bits of `FileVersion::mode` (as in `st_mode`) for an empty
 /// directory: recorded so a restore recreates it (no size, no chunks).
 pub const MODE_DIR: u32 = 0o040000;
+/// File-type bits for a symbolic link: its content is the link's target.
+pub const MODE_LINK: u32 = 0o120000;
 const MODE_TYPE: u32 = 0o170000;
 
 /// One chunk of a file version, in file order.
@@ -50,6 +52,10 @@ impl FileVersion {
     /// An empty-directory entry (`mode` type bits `MODE_DIR`).
     pub fn is_dir(&self) -> bool {
         self.mode & MODE_TYPE == MODE_DIR
+    }
+    /// A symbolic link (`mode` type bits `MODE_LINK`); the content is the target.
+    pub fn is_link(&self) -> bool {
+        self.mode & MODE_TYPE == MODE_LINK
     }
 }
 

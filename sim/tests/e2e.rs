@@ -282,10 +282,11 @@ fn cli_errors_are_clear() -> Result<()> {
     Ok(())
 }
 
-/// `diff -r` equality, empty directories included: they are recorded,
-/// recreated by restore, and their end is recorded when they fill up or go.
+/// `diff -r` equality, empty directories and symbolic links included: empty
+/// directories are recorded, recreated by restore, and their end is recorded
+/// when they fill up or go; links are restored as links (even dangling ones).
 #[test]
-fn empty_directories_survive_the_round_trip() -> Result<()> {
+fn empty_directories_and_symlinks_survive_the_round_trip() -> Result<()> {
     let f = Fleet::start(false)?;
     let dev = "gw-dirs";
     let a = f.archive(dev);
@@ -293,9 +294,13 @@ fn empty_directories_survive_the_round_trip() -> Result<()> {
         std::fs::create_dir_all(a.join(d))?;
     }
     std::fs::write(a.join("z/f.txt"), "a\n")?;
+    // Symbolic links are archived as links: to a file, to a directory, dangling.
+    std::os::unix::fs::symlink("z/f.txt", a.join("latest.txt"))?;
+    std::os::unix::fs::symlink("y", a.join("ydir"))?;
+    std::os::unix::fs::symlink("/nonexistent/target", a.join("dangling"))?;
     let diff_r = |out: &std::path::Path| -> Result<()> {
         let o = std::process::Command::new("diff")
-            .arg("-r")
+            .args(["-r", "--no-dereference"])
             .arg(&a)
             .arg(out.join("archive"))
             .output()?;
@@ -311,11 +316,17 @@ fn empty_directories_survive_the_round_trip() -> Result<()> {
     std::fs::remove_dir(a.join("y/deep/empty2"))?;
     std::fs::create_dir(a.join("z/new-empty"))?;
     std::fs::remove_file(a.join("z/f.txt"))?;
+    std::fs::remove_file(a.join("latest.txt"))?;
+    std::os::unix::fs::symlink("x/empty1/now-full.txt", a.join("latest.txt"))?;
     f.sync(dev, 60)?;
     let out2 = f.dir().join("r2");
     f.restore(dev, &out2, &[])?;
     diff_r(&out2)?;
     assert!(out2.join("archive/y/deep").is_dir() && !out2.join("archive/y/deep/empty2").exists());
+    assert_eq!(
+        std::fs::read_link(out2.join("archive/latest.txt"))?,
+        std::path::PathBuf::from("x/empty1/now-full.txt")
+    );
     // Nothing new to record on a rescan.
     let r = f.sync(dev, 60)?;
     assert_eq!(r["scans"][0]["changes_recorded"], 0, "{r}");
