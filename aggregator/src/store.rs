@@ -11,10 +11,15 @@
 //!   with its id) before it is renamed to `<id hex>.pack`; startup finishes an
 //!   interrupted rename.
 //! - A pack is deleted only after the sink answered 200 to its PUT (durable
-//!   there); its chunks then turn `CLOUD` and still count for dedup.
+//!   there); its chunks then turn `CLOUD` and still count for dedup. Its
+//!   `PACK_ENTRIES` rows go in that transaction, its `PACKS` row once the
+//!   file is gone (except the highest seq, so seqs never repeat).
 //! - `apply` writes changes, regional knowledge and the forward queue in one
 //!   Immediate transaction; a change leaves the forward queue only when the
 //!   sink confirmed it (or refused it, then it is kept in `SINK_REJECTED`).
+//! - `REGIONAL` (not `CHANGES`) records what was applied. A confirmed
+//!   change's `CHANGES` row is deleted with its queue entry, so `CHANGES`
+//!   holds only queued and sink-refused changes; `CHUNKS` rows stay for dedup.
 
 use crate::{Error, Result};
 use protocol::ids::{DeviceRef, Hash32, ReplicaId};
@@ -35,11 +40,14 @@ use std::time::{Duration, Instant};
 
 /// chunk id → (pack seq, offset, len, state)
 const CHUNKS: TableDefinition<&[u8; 32], (u64, u64, u32, u8)> = TableDefinition::new("chunks");
-/// (pack seq, offset) → (chunk id, len): the index a pack gets when it closes.
+/// (pack seq, offset) → (chunk id, len): the index a pack gets when it closes;
+/// removed at upload.
 const PACK_ENTRIES: TableDefinition<(u64, u64), (&[u8; 32], u32)> = TableDefinition::new("pack_entries");
-/// pack seq → (state, pack id (zero while open), size: committed length while open)
+/// pack seq → (state, pack id (zero while open), size: committed length while open).
+/// Rows of uploaded packs are removed once their files are gone.
 const PACKS: TableDefinition<u64, (u8, &[u8; 32], u64)> = TableDefinition::new("packs");
-/// (replica key, seq) → CBOR Change, each written once.
+/// (replica key, seq) → CBOR Change, each written once; deleted when the sink
+/// confirms it.
 const CHANGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("changes");
 /// replica key → CBOR (ReplicaId, RangeSet)
 const REGIONAL: TableDefinition<&str, &[u8]> = TableDefinition::new("regional");
@@ -242,6 +250,8 @@ impl AggStore {
                 }
             }
         }
+        forget_uploaded_packs(&db, &packs)?;
+        sweep_confirmed_changes(&db)?;
         let open = match open_seq {
             Some((seq, size)) => {
                 let path = packs.join(format!("open-{seq}.pack"));
@@ -456,18 +466,9 @@ impl AggStore {
             let mut mt = tx.open_table(META)?;
             let mut next = mt.get("next_forward")?.map(|v| v.value()).unwrap_or(1);
             let mut know: HashMap<String, (ReplicaId, RangeSet)> = HashMap::new();
+            let mut grown = HashSet::new();
             for c in changes {
                 let rk = c.replica.key();
-                if ct.get((rk.as_str(), c.seq))?.is_some() {
-                    continue;
-                }
-                ct.insert((rk.as_str(), c.seq), protocol::to_cbor(c).as_slice())?;
-                ft.insert(next, (rk.as_str(), c.seq))?;
-                next += 1;
-                let dk = c.replica.device.key();
-                if kt.get(dk.as_str())?.is_none() {
-                    kt.insert(dk.as_str(), c.pubkey.as_slice())?;
-                }
                 if !know.contains_key(&rk) {
                     let cur = match rt.get(rk.as_str())? {
                         Some(v) => decode_know(v.value())?,
@@ -475,12 +476,26 @@ impl AggStore {
                     };
                     know.insert(rk.clone(), cur);
                 }
-                if let Some((_, set)) = know.get_mut(&rk) {
-                    set.insert(c.seq);
+                // Regional knowledge, not `changes`, says what was applied:
+                // rows of confirmed changes are deleted.
+                let Some((_, set)) = know.get_mut(&rk) else {
+                    continue;
+                };
+                if set.contains(c.seq) {
+                    continue;
+                }
+                set.insert(c.seq);
+                grown.insert(rk.clone());
+                ct.insert((rk.as_str(), c.seq), protocol::to_cbor(c).as_slice())?;
+                ft.insert(next, (rk.as_str(), c.seq))?;
+                next += 1;
+                let dk = c.replica.device.key();
+                if kt.get(dk.as_str())?.is_none() {
+                    kt.insert(dk.as_str(), c.pubkey.as_slice())?;
                 }
                 added += 1;
             }
-            for (rk, v) in &know {
+            for (rk, v) in know.iter().filter(|(rk, _)| grown.contains(*rk)) {
                 rt.insert(rk.as_str(), protocol::to_cbor(v).as_slice())?;
             }
             mt.insert("next_forward", next)?;
@@ -616,6 +631,10 @@ impl AggStore {
         self.spool
             .fetch_sub(pack.size.min(self.spool_bytes()), Ordering::Relaxed);
         self.update_watermark();
+        // Housekeeping only: the rows left behind are retried next time.
+        if let Err(e) = forget_uploaded_packs(&self.db, &self.packs_dir()) {
+            tracing::warn!("forgetting uploaded packs: {e}");
+        }
         Ok(())
     }
 
@@ -720,6 +739,7 @@ impl AggStore {
         tx.set_durability(Durability::Immediate)?;
         {
             let mut ft = tx.open_table(FORWARD)?;
+            let mut ct = tx.open_table(CHANGES)?;
             let mut rj = tx.open_table(SINK_REJECTED)?;
             let mut mt = tx.open_table(META)?;
             let mut next = mt.get("next_forward")?.map(|v| v.value()).unwrap_or(1);
@@ -730,7 +750,17 @@ impl AggStore {
                 let rk = q.change.replica.key();
                 match r.status {
                     Status::Applied => {
-                        ft.remove(q.qno)?;
+                        // The signed change is durable at the sink: nothing
+                        // reads its row any more (`apply` consults `regional`).
+                        // Only the queue entry just offered drops it, so a row
+                        // some other entry names is never lost.
+                        let was = ft.remove(q.qno)?.map(|v| {
+                            let (k, s) = v.value();
+                            (k == rk.as_str(), s)
+                        });
+                        if was == Some((true, r.seq)) {
+                            ct.remove((rk.as_str(), r.seq))?;
+                        }
                         cloud.insert(&r.replica, r.seq);
                         out.applied += 1;
                     }
@@ -817,6 +847,76 @@ impl AggStore {
         }
         Ok(v)
     }
+}
+
+/// Deletes the `packs` rows of uploaded packs whose files are gone. Their
+/// chunks are `CLOUD` (dedup needs only those rows) and their entries went at
+/// upload. The row with the highest seq stays so pack seqs never repeat; a
+/// row whose file is still there stays so startup deletes the file.
+fn forget_uploaded_packs(db: &Database, packs: &Path) -> Result<usize> {
+    let mut tx = db.begin_write()?;
+    tx.set_durability(Durability::Immediate)?;
+    let mut n = 0usize;
+    {
+        let mut pt = tx.open_table(PACKS)?;
+        let last = pt.last()?.map(|(k, _)| k.value());
+        pt.retain(|seq, (state, id, _)| {
+            let gone = state == PACK_UPLOADED
+                && Some(seq) != last
+                && !packs.join(format!("{}.pack", Hash32(*id).to_hex())).exists()
+                && !packs.join(format!("open-{seq}.pack")).exists();
+            n += usize::from(gone);
+            !gone
+        })?;
+    }
+    if n > 0 {
+        tx.commit()?;
+    } else {
+        tx.abort()?;
+    }
+    Ok(n)
+}
+
+/// Deletes `changes` rows that are neither queued nor refused by the sink:
+/// the sink confirmed them. `confirm` deletes them as it goes; this catches
+/// rows kept by earlier versions. Cheap when there is nothing to do.
+fn sweep_confirmed_changes(db: &Database) -> Result<usize> {
+    let keep: HashSet<(String, u64)> = {
+        let rtx = db.begin_read()?;
+        let (ct, ft, rj) = (
+            rtx.open_table(CHANGES)?,
+            rtx.open_table(FORWARD)?,
+            rtx.open_table(SINK_REJECTED)?,
+        );
+        if ct.len()? <= ft.len()? + rj.len()? {
+            return Ok(0);
+        }
+        let mut keep = HashSet::new();
+        for r in ft.range::<u64>(..)? {
+            let (_, v) = r?;
+            let (rk, seq) = v.value();
+            keep.insert((rk.to_string(), seq));
+        }
+        for r in rj.range::<(&str, u64)>(..)? {
+            let (k, _) = r?;
+            let (rk, seq) = k.value();
+            keep.insert((rk.to_string(), seq));
+        }
+        keep
+    };
+    let mut tx = db.begin_write()?;
+    tx.set_durability(Durability::Immediate)?;
+    let mut n = 0usize;
+    tx.open_table(CHANGES)?.retain(|(rk, seq), _| {
+        let confirmed = !keep.contains(&(rk.to_string(), seq));
+        n += usize::from(confirmed);
+        !confirmed
+    })?;
+    tx.commit()?;
+    if n > 0 {
+        tracing::info!("deleted {n} change rows the sink had confirmed");
+    }
+    Ok(n)
 }
 
 fn new_pack_file(path: &Path) -> Result<File> {
@@ -1082,6 +1182,107 @@ mod tests {
             .cloud_knowledge(&ch.replica.device)
             .expect("cloud")
             .contains(&ch.replica, 1));
+    }
+
+    fn rows(s: &AggStore) -> (u64, u64, u64, u64) {
+        let rtx = s.db.begin_read().expect("read");
+        (
+            rtx.open_table(CHANGES).expect("t").len().expect("len"),
+            rtx.open_table(PACKS).expect("t").len().expect("len"),
+            rtx.open_table(PACK_ENTRIES).expect("t").len().expect("len"),
+            rtx.open_table(CHUNKS).expect("t").len().expect("len"),
+        )
+    }
+
+    #[test]
+    fn confirmed_changes_and_uploaded_packs_leave_no_rows() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let k = key();
+        let chunks: Vec<ChunkData> = (0..6).map(|i| chunk(i, 2000 + i as usize)).collect();
+        let changes: Vec<Change> = (1..=6u64).map(|q| change(&k, q, &[&chunks[q as usize - 1]])).collect();
+        let dev = changes[0].replica.device.clone();
+        let rep = changes[0].replica.clone();
+        let s = AggStore::open(dir.path(), cfg()).expect("open");
+        // Three packs, each uploaded before the next one closes.
+        for part in 0..3 {
+            let (c, ch) = (&chunks[part * 2..part * 2 + 2], &changes[part * 2..part * 2 + 2]);
+            s.put_chunks(c).expect("put");
+            s.apply(ch).expect("apply");
+            s.close_open_pack().expect("close").expect("pack");
+            for p in s.closed_packs().expect("closed") {
+                s.mark_uploaded(&p).expect("uploaded");
+            }
+        }
+        // Only the open pack's row remains; uploaded packs' entries are gone.
+        assert_eq!(rows(&s), (6, 1, 0, 6));
+        let ready = s.ready_changes(10, 1 << 20, 100).expect("ready");
+        assert_eq!(ready.len(), 6);
+        let st = |seq, status| SeqStatus {
+            replica: rep.clone(),
+            seq,
+            status,
+        };
+        let results: Vec<SeqStatus> = (1..=4).map(|q| st(q, Status::Applied)).collect();
+        let results = [results, vec![st(5, Status::Rejected), st(6, Status::Missing)]].concat();
+        let conf = s.confirm(&ready, &results, &[(5, "no".into())], &[]).expect("confirm");
+        assert_eq!((conf.applied, conf.rejected, conf.missing), (4, 1, 1));
+        // Kept: the refused change (for operators) and the re-queued one.
+        assert_eq!(rows(&s).0, 2);
+        assert_eq!(s.forward_len().expect("len"), 1);
+
+        let check = |s: &AggStore| {
+            let (regional, cloud) = s.knowledge_of(std::slice::from_ref(&dev)).expect("knowledge");
+            assert_eq!(regional.get(&rep).ranges(), &[(1, 6)]);
+            assert!((1..=4).all(|q| cloud.contains(&rep, q)) && !cloud.contains(&rep, 5));
+            assert!(chunks.iter().all(|c| s.has_chunk(&c.id).expect("has")));
+            assert_eq!(s.read_chunk(&chunks[0].id).expect("read"), ChunkBytes::CloudOnly);
+            // An agent retrying confirmed changes: still applied once.
+            s.apply(&changes).expect("apply again");
+            assert_eq!(s.forward_len().expect("len"), 1);
+            assert_eq!(rows(s).0, 2);
+            // Dedup: the chunks are not stored again.
+            let spool = s.spool_bytes();
+            s.put_chunks(&chunks).expect("put again");
+            assert_eq!(s.spool_bytes(), spool);
+            let again = s.ready_changes(10, 1 << 20, 100).expect("ready");
+            assert_eq!(again.len(), 1);
+            assert_eq!(again[0].change, changes[5]);
+        };
+        check(&s);
+        drop(s);
+        let s = AggStore::open(dir.path(), cfg()).expect("reopen");
+        check(&s);
+        assert_eq!(rows(&s), (2, 1, 0, 6));
+
+        // Rows earlier versions kept (a confirmed change, an uploaded pack
+        // left behind by a crash before its file went) go at startup.
+        let open_seq = {
+            let t = s.db.begin_read().expect("r").open_table(PACKS).expect("t");
+            let only = t.first().expect("first").map(|(k, _)| k.value());
+            only.expect("the open pack's row")
+        };
+        {
+            let tx = s.db.begin_write().expect("w");
+            tx.open_table(CHANGES)
+                .expect("t")
+                .insert((rep.key().as_str(), 1), protocol::to_cbor(&changes[0]).as_slice())
+                .expect("insert");
+            tx.open_table(PACKS)
+                .expect("t")
+                .insert(open_seq - 1, (PACK_UPLOADED, &[7; 32], 100))
+                .expect("insert");
+            tx.commit().expect("commit");
+        }
+        let leftover = dir
+            .path()
+            .join("packs")
+            .join(format!("{}.pack", Hash32([7; 32]).to_hex()));
+        std::fs::write(&leftover, b"uploaded").expect("leftover");
+        drop(s);
+        let s = AggStore::open(dir.path(), cfg()).expect("reopen");
+        assert!(!leftover.exists());
+        assert_eq!(rows(&s), (2, 1, 0, 6));
+        check(&s);
     }
 
     #[test]
