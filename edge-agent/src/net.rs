@@ -26,7 +26,7 @@ use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::Outgoing;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -161,7 +161,18 @@ fn backoff_delay(n: u32) -> Duration {
     base.mul_f64(1.0 + frac)
 }
 
-async fn poll_loop(mut el: EventLoop, tx: mpsc::Sender<NetEvent>, alive: Arc<AtomicU64>, t0: Instant) {
+/// The last-will payload for the next (re)connect: kept current by the
+/// driver, so the broker's `offline` carries a fresh backlog and timestamp.
+type Will = Arc<Mutex<Bytes>>;
+
+fn with_will(opts: &mut MqttOptions, will: &Will) {
+    if let (Some(mut lw), Ok(msg)) = (opts.last_will(), will.lock()) {
+        lw.message = msg.clone();
+        opts.set_last_will(lw);
+    }
+}
+
+async fn poll_loop(mut el: EventLoop, tx: mpsc::Sender<NetEvent>, alive: Arc<AtomicU64>, t0: Instant, will: Will) {
     let mut attempt = 0u32;
     loop {
         let polled = el.poll().await;
@@ -187,6 +198,7 @@ async fn poll_loop(mut el: EventLoop, tx: mpsc::Sender<NetEvent>, alive: Arc<Ato
                 if tx.send(NetEvent::Down(e.to_string())).await.is_err() {
                     return;
                 }
+                with_will(&mut el.options, &will);
                 tokio::time::sleep(backoff_delay(attempt)).await;
                 attempt = attempt.saturating_add(1);
                 continue;
@@ -210,11 +222,13 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(opts: &MqttOptions, t0: Instant) -> Conn {
-        let (client, eventloop) = AsyncClient::new(opts.clone(), REQUEST_CAPACITY);
+    fn open(opts: &MqttOptions, t0: Instant, will: &Will) -> Conn {
+        let mut opts = opts.clone();
+        with_will(&mut opts, will);
+        let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
         let (tx, rx) = mpsc::channel(64);
         let alive = Arc::new(AtomicU64::new(t0.elapsed().as_millis() as u64));
-        let poller = tokio::spawn(poll_loop(eventloop, tx, alive.clone(), t0));
+        let poller = tokio::spawn(poll_loop(eventloop, tx, alive.clone(), t0, will.clone()));
         Conn {
             client,
             poller,
@@ -301,7 +315,8 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
             None,
         ));
     let dead_after = dead_after(keepalive);
-    let mut conn = Conn::open(&opts, t0);
+    let will: Will = Arc::new(Mutex::new(Bytes::from(presence(agent, false))));
+    let mut conn = Conn::open(&opts, t0, &will);
     let down_prefix = topic::down(&dev, "");
 
     let mut session = ClientSession::new(agent.config().client.clone(), now_ms());
@@ -474,6 +489,9 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                     let client = conn.client.clone();
                     let pres = presence(agent, true);
                     last_presence = Some((presence_key(&pres), Instant::now()));
+                    if let Ok(mut w) = will.lock() {
+                        *w = Bytes::from(presence(agent, false));
+                    }
                     let setup = tokio::time::timeout(dead_after, async {
                         client.subscribe(topic::down_filter(&dev), QoS::AtLeastOnce).await?;
                         client.publish(topic::presence(&dev), QoS::AtLeastOnce, true, pres).await
@@ -487,7 +505,7 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                             online = false;
                             was_down = true;
                             session.disconnected();
-                            conn = Conn::open(&opts, t0);
+                            conn = Conn::open(&opts, t0, &will);
                             continue;
                         }
                     }
@@ -548,7 +566,7 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
             was_down = true;
             held = None;
             session.disconnected();
-            conn = Conn::open(&opts, t0);
+            conn = Conn::open(&opts, t0, &will);
         }
         if paused_until.is_some_and(|p| Instant::now() >= p) {
             paused_until = None;
@@ -608,6 +626,9 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                         .is_ok()
                 {
                     last_presence = Some((key, Instant::now()));
+                    if let Ok(mut w) = will.lock() {
+                        *w = Bytes::from(presence(agent, false));
+                    }
                 }
             }
         }
