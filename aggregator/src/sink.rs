@@ -66,41 +66,25 @@ impl SinkHttp {
         }
     }
 
-    /// `PUT /v1/packs/{id}`.
-    pub async fn put_pack(&self, id_hex: &str, body: Vec<u8>) -> Result<()> {
-        let t = self.deadline(body.len());
-        let r = self
-            .http
-            .put(format!("{}/v1/packs/{id_hex}", self.base))
-            .header("content-type", "application/octet-stream")
-            .timeout(t)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.note(e))?;
-        let status = r.status();
-        if !status.is_success() {
-            let why = r.text().await.unwrap_or_default();
-            return Err(Error::Sink(format!("PUT pack {id_hex}: {status}: {}", why.trim())));
-        }
-        Ok(())
-    }
-
-    /// `POST /v1/sync` with one envelope; a Nack is an error.
-    pub async fn sync(&self, m: &Message) -> Result<Message> {
-        self.sync_within(m, None).await
-    }
-
-    async fn sync_within(&self, m: &Message, limit: Option<Duration>) -> Result<Message> {
-        let body = m.encode()?;
+    /// Sends one request with the deadline its body size earns (capped by
+    /// `limit`); a non-2xx answer is an error naming `what` and the reason.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+        limit: Option<Duration>,
+        what: &str,
+    ) -> Result<bytes::Bytes> {
         let mut t = self.deadline(body.len());
         if let Some(l) = limit {
             t = t.min(l);
         }
         let r = self
             .http
-            .post(format!("{}/v1/sync", self.base))
-            .header("content-type", "application/cbor")
+            .request(method, format!("{}{path}", self.base))
+            .header("content-type", content_type)
             // How the sink tells aggregators apart (else by IP address).
             .header("x-ferry-peer", &self.peer)
             .timeout(t)
@@ -112,11 +96,45 @@ impl SinkHttp {
         let bytes = r.bytes().await.map_err(|e| self.note(e))?;
         if !status.is_success() {
             return Err(Error::Sink(format!(
-                "{}: {status}: {}",
-                m.kind(),
+                "{what}: {status}: {}",
                 String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).trim()
             )));
         }
+        Ok(bytes)
+    }
+
+    /// `PUT /v1/packs/{id}`.
+    pub async fn put_pack(&self, id_hex: &str, body: Vec<u8>) -> Result<()> {
+        let path = format!("/v1/packs/{id_hex}");
+        let what = format!("PUT pack {id_hex}");
+        self.send(
+            reqwest::Method::PUT,
+            &path,
+            "application/octet-stream",
+            body,
+            None,
+            &what,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `POST /v1/sync` with one envelope; a Nack is an error.
+    pub async fn sync(&self, m: &Message) -> Result<Message> {
+        self.sync_within(m, None).await
+    }
+
+    async fn sync_within(&self, m: &Message, limit: Option<Duration>) -> Result<Message> {
+        let bytes = self
+            .send(
+                reqwest::Method::POST,
+                "/v1/sync",
+                "application/cbor",
+                m.encode()?,
+                limit,
+                m.kind(),
+            )
+            .await?;
         match Message::decode(&bytes)? {
             Message::Nack(n) => Err(Error::Sink(format!("{} refused: {}", m.kind(), n.reason))),
             reply => Ok(reply),
@@ -142,32 +160,20 @@ impl SinkHttp {
             other => Err(Error::Sink(format!("hello answered with {}", other.kind()))),
         }
     }
-}
 
-impl SinkHttp {
     /// `POST /v1/presence` with a JSON array of presence updates.
     pub async fn post_presence(&self, updates: &[crate::presence::Update]) -> Result<()> {
         let body = serde_json::to_vec(updates).map_err(|e| Error::Sink(format!("encoding presence: {e}")))?;
-        let t = self.deadline(body.len());
-        let r = self
-            .http
-            .post(format!("{}/v1/presence", self.base))
-            .header("content-type", "application/json")
-            .header("x-ferry-peer", &self.peer)
-            .timeout(t)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.note(e))?;
-        let status = r.status();
-        if !status.is_success() {
-            let why = r.text().await.unwrap_or_default();
-            return Err(Error::Sink(format!(
-                "POST presence: {status}: {}",
-                why.chars().take(500).collect::<String>().trim()
-            )));
-        }
-        Ok(())
+        self.send(
+            reqwest::Method::POST,
+            "/v1/presence",
+            "application/json",
+            body,
+            None,
+            "POST presence",
+        )
+        .await
+        .map(|_| ())
     }
 }
 

@@ -167,6 +167,25 @@ fn device_range(d: &DeviceRef) -> (String, String) {
     (format!("{k}/"), format!("{k}0"))
 }
 
+/// Adds `k` to the CLOUD table; returns the devices whose knowledge grew.
+fn union_cloud(cl: &mut redb::Table<&str, &[u8]>, k: &Knowledge) -> Result<Vec<DeviceRef>> {
+    let mut grew = Vec::new();
+    for (rep, set) in &k.map {
+        let rk = rep.key();
+        let mut cur = match cl.get(rk.as_str())? {
+            Some(v) => decode_know(v.value())?.1,
+            None => RangeSet::new(),
+        };
+        let before = cur.clone();
+        cur.union_with(set);
+        if cur != before {
+            cl.insert(rk.as_str(), protocol::to_cbor(&(rep.clone(), cur)).as_slice())?;
+            grew.push(rep.device.clone());
+        }
+    }
+    Ok(grew)
+}
+
 fn decode_know(b: &[u8]) -> Result<(ReplicaId, RangeSet)> {
     Ok(protocol::from_cbor(b, MAX_MESSAGE)?)
 }
@@ -785,20 +804,7 @@ impl AggStore {
                 }
             }
             mt.insert("next_forward", next)?;
-            let mut cl = tx.open_table(CLOUD)?;
-            for (rep, set) in &cloud.map {
-                let rk = rep.key();
-                let mut cur = match cl.get(rk.as_str())? {
-                    Some(v) => decode_know(v.value())?.1,
-                    None => RangeSet::new(),
-                };
-                let before = cur.clone();
-                cur.union_with(set);
-                if cur != before {
-                    cl.insert(rk.as_str(), protocol::to_cbor(&(rep.clone(), cur)).as_slice())?;
-                    devices.insert(rep.device.clone());
-                }
-            }
+            devices.extend(union_cloud(&mut tx.open_table(CLOUD)?, &cloud)?);
         }
         tx.commit()?;
         out.devices = devices.into_iter().collect();
@@ -808,25 +814,9 @@ impl AggStore {
     /// Adds what the sink reports it holds (e.g. of a device that moved here
     /// from another aggregator) to the cloud knowledge. Returns whether it grew.
     pub fn merge_cloud(&self, k: &Knowledge) -> Result<bool> {
-        let mut grew = false;
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
-        {
-            let mut cl = tx.open_table(CLOUD)?;
-            for (rep, set) in &k.map {
-                let rk = rep.key();
-                let mut cur = match cl.get(rk.as_str())? {
-                    Some(v) => decode_know(v.value())?.1,
-                    None => RangeSet::new(),
-                };
-                let before = cur.clone();
-                cur.union_with(set);
-                if cur != before {
-                    cl.insert(rk.as_str(), protocol::to_cbor(&(rep.clone(), cur)).as_slice())?;
-                    grew = true;
-                }
-            }
-        }
+        let grew = !union_cloud(&mut tx.open_table(CLOUD)?, k)?.is_empty();
         if grew {
             tx.commit()?;
         } else {
