@@ -79,6 +79,15 @@ const PROGRESS_BYTES: u64 = 512 << 20;
 const PAGE: usize = 256;
 /// Empty directories tracked per root; past this, none are recorded or deleted.
 const MAX_EMPTY_DIRS: usize = 100_000;
+
+/// Adds an empty directory to `seen`; false once the bound is reached.
+fn note_empty(seen: &mut BTreeSet<String>, path: String) -> bool {
+    if seen.len() >= MAX_EMPTY_DIRS {
+        return false;
+    }
+    seen.insert(path);
+    true
+}
 /// Beyond this many unreadable directories in a root, record no deletions in it.
 const MAX_BLOCKED: usize = 1_000;
 
@@ -199,7 +208,21 @@ impl Agent {
             .min_depth(1)
             .follow_links(false)
             .sort_by(walk_order);
+        // The last directory walked, until the next walk item tells whether
+        // it holds anything (the walk lists a directory's contents right
+        // after it): emptiness costs no extra read of the directory.
+        let mut last_dir: Option<(std::path::PathBuf, String)> = None;
         for entry in walk {
+            if let Some((dir, p)) = last_dir.take() {
+                // Unreadable (an error for the directory itself) counts as not empty.
+                let inside = match &entry {
+                    Ok(e) => e.path().starts_with(&dir),
+                    Err(e) => e.path().is_none_or(|x| x.starts_with(&dir)),
+                };
+                if !inside {
+                    dirs_capped |= !note_empty(&mut empty_dirs, p);
+                }
+            }
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
@@ -215,17 +238,9 @@ impl Agent {
             if entry.file_type().is_dir() {
                 // Empty directories are recorded (restores recreate them);
                 // others are implied by the files inside.
-                if empty_dirs.len() < MAX_EMPTY_DIRS {
-                    if fs::read_dir(entry.path()).is_ok_and(|mut r| r.next().is_none()) {
-                        if let Some(p) = manifest_path(root, entry.path()) {
-                            if self.policy.included(&p) && protocol::manifest::validate_path(&p).is_ok() {
-                                empty_dirs.insert(p);
-                            }
-                        }
-                    }
-                } else {
-                    dirs_capped = true;
-                }
+                last_dir = manifest_path(root, entry.path())
+                    .filter(|p| self.policy.included(p) && protocol::manifest::validate_path(p).is_ok())
+                    .map(|p| (entry.path().to_path_buf(), p));
                 continue;
             }
             if !entry.file_type().is_file() && !entry.file_type().is_symlink() {
@@ -272,6 +287,9 @@ impl Agent {
                     "scan progress"
                 );
             }
+        }
+        if let Some((_, p)) = last_dir {
+            dirs_capped |= !note_empty(&mut empty_dirs, p);
         }
         while cursor.peek(self)?.is_some() {
             if let Some((k, _)) = cursor.take() {

@@ -874,46 +874,29 @@ impl Store {
         max_bytes: usize,
         max_logical: u64,
     ) -> Result<Vec<Change>> {
-        let epoch = self.meta.epoch;
-        let set = have.get(&self.replica());
-        let r = self.db.begin_read()?;
-        let t = r.open_table(OUTBOX)?;
-        let (mut out, mut bytes, mut cursor) = (Vec::new(), 0usize, 1u64);
-        let mut logical = 0u64;
-        'outer: loop {
-            for item in t.range((epoch, cursor)..=(epoch, u64::MAX))? {
-                let (k, v) = item?;
-                let seq = k.value().1;
-                if set.contains(seq) {
-                    // Jump past the whole known range instead of stepping through it.
-                    let hi = set
-                        .ranges()
-                        .iter()
-                        .find(|(lo, hi)| *lo <= seq && seq <= *hi)
-                        .map_or(seq, |r| r.1);
-                    if hi == u64::MAX {
-                        break 'outer;
-                    }
-                    cursor = hi + 1;
-                    continue 'outer;
+        let (mut out, mut bytes, mut logical) = (Vec::new(), 0usize, 0u64);
+        let mut bad = None;
+        self.outbox_scan(have, |_, _, lb, body| {
+            if !out.is_empty() && (bytes + body.len() > max_bytes || logical.saturating_add(lb) > max_logical) {
+                return false;
+            }
+            match protocol::from_cbor::<Change>(body, protocol::msg::MAX_MESSAGE) {
+                Ok(c) => {
+                    logical = logical.saturating_add(lb);
+                    bytes += body.len();
+                    out.push(c);
+                    out.len() < max
                 }
-                let v = v.value();
-                let (_, lb) = outbox_header(v)?;
-                let body = &v[OUTBOX_HEADER..];
-                if !out.is_empty() && (bytes + body.len() > max_bytes || logical.saturating_add(lb) > max_logical) {
-                    break 'outer;
-                }
-                logical = logical.saturating_add(lb);
-                let c: Change = protocol::from_cbor(body, protocol::msg::MAX_MESSAGE)?;
-                bytes += body.len();
-                out.push(c);
-                if out.len() >= max {
-                    break 'outer;
+                Err(e) => {
+                    bad = Some(e);
+                    false
                 }
             }
-            break;
+        })?;
+        match bad {
+            Some(e) => Err(e.into()),
+            None => Ok(out),
         }
-        Ok(out)
     }
 
     /// Rewrites the outbox entry of `change` as a signed `Superseded` with
