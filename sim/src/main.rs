@@ -17,6 +17,27 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Which gateway of which generated fleet (`sim::gen::GenConfig`).
+#[derive(clap::Args)]
+struct GenArgs {
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// 1.0 is about 12 MiB.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Index of this gateway in its fleet (files shared across the fleet are equal).
+    #[arg(long, default_value_t = 0)]
+    device_index: usize,
+    #[arg(long, default_value_t = 1)]
+    fleet: usize,
+}
+
+impl GenArgs {
+    fn config(&self) -> sim::gen::GenConfig {
+        sim::gen::GenConfig::new(self.seed, self.scale, self.device_index, self.fleet)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate one gateway's initial factory archive into DIR (for
@@ -24,16 +45,8 @@ enum Cmd {
     Gen {
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// 1.0 is about 12 MiB.
-        #[arg(long, default_value_t = 1.0)]
-        scale: f64,
-        /// Index of this gateway in its fleet (files shared across the fleet are equal).
-        #[arg(long, default_value_t = 0)]
-        device_index: usize,
-        #[arg(long, default_value_t = 1)]
-        fleet: usize,
+        #[command(flatten)]
+        g: GenArgs,
     },
     /// Apply hour STEP of changes to an archive made by `sim gen` (steps in
     /// order 1, 2, 3 … with the same seed/scale/index/fleet).
@@ -42,14 +55,8 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long)]
         step: u32,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        #[arg(long, default_value_t = 1.0)]
-        scale: f64,
-        #[arg(long, default_value_t = 0)]
-        device_index: usize,
-        #[arg(long, default_value_t = 1)]
-        fleet: usize,
+        #[command(flatten)]
+        g: GenArgs,
     },
     /// Print the ideal lower bound of syncing BEFORE → AFTER as JSON: raw new
     /// and changed bytes, and zstd -3 of exactly those bytes.
@@ -99,28 +106,13 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Gen {
-            out,
-            seed,
-            scale,
-            device_index,
-            fleet,
-        } => {
-            let g = sim::gen::GenConfig::new(seed, scale, device_index, fleet);
-            let s = sim::gen::generate_initial(&out, &g)?;
+        Cmd::Gen { out, g } => {
+            let s = sim::gen::generate_initial(&out, &g.config())?;
             eprintln!("generated {} files, {} bytes in {}", s.files, s.bytes, out.display());
             Ok(())
         }
-        Cmd::Step {
-            dir,
-            step,
-            seed,
-            scale,
-            device_index,
-            fleet,
-        } => {
-            let g = sim::gen::GenConfig::new(seed, scale, device_index, fleet);
-            let s = sim::gen::apply_step(&dir, &g, step)?;
+        Cmd::Step { dir, step, g } => {
+            let s = sim::gen::apply_step(&dir, &g.config(), step)?;
             eprintln!(
                 "step {step}: {} files touched, {} bytes new or changed",
                 s.files, s.bytes

@@ -9,7 +9,6 @@ mod common;
 
 use anyhow::{ensure, Context, Result};
 use common::*;
-use std::collections::HashSet;
 use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -59,27 +58,7 @@ fn sync_now(f: &Fleet, dev: &str) -> Result<serde_json::Value> {
 
 /// Every (epoch, seq) appears once in the catalog; returns all versions.
 fn versions(f: &Fleet, dev: &str) -> Result<Vec<serde_json::Value>> {
-    let (ok, out, err) = sim::procs::run_to_end(
-        "cloud-sink",
-        &[
-            "ls".into(),
-            "--sink".into(),
-            f.sink_url.clone(),
-            "--device".into(),
-            dev.into(),
-            "--versions".into(),
-            "--json".into(),
-        ],
-        secs(30),
-    )?;
-    ensure!(ok, "ls --versions failed: {err}");
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&out)?;
-    let mut seen = HashSet::new();
-    for r in &rows {
-        let k = (u(r, "epoch"), u(r, "seq"));
-        ensure!(seen.insert(k), "change {k:?} of {dev} is in the catalog twice");
-    }
-    Ok(rows)
+    f.versions_once(dev)
 }
 
 /// Writes `n` incompressible files of `size` bytes; returns their total.

@@ -342,15 +342,20 @@ impl Fleet {
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
-    /// Every (epoch, seq) of `device` is in the catalog once; returns how many.
-    pub fn assert_changes_once(&self, device: &str) -> Result<usize> {
+    /// Every (epoch, seq) of `device` is in the catalog once; returns the versions.
+    pub fn versions_once(&self, device: &str) -> Result<Vec<serde_json::Value>> {
         let rows = self.versions(device)?;
         let mut seen = std::collections::HashSet::new();
         for r in &rows {
             let k = (u(r, "epoch"), u(r, "seq"));
             anyhow::ensure!(seen.insert(k), "change {k:?} of {device} is in the catalog twice");
         }
-        Ok(rows.len())
+        Ok(rows)
+    }
+
+    /// Every (epoch, seq) of `device` is in the catalog once; returns how many.
+    pub fn assert_changes_once(&self, device: &str) -> Result<usize> {
+        Ok(self.versions_once(device)?.len())
     }
 }
 
