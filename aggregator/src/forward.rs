@@ -137,6 +137,7 @@ impl Forwarder {
                 device: None,
                 replica: None,
                 software: self.sink.software().to_string(),
+                server_cursor: None,
             });
             match self.sync(&hello).await? {
                 Message::Knowledge(_) => self.hello_done = true,

@@ -149,6 +149,7 @@ impl SinkHttp {
             device: Some(device.clone()),
             replica: None,
             software: self.software.clone(),
+            server_cursor: None,
         });
         match self.sync_within(&hello, Some(limit)).await? {
             Message::Knowledge(k) => {

@@ -165,6 +165,7 @@ async fn every_endpoint_refuses_bad_input_and_keeps_serving() -> Result<()> {
         device: None,
         replica: None,
         software: "future".into(),
+        server_cursor: None,
     });
     refused(post(hello2.encode()?).await?, 422, "protocol 2 not supported").await?;
     let prepare = Message::Prepare(Prepare {

@@ -10,6 +10,7 @@
 use crate::ids::{DeviceRef, Hash32, ReplicaId};
 use crate::knowledge::Knowledge;
 use crate::manifest::Change;
+use crate::meta::ServerChange;
 use crate::msg::*;
 use crate::{Result, PROTO_VERSION};
 use std::collections::{HashMap, VecDeque};
@@ -32,6 +33,15 @@ pub trait ClientStore {
     /// New knowledge from the server: regional (durable at the aggregator)
     /// and cloud (durable in the cloud; the store may now prune).
     fn on_knowledge(&mut self, regional: &Knowledge, cloud: &Knowledge) -> Result<()>;
+    /// Every server change at or below this `gseq` has been applied.
+    fn server_cursor(&self) -> u64 {
+        0
+    }
+    /// Merges server changes (CRDT states: idempotent, any order) and, when
+    /// `upto` is Some, moves the cursor there; durably, before returning.
+    fn on_server_changes(&mut self, _items: &[ServerChange], _upto: Option<u64>) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -68,6 +78,7 @@ pub enum Event {
     Superseded { seq: u64 },
     Nack { reason: String },
     Resent { kind: &'static str },
+    ServerChanges { count: usize },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -182,6 +193,7 @@ impl ClientSession {
             device: Some(store.device()),
             replica: Some(store.replica()),
             software: self.cfg.software.clone(),
+            server_cursor: Some(store.server_cursor()),
         })
     }
 
@@ -317,6 +329,25 @@ impl ClientSession {
             Message::CloudAck(a) => {
                 self.cloud.union_with(&a.cloud);
                 store.on_knowledge(&self.regional, &self.cloud)?;
+            }
+            Message::Changes(ch) => {
+                let mut items = Vec::with_capacity(ch.items.len());
+                let mut refused = false;
+                for it in ch.items {
+                    match it.body.validate() {
+                        Ok(()) => items.push(it),
+                        Err(e) => {
+                            refused = true;
+                            self.events.push_back(Event::Nack {
+                                reason: format!("server change {} refused: {e}", it.gseq),
+                            });
+                        }
+                    }
+                }
+                // A refused item keeps the cursor where it was, so it is asked again.
+                let upto = if refused { None } else { ch.upto };
+                store.on_server_changes(&items, upto)?;
+                self.events.push_back(Event::ServerChanges { count: items.len() });
             }
             Message::Nack(n) => self.events.push_back(Event::Nack { reason: n.reason }),
             // Client-bound only; anything else is a confused peer.

@@ -11,11 +11,13 @@ pub mod hlc;
 pub mod ids;
 pub mod knowledge;
 pub mod manifest;
+pub mod meta;
 pub mod msg;
 pub mod pack;
 pub mod seal;
 pub mod server;
 pub mod sha;
+pub mod shared;
 pub mod topic;
 
 pub use ids::{DeviceRef, Hash32, Id, ReplicaId};
@@ -53,6 +55,9 @@ pub enum Error {
     KeyFile(String),
     #[error("store: {0}")]
     Store(String),
+    /// A user or config value out of range (a policy name, a tag).
+    #[error("invalid {0}")]
+    Invalid(String),
 }
 
 impl From<minicbor::decode::Error> for Error {

@@ -3,6 +3,7 @@
 
 use crate::hlc::Hlc;
 use crate::ids::{Hash32, ReplicaId};
+use crate::shared::Shared;
 use crate::{Error, Result};
 use minicbor::{Decode, Encode};
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
@@ -97,6 +98,9 @@ pub struct Change {
     #[n(5)]
     #[cbor(with = "minicbor::bytes")]
     pub signature: Vec<u8>,
+    /// Set when the path's class is shared (several devices write it).
+    #[n(6)]
+    pub shared: Option<Shared>,
 }
 
 /// What the signature covers: everything but the signature itself.
@@ -115,6 +119,9 @@ struct Signed<'a> {
     #[n(5)]
     #[cbor(with = "minicbor::bytes")]
     pubkey: &'a [u8],
+    /// Trailing and `None` for unshared paths: then encoded as before.
+    #[n(6)]
+    shared: Option<&'a Shared>,
 }
 
 const DOMAIN: &str = "ferry/change/v1";
@@ -128,11 +135,24 @@ impl Change {
             hlc: self.hlc,
             body: &self.body,
             pubkey: &self.pubkey,
+            shared: self.shared.as_ref(),
         })
     }
 
     /// Builds and signs a change.
     pub fn sign(replica: ReplicaId, seq: u64, hlc: Hlc, body: ChangeBody, key: &Ed25519KeyPair) -> Change {
+        Change::sign_shared(replica, seq, hlc, body, None, key)
+    }
+
+    /// Builds and signs a change of a shared path (`shared` is Some).
+    pub fn sign_shared(
+        replica: ReplicaId,
+        seq: u64,
+        hlc: Hlc,
+        body: ChangeBody,
+        shared: Option<Shared>,
+        key: &Ed25519KeyPair,
+    ) -> Change {
         let mut c = Change {
             replica,
             seq,
@@ -140,6 +160,7 @@ impl Change {
             body,
             pubkey: key.public_key().as_ref().to_vec(),
             signature: Vec::new(),
+            shared,
         };
         c.signature = key.sign(&c.signed_bytes()).as_ref().to_vec();
         c
@@ -149,6 +170,9 @@ impl Change {
     /// Whether that key belongs to the device is the caller's (pinning) job.
     pub fn verify(&self) -> Result<()> {
         validate_path(self.body.path())?;
+        if let Some(s) = &self.shared {
+            s.validate()?;
+        }
         if let ChangeBody::File(f) = &self.body {
             let total: u64 = f.chunks.iter().map(|c| u64::from(c.len)).sum();
             if total != f.size {
@@ -256,6 +280,40 @@ mod tests {
             f.sha256 = Hash32::of(b"other");
         }
         assert!(t.verify().is_err());
+    }
+
+    #[test]
+    fn unshared_changes_encode_as_before_and_shared_ones_are_signed() {
+        // `shared: None` is a trailing absent field: the change and what its
+        // signature covers stay 6-element arrays, as before shared paths.
+        let c = change("root/a.csv");
+        assert_eq!(crate::to_cbor(&c)[0], 0x86);
+        assert_eq!(c.signed_bytes()[0], 0x86);
+        let k = key();
+        let mut vv = crate::shared::VersionVector::default();
+        vv.witness("d", Hlc(7));
+        let s = Change::sign_shared(
+            c.replica.clone(),
+            2,
+            Hlc(7),
+            c.body.clone(),
+            Some(Shared {
+                vv,
+                policy: crate::shared::ConflictPolicy::AppendMerge,
+            }),
+            &k,
+        );
+        s.verify().expect("valid");
+        let back: Change = crate::from_cbor(&crate::to_cbor(&s), 1 << 20).expect("decode");
+        assert_eq!(back, s);
+        let mut t = back;
+        if let Some(sh) = &mut t.shared {
+            sh.policy = crate::shared::ConflictPolicy::KeepBoth;
+        }
+        assert!(t.verify().is_err(), "the policy is covered by the signature");
+        let mut t = s;
+        t.shared = None;
+        assert!(t.verify().is_err(), "dropping the vector breaks the signature");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use crate::ids::{DeviceRef, Hash32, ReplicaId};
 use crate::knowledge::Knowledge;
 use crate::manifest::Change;
+use crate::meta::ServerChange;
 use crate::{Error, Result, PROTO_VERSION};
 use minicbor::{Decode, Encode};
 
@@ -29,6 +30,10 @@ pub struct Hello {
     pub replica: Option<ReplicaId>,
     #[n(3)]
     pub software: String,
+    /// Server changes the agent has applied: every one with `gseq` at or
+    /// below this (None from older agents and from aggregators).
+    #[n(4)]
+    pub server_cursor: Option<u64>,
 }
 
 #[derive(Clone, PartialEq, Eq, Debug, Encode, Decode)]
@@ -136,6 +141,19 @@ pub struct CloudAck {
     pub cloud: Knowledge,
 }
 
+/// Server → device changes (central metadata, shared-path heads). Each item
+/// is a CRDT state: applying it twice or out of order is harmless.
+#[derive(Clone, PartialEq, Eq, Debug, Encode, Decode)]
+pub struct Changes {
+    #[n(0)]
+    pub items: Vec<ServerChange>,
+    /// Some(n): `items` are every change for this device in
+    /// (the Hello's `server_cursor`, n]; the device may move its cursor to n.
+    /// None: a live push, which moves no cursor.
+    #[n(1)]
+    pub upto: Option<u64>,
+}
+
 #[derive(Clone, PartialEq, Eq, Debug, Encode, Decode)]
 pub struct Nack {
     #[n(0)]
@@ -162,6 +180,8 @@ pub enum Message {
     CloudAck(#[n(0)] CloudAck),
     #[n(9)]
     Nack(#[n(0)] Nack),
+    #[n(10)]
+    Changes(#[n(0)] Changes),
 }
 
 impl Message {
@@ -177,6 +197,7 @@ impl Message {
             Message::Committed(_) => "committed",
             Message::CloudAck(_) => "cloudack",
             Message::Nack(_) => "nack",
+            Message::Changes(_) => "changes",
         }
     }
 

@@ -25,6 +25,12 @@ pub trait ServerStore {
     fn apply(&mut self, changes: &[Change]) -> Result<()>;
     /// `Some(ms)` when out of room: clients back off that long.
     fn backpressure(&mut self) -> Option<u64>;
+    /// Server changes for `device` after its cursor, answered after the
+    /// Knowledge at Hello. `None` when this node has none to offer (it could
+    /// not reach the cloud, or it is the cloud's own client).
+    fn server_changes(&mut self, _device: &DeviceRef, _after: u64) -> Result<Option<Changes>> {
+        Ok(None)
+    }
 }
 
 /// Who sent a message. `device` is the identity the transport vouches for
@@ -117,16 +123,22 @@ impl Server {
             (Some(p), _) => Some(p.clone()),
             (None, d) => d.clone(),
         };
-        let (regional, cloud) = match device {
-            Some(d) => store.knowledge(&[d])?,
+        let (regional, cloud) = match &device {
+            Some(d) => store.knowledge(std::slice::from_ref(d))?,
             None => Default::default(),
         };
-        Ok(vec![Message::Knowledge(KnowledgeMsg {
+        let mut out = vec![Message::Knowledge(KnowledgeMsg {
             regional,
             cloud,
             max_message: MAX_MESSAGE as u32,
             max_batch: self.cfg.max_batch,
-        })])
+        })];
+        if let (Some(d), Some(after)) = (&device, h.server_cursor) {
+            if let Some(ch) = store.server_changes(d, after)? {
+                out.push(Message::Changes(ch));
+            }
+        }
+        Ok(out)
     }
 
     fn batch(&mut self, peer: &Peer, b: Batch, store: &mut dyn ServerStore) -> Result<Vec<Message>> {

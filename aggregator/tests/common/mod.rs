@@ -222,6 +222,7 @@ impl Device {
                 device: Some(self.dev.clone()),
                 replica: Some(replica(&self.dev)),
                 software: "test".into(),
+                server_cursor: None,
             }))
             .await?;
             if let Ok(Message::Knowledge(k)) = self.recv("knowledge", Duration::from_secs(1)).await {

@@ -212,6 +212,7 @@ pub async fn hello(client: &SinkClient) -> Result<KnowledgeMsg> {
         device: None,
         replica: None,
         software: "cloud-sink tests".into(),
+        server_cursor: None,
     });
     match client.sync(&m).await? {
         Some(Message::Knowledge(k)) => Ok(k),
