@@ -180,18 +180,29 @@ struct Selector {
     versions: bool,
 }
 
+/// Compiles a path glob of a query (`None` or empty: everything).
+pub(crate) fn compile_glob(p: Option<&str>) -> Result<Option<GlobMatcher>> {
+    Ok(match p {
+        None | Some("") => None,
+        Some(p) => Some(
+            GlobBuilder::new(p)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| Error::BadRequest(format!("bad path glob {p:?}: {e}")))?
+                .compile_matcher(),
+        ),
+    })
+}
+
+/// The glob matches the path or one of its parent directories.
+pub(crate) fn glob_matches(g: Option<&GlobMatcher>, p: &str) -> bool {
+    let Some(g) = g else { return true };
+    g.is_match(p) || p.match_indices('/').any(|(i, _)| g.is_match(&p[..i]))
+}
+
 impl Selector {
     fn new(q: &FileQuery) -> Result<Selector> {
-        let glob = match q.path.as_deref() {
-            None | Some("") => None,
-            Some(p) => Some(
-                GlobBuilder::new(p)
-                    .literal_separator(true)
-                    .build()
-                    .map_err(|e| Error::BadRequest(format!("bad path glob {p:?}: {e}")))?
-                    .compile_matcher(),
-            ),
-        };
+        let glob = compile_glob(q.path.as_deref())?;
         let at_ms = match q.at.as_deref() {
             None | Some("") => u64::MAX,
             Some(s) => crate::parse_rfc3339_ms(s)?,
@@ -211,8 +222,7 @@ impl Selector {
     }
     /// The glob matches the path or one of its parent directories.
     fn path_matches(&self, p: &str) -> bool {
-        let Some(g) = &self.glob else { return true };
-        g.is_match(p) || p.match_indices('/').any(|(i, _)| g.is_match(&p[..i]))
+        glob_matches(self.glob.as_ref(), p)
     }
 }
 
@@ -228,17 +238,20 @@ fn change_key(r: &ReplicaId, seq: u64) -> Vec<u8> {
 }
 
 fn version_key(c: &Change) -> Vec<u8> {
-    let path = c.body.path();
-    let mut k = c.replica.device.key().into_bytes();
+    version_key_of(&c.replica.device.key(), c.body.path(), c.hlc.0, c.replica.epoch, c.seq)
+}
+
+fn version_key_of(dkey: &str, path: &str, hlc: u64, epoch: u32, seq: u64) -> Vec<u8> {
+    let mut k = dkey.as_bytes().to_vec();
     k.reserve(path.len() + VKEY_SUFFIX + 1);
     k.push(0);
     k.extend_from_slice(path.as_bytes());
     k.push(0);
-    k.extend_from_slice(&c.hlc.0.to_be_bytes());
+    k.extend_from_slice(&hlc.to_be_bytes());
     k.push(0);
-    k.extend_from_slice(&c.replica.epoch.to_be_bytes());
+    k.extend_from_slice(&epoch.to_be_bytes());
     k.push(0);
-    k.extend_from_slice(&c.seq.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
@@ -275,6 +288,8 @@ impl Catalog {
         tx.open_table(KNOWLEDGE)?;
         tx.open_table(DEVICES)?;
         tx.open_table(PRESENCE)?;
+        crate::shared::SharedTables::open(&tx)?;
+        crate::changes::StateTables::open(&tx)?;
         tx.commit()?;
         Ok(Catalog { db })
     }
@@ -382,6 +397,8 @@ impl Catalog {
             let mut vt = tx.open_table(VERSIONS)?;
             let mut kt = tx.open_table(KNOWLEDGE)?;
             let mut dt = tx.open_table(DEVICES)?;
+            let mut shared = crate::shared::SharedTables::open(&tx)?;
+            let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
             let mut devices: BTreeMap<String, DeviceRecord> = BTreeMap::new();
             let mut know: BTreeMap<String, KnowledgeRecord> = BTreeMap::new();
             for c in changes {
@@ -437,6 +454,7 @@ impl Catalog {
                         }
                         drop(prev);
                         vt.insert(&vkey[..], &protocol::to_cbor(c)[..])?;
+                        touched.extend(shared.index(c)?);
                         vkey
                     }
                 };
@@ -465,6 +483,12 @@ impl Catalog {
             }
             for (k, rec) in &know {
                 kt.insert(k.as_str(), &protocol::to_cbor(rec)[..])?;
+            }
+            if !touched.is_empty() {
+                let mut states = crate::changes::StateTables::open(&tx)?;
+                for (site, path) in &touched {
+                    shared.refresh_heads(&mut states, site, path)?;
+                }
             }
         }
         tx.commit()?;
@@ -532,6 +556,7 @@ impl Catalog {
             devs.insert(r.device.key(), (r.device.clone(), Some(counts), None));
         }
         let tx = self.db.begin_read()?;
+        let conflicts = crate::shared::conflict_counts(&tx)?;
         let t = tx.open_table(PRESENCE)?;
         for e in t.iter()? {
             let (k, v) = e?;
@@ -545,8 +570,12 @@ impl Catalog {
             devs.entry(key).or_insert_with(|| (d, None, None)).2 = Some(rec);
         }
         Ok(devs
-            .values()
-            .map(|(d, c, p)| row(d, c.as_ref(), p.as_ref(), now_ms))
+            .iter()
+            .map(|(k, (d, c, p))| {
+                let mut r = row(d, c.as_ref(), p.as_ref(), now_ms);
+                r.conflict_count = conflicts.get(k).copied().unwrap_or(0);
+                r
+            })
             .collect())
     }
 
@@ -645,4 +674,91 @@ fn push_live(out: &mut Vec<Change>, bytes: &[u8]) -> Result<()> {
         out.push(c);
     }
     Ok(())
+}
+
+/// Shared paths, conflicts and server changes (see `shared.rs`, `changes.rs`).
+impl Catalog {
+    /// Conflicts on shared paths, in (site, path, versions) order.
+    pub fn conflicts(&self, q: &crate::shared::ConflictQuery) -> Result<Vec<crate::shared::ConflictInfo>> {
+        let tx = self.db.begin_read()?;
+        crate::shared::list_conflicts(&tx, q)
+    }
+
+    /// The signed change of each device's latest version (HLC time at or
+    /// before `at`, deletions included) of every shared path of the site,
+    /// ordered by tenant, path, device.
+    pub fn shared_set(&self, q: &crate::shared::SharedQuery) -> Result<Vec<Change>> {
+        protocol::Id::new(&q.site).map_err(|e| Error::BadRequest(format!("bad site: {e}")))?;
+        let tx = self.db.begin_read()?;
+        let locs = crate::shared::latest_per_device(&tx, q)?;
+        let t = tx.open_table(VERSIONS)?;
+        let mut out = Vec::with_capacity(locs.len());
+        for l in locs {
+            let dkey = format!("{}/{}", l.site, l.device);
+            let vkey = version_key_of(&dkey, &l.path, l.hlc, l.epoch, l.seq);
+            let Some(v) = t.get(&vkey[..])? else {
+                return Err(Error::Corrupt(format!(
+                    "shared version {dkey} {} has no version entry",
+                    l.path
+                )));
+            };
+            out.push(decode(v.value(), "version")?);
+        }
+        Ok(out)
+    }
+
+    /// Server changes of one device after `after` (`GET /v1/changes?device=`).
+    pub fn device_changes(&self, d: &DeviceRef, after: u64) -> Result<protocol::msg::Changes> {
+        let tx = self.db.begin_read()?;
+        crate::changes::device_changes(&tx, d, after)
+    }
+
+    /// Server changes of every device after `after`, at most `limit`.
+    pub fn fleet_changes(&self, after: u64, limit: usize) -> Result<protocol::meta::FleetChanges> {
+        let tx = self.db.begin_read()?;
+        crate::changes::fleet_changes(&tx, after, limit)
+    }
+
+    /// First half of an operator op: checks the device is known, allocates
+    /// the op's gseq (durably) and builds its record. `None` (with the
+    /// current state) if the op changes nothing. The caller writes the
+    /// record's object and then calls `apply_meta`.
+    pub fn prepare_meta(
+        &self,
+        d: &DeviceRef,
+        path: &str,
+        op: &crate::changes::MetaOp,
+    ) -> Result<(Option<crate::changes::MetaOpRecord>, crate::changes::MetaView)> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        if tx.open_table(DEVICES)?.get(d.key().as_str())?.is_none() {
+            return Err(Error::NotFound(format!("unknown device {d}")));
+        }
+        let out = crate::changes::prepare_op(&tx, d, path, op, crate::now_ms())?;
+        if out.0.is_some() {
+            tx.commit()?;
+        }
+        Ok(out)
+    }
+
+    /// Merges operator op records (their objects are durable) into the
+    /// metadata states, each change under a new gseq.
+    pub fn apply_meta(&self, recs: &[crate::changes::MetaOpRecord]) -> Result<Vec<crate::changes::MetaView>> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(Durability::Immediate)?;
+        let out = crate::changes::apply_ops(&tx, recs)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Metadata states (`GET /v1/meta`).
+    pub fn meta(&self, q: &crate::changes::MetaQuery) -> Result<Vec<crate::changes::MetaView>> {
+        let tx = self.db.begin_read()?;
+        crate::changes::list_meta(&tx, q)
+    }
+
+    pub fn has_device(&self, d: &DeviceRef) -> Result<bool> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(DEVICES)?.get(d.key().as_str())?.is_some())
+    }
 }

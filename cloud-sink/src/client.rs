@@ -87,6 +87,68 @@ impl SinkClient {
         Ok(protocol::from_cbor(&b, MAX_LISTING)?)
     }
 
+    /// Server changes for one device after `after` (`GET /v1/changes`).
+    pub async fn changes(&self, d: &protocol::DeviceRef, after: u64) -> Result<protocol::msg::Changes> {
+        let q = [
+            ("tenant", d.tenant.to_string()),
+            ("site", d.site.to_string()),
+            ("device", d.device.to_string()),
+            ("after", after.to_string()),
+        ];
+        let b = self
+            .send(self.http.get(self.url("changes")).query(&q), protocol::msg::MAX_MESSAGE)
+            .await?;
+        Ok(protocol::from_cbor(&b, protocol::msg::MAX_MESSAGE)?)
+    }
+
+    /// Server changes of the whole fleet after `after`, one page
+    /// (`GET /v1/changes?after&limit`; the sink's default page if `limit` is None).
+    pub async fn fleet_changes(&self, after: u64, limit: Option<usize>) -> Result<protocol::meta::FleetChanges> {
+        let mut q = vec![("after", after.to_string())];
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        let b = self
+            .send(self.http.get(self.url("changes")).query(&q), MAX_LISTING)
+            .await?;
+        Ok(protocol::from_cbor(&b, MAX_LISTING)?)
+    }
+
+    /// One operator op (`POST /v1/meta`); answers the target's new state.
+    pub async fn meta_op(&self, op: &crate::changes::MetaOpRequest) -> Result<crate::changes::MetaView> {
+        let body = serde_json::to_vec(op).map_err(|e| Error::BadRequest(format!("encoding op: {e}")))?;
+        let req = self
+            .http
+            .post(self.url("meta"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let b = self.send(req, 1 << 20).await?;
+        serde_json::from_slice(&b).map_err(|e| Error::BadRequest(format!("bad /v1/meta answer: {e}")))
+    }
+
+    /// Metadata states (`GET /v1/meta`).
+    pub async fn meta(&self, q: &crate::changes::MetaQuery) -> Result<Vec<crate::changes::MetaView>> {
+        let b = self.send(self.http.get(self.url("meta")).query(q), MAX_LISTING).await?;
+        serde_json::from_slice(&b).map_err(|e| Error::BadRequest(format!("bad /v1/meta answer: {e}")))
+    }
+
+    /// Conflicts on shared paths (`GET /v1/conflicts`).
+    pub async fn conflicts(&self, q: &crate::shared::ConflictQuery) -> Result<Vec<crate::shared::ConflictInfo>> {
+        let b = self
+            .send(self.http.get(self.url("conflicts")).query(q), MAX_LISTING)
+            .await?;
+        serde_json::from_slice(&b).map_err(|e| Error::BadRequest(format!("bad /v1/conflicts answer: {e}")))
+    }
+
+    /// Each device's latest version of every shared path of a site
+    /// (`GET /v1/shared`). Not verified here.
+    pub async fn shared(&self, q: &crate::shared::SharedQuery) -> Result<Vec<Change>> {
+        let b = self
+            .send(self.http.get(self.url("shared")).query(q), MAX_LISTING)
+            .await?;
+        Ok(protocol::from_cbor(&b, MAX_LISTING)?)
+    }
+
     /// Stored bytes of a chunk, checked against its id.
     pub async fn chunk(&self, id: &Hash32) -> Result<Vec<u8>> {
         let b = self

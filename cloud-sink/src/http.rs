@@ -58,6 +58,8 @@ struct AppState {
     sync: Arc<Mutex<Sync>>,
     catalog: Arc<Catalog>,
     objects: Objects,
+    /// Operator ops one at a time: each observes the one before it.
+    meta: Arc<Mutex<()>>,
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then drains
@@ -81,6 +83,7 @@ pub async fn serve(
         })),
         catalog,
         objects,
+        meta: Arc::new(Mutex::new(())),
     };
     let app = Router::new()
         .route(
@@ -108,6 +111,18 @@ pub async fn serve(
                 })),
         )
         .route("/v1/fleet", get(fleet))
+        .route("/v1/changes", get(changes))
+        .route(
+            "/v1/meta",
+            get(meta_list)
+                .post(meta_op)
+                .layer(DefaultBodyLimit::max(crate::changes::MAX_META_BODY))
+                .layer(from_fn(|r: Request, n: Next| {
+                    announced_limit(crate::changes::MAX_META_BODY, r, n)
+                })),
+        )
+        .route("/v1/conflicts", get(conflicts))
+        .route("/v1/shared", get(shared_set))
         .route("/v1/health", get(|| async { "ok" }))
         // Every error has a plain-text reason, unknown routes and methods too.
         .method_not_allowed_fallback(|m: Method, uri: Uri| async move {
@@ -193,6 +208,9 @@ impl From<Error> for ApiError {
                         | P::CorruptChunk(..)
                 )
         );
+        if let Error::NotFound(why) = &e {
+            return ApiError(StatusCode::NOT_FOUND, why.clone());
+        }
         if client_fault {
             tracing::info!(error = %e, "bad request");
             ApiError(StatusCode::BAD_REQUEST, e.to_string())
@@ -310,4 +328,93 @@ async fn fleet(State(st): State<AppState>) -> ApiResult<Response> {
     let cat = st.catalog.clone();
     let rows = tokio::task::spawn_blocking(move || cat.fleet(crate::now_ms())).await??;
     Ok(Json(rows).into_response())
+}
+
+/// Query of `GET /v1/changes`: one device (`tenant`, `site`, `device`,
+/// `after`) or the whole fleet (`after`, `limit`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesQuery {
+    tenant: Option<String>,
+    site: Option<String>,
+    device: Option<String>,
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/changes`: CBOR `protocol::msg::Changes` for one device, or CBOR
+/// `protocol::meta::FleetChanges` for the fleet.
+async fn changes(State(st): State<AppState>, Query(q): Query<ChangesQuery>) -> ApiResult<Response> {
+    let cat = st.catalog.clone();
+    let bytes = match (&q.tenant, &q.site, &q.device) {
+        (Some(t), Some(s), Some(d)) => {
+            if q.limit.is_some() {
+                return Err(Error::BadRequest("limit applies only to the fleet-wide query (no device)".into()).into());
+            }
+            let dev = protocol::DeviceRef::new(t, s, d).map_err(|e| Error::BadRequest(format!("bad device: {e}")))?;
+            let after = q.after;
+            protocol::to_cbor(&tokio::task::spawn_blocking(move || cat.device_changes(&dev, after)).await??)
+        }
+        (None, None, None) => {
+            let limit = match q.limit {
+                None => crate::changes::DEFAULT_PAGE,
+                Some(0) => return Err(Error::BadRequest("limit must be at least 1".into()).into()),
+                Some(n) => n.min(crate::changes::MAX_PAGE),
+            };
+            let after = q.after;
+            protocol::to_cbor(&tokio::task::spawn_blocking(move || cat.fleet_changes(after, limit)).await??)
+        }
+        _ => {
+            return Err(Error::BadRequest("give tenant, site and device together, or none of them".into()).into());
+        }
+    };
+    Ok(cbor(bytes))
+}
+
+/// `POST /v1/meta`: one operator op (JSON `changes::MetaOpRequest`); answers
+/// the target's new state (JSON `changes::MetaView`). The op's object is
+/// durable before the catalog changes.
+async fn meta_op(State(st): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    let req: crate::changes::MetaOpRequest =
+        serde_json::from_slice(&body).map_err(|e| Error::BadRequest(format!("body is not a metadata op: {e}")))?;
+    let (dev, path, op) = req.check()?;
+    let _one = st.meta.lock().await;
+    let cat = st.catalog.clone();
+    let (rec, view) = tokio::task::spawn_blocking(move || cat.prepare_meta(&dev, &path, &op)).await??;
+    let Some(rec) = rec else {
+        return Ok(Json(view).into_response());
+    };
+    let bytes = axum::body::Bytes::from(protocol::to_cbor(&rec));
+    st.objects.put_durable(vec![(rec.object_key(), bytes)]).await?;
+    let cat = st.catalog.clone();
+    let views = tokio::task::spawn_blocking(move || cat.apply_meta(std::slice::from_ref(&rec))).await??;
+    let view = views
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Task("metadata op applied nothing".into()))?;
+    tracing::info!(device = %format!("{}/{}/{}", view.tenant, view.site, view.device), path = %view.path, gseq = view.gseq, "metadata op");
+    Ok(Json(view).into_response())
+}
+
+/// `GET /v1/meta?tenant&site&device`: JSON array of `changes::MetaView`.
+async fn meta_list(State(st): State<AppState>, Query(q): Query<crate::changes::MetaQuery>) -> ApiResult<Response> {
+    let cat = st.catalog.clone();
+    let rows = tokio::task::spawn_blocking(move || cat.meta(&q)).await??;
+    Ok(Json(rows).into_response())
+}
+
+/// `GET /v1/conflicts?tenant&site&device&path`: JSON array of `shared::ConflictInfo`.
+async fn conflicts(State(st): State<AppState>, Query(q): Query<crate::shared::ConflictQuery>) -> ApiResult<Response> {
+    let cat = st.catalog.clone();
+    let rows = tokio::task::spawn_blocking(move || cat.conflicts(&q)).await??;
+    Ok(Json(rows).into_response())
+}
+
+/// `GET /v1/shared?site&tenant&path&at`: CBOR `Vec<Change>`, each device's
+/// latest version of every shared path of the site (for `restore --shared`).
+async fn shared_set(State(st): State<AppState>, Query(q): Query<crate::shared::SharedQuery>) -> ApiResult<Response> {
+    let cat = st.catalog.clone();
+    let changes = tokio::task::spawn_blocking(move || cat.shared_set(&q)).await??;
+    Ok(cbor(protocol::to_cbor(&changes)))
 }

@@ -8,22 +8,25 @@
 //!                                                    `presence` table is live state, re-sent by aggregators)
 //! DIR/objects/packs/<2 hex>/<pack id hex>            protocol::pack objects
 //! DIR/objects/manifests/<tenant>/<site>/<device>/<epoch>/<seq>   CBOR signed Change
+//! DIR/objects/meta/<tenant>/<site>/<device>/<gseq>              CBOR changes::MetaOpRecord (operator op)
 //! ```
 //! Invariant: an object is durable before any catalog entry points at it.
 
 pub mod catalog;
+pub mod changes;
 pub mod client;
 pub mod fleet;
 pub mod http;
 pub mod objects;
 pub mod restore;
+pub mod shared;
 pub mod store;
 
 pub use catalog::{Catalog, DeviceInfo, FileEntry, FileQuery};
 pub use client::SinkClient;
 pub use fleet::{FleetRow, PresenceUpdate};
 pub use http::{serve, ServeConfig};
-pub use restore::{restore, RestoreReport, RestoreRequest};
+pub use restore::{restore, restore_shared, RestoreReport, RestoreRequest, SharedRestoreRequest};
 pub use store::{rebuild, RebuildReport, SinkStore};
 
 /// The one error type of the cloud-sink library.
@@ -45,6 +48,9 @@ pub enum Error {
     /// Bad input from a peer or user (maps to HTTP 400).
     #[error("{0}")]
     BadRequest(String),
+    /// The request names something the sink does not hold (HTTP 404).
+    #[error("{0}")]
+    NotFound(String),
     /// Data failed verification (signature, key, hash, length): restore refuses it.
     #[error("verification failed: {0}")]
     Verify(String),

@@ -68,6 +68,14 @@ enum Cmd {
     /// Restore files byte-identical as of a time, verifying every chunk, the
     /// signature of every manifest and each file's SHA-256. Files go under
     /// OUT/<path>; nothing is written outside OUT.
+    ///
+    /// With --shared, restore a site's shared namespace instead (paths that
+    /// several gateways write): per shared path, each device's latest version
+    /// as of --at is considered and the path's policy decides what is written.
+    /// last-writer-wins: the winner (highest HLC; nothing if it is a deletion).
+    /// keep-both: the winner at the path, every other concurrent head at
+    /// <path>.conflict-<device>. append-merge: the line-merge of every
+    /// device's latest version (each at most 256 MiB).
     Restore {
         #[command(flatten)]
         sel: Select,
@@ -77,12 +85,157 @@ enum Cmd {
         /// Output directory (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// Restore the shared namespace of --site (needs --site; --device is not allowed).
+        #[arg(long, requires = "site", conflicts_with = "device")]
+        shared: bool,
+    },
+    /// List conflicts on shared paths: concurrent versions of one path by two
+    /// devices, with the policy, the resolution (keep-both: both kept;
+    /// last-writer-wins: the winner; append-merge: merged) and both versions.
+    Conflicts {
+        #[arg(long, env = "FERRY_SINK")]
+        sink: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        site: Option<String>,
+        /// Only conflicts one of whose versions is this device's.
+        #[arg(long)]
+        device: Option<String>,
+        /// Glob over shared paths; a directory selects everything below it.
+        #[arg(long)]
+        path: Option<String>,
+        /// The sink's JSON rows (`GET /v1/conflicts`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add or remove a tag on a device's paths (central metadata, sent to
+    /// the device as a server change).
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["add", "remove"])))]
+    Tag {
+        #[command(flatten)]
+        target: Target,
+        /// Tag to add.
+        #[arg(long, value_name = "TAG")]
+        add: Option<String>,
+        /// Tag to remove (removes the adds seen so far; a concurrent add survives).
+        #[arg(long, value_name = "TAG")]
+        remove: Option<String>,
+    },
+    /// Put a legal hold on a device's paths, or release one. A held path is
+    /// never deleted or pruned; a hold wins over a concurrent release.
+    Hold {
+        #[command(flatten)]
+        target: Target,
+        /// Why (the hold's name; release names the same reason).
+        #[arg(long)]
+        reason: String,
+        /// Release the hold with this reason instead of adding it.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Keep a device's versions at least N days. Retention only grows: the
+    /// largest value set wins.
+    Retain {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_name = "N")]
+        days: u32,
+    },
+    /// List central metadata states (tags, holds, retention) per device and path glob.
+    Meta {
+        #[arg(long, env = "FERRY_SINK")]
+        sink: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        device: Option<String>,
+        /// The sink's JSON rows (`GET /v1/meta`) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Recreate catalog.redb from the objects alone (sink must be stopped).
     Rebuild {
         #[arg(long, env = "FERRY_DATA")]
         data: PathBuf,
     },
+}
+
+/// The device and paths an operator op applies to.
+#[derive(Args)]
+struct Target {
+    /// Cloud-sink base URL, http://HOST:PORT.
+    #[arg(long, env = "FERRY_SINK")]
+    sink: String,
+    /// The device (its id; add --tenant/--site if the id exists in several sites).
+    #[arg(long)]
+    device: String,
+    /// The device's tenant (needed only if the device id is ambiguous).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// The device's site (needed only if the device id is ambiguous).
+    #[arg(long)]
+    site: Option<String>,
+    /// Glob over the device's paths the op applies to.
+    #[arg(long, default_value = "**")]
+    path: String,
+    /// Print the resulting state as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Target {
+    /// Finds the one device the selection names, via `/v1/devices`.
+    async fn device(&self, client: &SinkClient) -> Result<protocol::DeviceRef> {
+        let want = |f: &Option<String>, v: &str| f.as_deref().is_none_or(|f| f == v);
+        let found: Vec<_> = client
+            .devices()
+            .await?
+            .into_iter()
+            .filter(|d| d.device == self.device && want(&self.tenant, &d.tenant) && want(&self.site, &d.site))
+            .collect();
+        match found.as_slice() {
+            [d] => Ok(protocol::DeviceRef::new(&d.tenant, &d.site, &d.device)?),
+            [] => anyhow::bail!(
+                "no device {:?} matches at the sink (see `cloud-sink devices`)",
+                self.device
+            ),
+            many => anyhow::bail!(
+                "device {:?} is ambiguous: {}; pass --tenant and --site",
+                self.device,
+                many.iter()
+                    .map(|d| format!("{}/{}/{}", d.tenant, d.site, d.device))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// Sends one op and prints the resulting state.
+    async fn send(&self, op: &str, value: serde_json::Value) -> Result<()> {
+        let client = SinkClient::new(&self.sink)?;
+        let d = self.device(&client).await?;
+        let req = cloud_sink::changes::MetaOpRequest {
+            tenant: d.tenant.to_string(),
+            site: d.site.to_string(),
+            device: d.device.to_string(),
+            path: Some(self.path.clone()),
+            op: op.to_string(),
+            value,
+        };
+        let v = client.meta_op(&req).await?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", meta_table(std::slice::from_ref(&v)));
+            if v.changed == Some(false) {
+                eprintln!("unchanged: the state already had that");
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -222,7 +375,30 @@ fn real_main() -> Result<()> {
                     print!("{}", fleet_table(&rows, backlog_warn, age_warn));
                 }
             }
-            Cmd::Restore { sel, key, out } => {
+            Cmd::Restore {
+                sel,
+                key,
+                out,
+                shared: true,
+            } => {
+                let key = edge_key(&key)?;
+                let client = SinkClient::new(&sel.sink)?;
+                let req = cloud_sink::SharedRestoreRequest {
+                    tenant: sel.tenant.clone(),
+                    site: sel.site.clone().context("--shared needs --site")?,
+                    path_glob: sel.path.clone(),
+                    at: sel.at.clone(),
+                    out_dir: out.clone(),
+                };
+                let rep = cloud_sink::restore_shared(&client, req, &key).await?;
+                eprintln!(
+                    "restored {} shared file(s), {} bytes into {} (every chunk, signature and file hash verified)",
+                    rep.files,
+                    rep.bytes,
+                    out.display()
+                );
+            }
+            Cmd::Restore { sel, key, out, .. } => {
                 let key = edge_key(&key)?;
                 let client = SinkClient::new(&sel.sink)?;
                 let req = RestoreRequest {
@@ -242,11 +418,64 @@ fn real_main() -> Result<()> {
                     out.display()
                 );
             }
+            Cmd::Conflicts {
+                sink,
+                tenant,
+                site,
+                device,
+                path,
+                json,
+            } => {
+                let client = SinkClient::new(&sink)?;
+                let q = cloud_sink::shared::ConflictQuery {
+                    tenant,
+                    site,
+                    device,
+                    path,
+                };
+                let rows = client.conflicts(&q).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    print!("{}", conflicts_table(&rows));
+                }
+            }
+            Cmd::Tag { target, add, remove } => match (add, remove) {
+                (Some(t), _) => target.send("tag-add", t.into()).await?,
+                (None, Some(t)) => target.send("tag-remove", t.into()).await?,
+                (None, None) => anyhow::bail!("give --add TAG or --remove TAG"),
+            },
+            Cmd::Hold {
+                target,
+                reason,
+                release,
+            } => {
+                let op = if release { "release" } else { "hold" };
+                target.send(op, reason.into()).await?;
+            }
+            Cmd::Retain { target, days } => target.send("retain", days.into()).await?,
+            Cmd::Meta {
+                sink,
+                tenant,
+                site,
+                device,
+                json,
+            } => {
+                let client = SinkClient::new(&sink)?;
+                let rows = client
+                    .meta(&cloud_sink::changes::MetaQuery { tenant, site, device })
+                    .await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    print!("{}", meta_table(&rows));
+                }
+            }
             Cmd::Rebuild { data } => {
                 let r = cloud_sink::rebuild(&data).await?;
                 eprintln!(
-                    "catalog rebuilt: {} pack(s), {} chunk(s), {} change(s); {} unusable object(s)",
-                    r.packs, r.chunks, r.changes, r.bad_objects
+                    "catalog rebuilt: {} pack(s), {} chunk(s), {} change(s), {} metadata op(s); {} unusable object(s)",
+                    r.packs, r.chunks, r.changes, r.meta_ops, r.bad_objects
                 );
             }
         }
@@ -254,6 +483,63 @@ fn real_main() -> Result<()> {
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     res
+}
+
+/// Metadata states, one line each.
+fn meta_table(rows: &[cloud_sink::changes::MetaView]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<32} {:<20} {:>6} {:<8} {:<24} tags",
+        "tenant/site/device", "path", "retain", "held", "holds"
+    );
+    for r in rows {
+        let list = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(",") };
+        let _ = writeln!(
+            out,
+            "{:<32} {:<20} {:>6} {:<8} {:<24} {}",
+            format!("{}/{}/{}", r.tenant, r.site, r.device),
+            r.path,
+            if r.retain_days == 0 {
+                "-".to_string()
+            } else {
+                format!("{}d", r.retain_days)
+            },
+            if r.held { "HELD" } else { "no" },
+            list(&r.holds),
+            list(&r.tags)
+        );
+    }
+    out
+}
+
+/// Conflicts: one header line per conflict, then its two versions.
+fn conflicts_table(rows: &[cloud_sink::shared::ConflictInfo]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for c in rows {
+        let resolution = match (c.resolution.as_str(), &c.winner) {
+            ("winner", Some(w)) => format!("winner {}", w.device),
+            ("both kept", Some(w)) => format!("both kept, {} shown at the path", w.device),
+            (r, _) => r.to_string(),
+        };
+        let _ = writeln!(out, "{}/{} {}  [{}] {}", c.tenant, c.site, c.path, c.policy, resolution);
+        for v in &c.versions {
+            let mark = if c.winner.as_ref() == Some(v) { '*' } else { ' ' };
+            let _ = writeln!(
+                out,
+                "  {mark} {:<16} epoch {:>10} seq {:>8} {:<25} {}",
+                v.device,
+                v.epoch,
+                v.seq,
+                v.time,
+                v.sha256.as_deref().unwrap_or("(deleted)")
+            );
+        }
+    }
+    let _ = writeln!(out, "{} conflict(s)", rows.len());
+    out
 }
 
 /// Reads a tenant key file (the format `edge-agent keygen` writes).

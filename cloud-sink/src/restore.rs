@@ -47,6 +47,27 @@ pub struct RestoreReport {
 struct Item {
     file: FileVersion,
     rel: Vec<String>,
+    /// Content already fetched and verified (an append-merge result):
+    /// written as is instead of streaming `file.chunks`.
+    merged: Option<Vec<u8>>,
+}
+
+/// Largest shared file version `restore --shared` reads whole for an append-merge.
+pub const MAX_MERGE_PART: u64 = 256 << 20;
+/// Largest sum of the parts merged into one shared path.
+pub const MAX_MERGE_TOTAL: u64 = 1 << 30;
+
+/// `restore --shared`: a site's shared namespace as of a time.
+#[derive(Clone, Debug, Default)]
+pub struct SharedRestoreRequest {
+    /// Needed only when the site name exists under several tenants.
+    pub tenant: Option<String>,
+    pub site: String,
+    /// Glob over shared paths; a directory matches everything below it.
+    pub path_glob: Option<String>,
+    /// RFC 3339; default now.
+    pub at: Option<String>,
+    pub out_dir: PathBuf,
 }
 
 pub async fn restore(client: &SinkClient, req: RestoreRequest, key: &TenantKey) -> Result<RestoreReport> {
@@ -69,17 +90,36 @@ pub async fn restore(client: &SinkClient, req: RestoreRequest, key: &TenantKey) 
         .map(|d| ((d.tenant, d.site, d.device), d.pubkey))
         .collect();
     let items = plan(&req, changes, &pinned)?;
-    std::fs::create_dir_all(&req.out_dir)?;
     let mut sealer = Sealer::new(key, Cipher::for_this_cpu())?;
+    write_items(client, &mut sealer, &req.out_dir, &items).await
+}
+
+/// Writes verified items under `out`: fetches, verifies and decrypts their
+/// chunks (or writes merged content as is).
+async fn write_items(client: &SinkClient, sealer: &mut Sealer, out: &Path, items: &[Item]) -> Result<RestoreReport> {
+    std::fs::create_dir_all(out)?;
     // One ordered stream of all chunks of all files: downloads overlap across
     // files while writes stay sequential.
-    let refs: Vec<ChunkRef> = items.iter().flat_map(|i| i.file.chunks.iter().copied()).collect();
+    let refs: Vec<ChunkRef> = items
+        .iter()
+        .filter(|i| i.merged.is_none())
+        .flat_map(|i| i.file.chunks.iter().copied())
+        .collect();
     let mut chunks = futures::stream::iter(refs)
         .map(|r| async move { client.chunk(&r.id).await.map(|b| (r, b)) })
         .buffered(FETCH_CONCURRENCY);
     let mut report = RestoreReport::default();
-    for item in &items {
-        let target = prepare_target(&req.out_dir, &item.rel)?;
+    for item in items {
+        let target = prepare_target(out, &item.rel)?;
+        if let Some(bytes) = &item.merged {
+            let mut w = TempFile::create(&target)?;
+            w.file.write_all(bytes)?;
+            w.finish(&target, &item.file)?;
+            report.files += 1;
+            report.bytes += bytes.len() as u64;
+            report.paths.push(target);
+            continue;
+        }
         if item.file.is_dir() {
             // An empty directory: no chunks. prepare_target refused links on
             // the way; the entry itself must be a directory or absent.
@@ -204,9 +244,207 @@ fn plan(
                 file.path, c.replica
             )));
         }
-        items.push(Item { file, rel });
+        items.push(Item {
+            file,
+            rel,
+            merged: None,
+        });
     }
     Ok(items)
+}
+
+/// Fetches one whole file version, verifying every chunk, the length and
+/// the SHA-256. Refuses versions over `MAX_MERGE_PART`.
+async fn fetch_whole(client: &SinkClient, sealer: &mut Sealer, f: &FileVersion) -> Result<Vec<u8>> {
+    if f.size > MAX_MERGE_PART {
+        return Err(Error::BadRequest(format!(
+            "{}: a shared version of {} bytes is over the {} MiB append-merge limit; restore it per device instead",
+            f.path,
+            f.size,
+            MAX_MERGE_PART >> 20
+        )));
+    }
+    let mut out = Vec::with_capacity(f.size as usize);
+    let mut chunks = futures::stream::iter(f.chunks.iter().copied())
+        .map(|r| async move { client.chunk(&r.id).await.map(|b| (r, b)) })
+        .buffered(FETCH_CONCURRENCY);
+    while let Some(next) = chunks.next().await {
+        let (r, stored) = next?;
+        let plain = sealer.open(&stored, r.len as usize)?;
+        if plain.len() != r.len as usize {
+            return Err(Error::Verify(format!(
+                "{}: chunk {} has the wrong length",
+                f.path, r.id
+            )));
+        }
+        out.extend_from_slice(&plain);
+    }
+    if out.len() as u64 != f.size || protocol::Hash32::of(&out) != f.sha256 {
+        return Err(Error::Verify(format!(
+            "{}: restored bytes do not match the signed size and SHA-256",
+            f.path
+        )));
+    }
+    Ok(out)
+}
+
+/// `<path>.conflict-<device>` as target components.
+fn conflict_rel(path: &str, device: &str) -> Vec<String> {
+    let mut rel: Vec<String> = path.split('/').map(str::to_string).collect();
+    if let Some(last) = rel.last_mut() {
+        last.push_str(".conflict-");
+        last.push_str(device);
+    }
+    rel
+}
+
+/// Restores a site's shared namespace as of `at`. Per shared path it takes
+/// each device's latest version, verifies every signature (vectors and
+/// policy are signed) and pinned key, and resolves by the policy of the
+/// winning head (`protocol::shared`): last-writer-wins writes the winner
+/// (nothing if it is a deletion); keep-both writes the winner at the path
+/// and each other head at `<path>.conflict-<device>`; append-merge writes
+/// `merge_lines` of every device's latest file version.
+pub async fn restore_shared(client: &SinkClient, req: SharedRestoreRequest, key: &TenantKey) -> Result<RestoreReport> {
+    use protocol::shared::{heads, merge_lines, ConflictPolicy, SharedVersion};
+    if let Some(at) = &req.at {
+        crate::parse_rfc3339_ms(at)?;
+    }
+    protocol::Id::new(&req.site).map_err(|e| Error::BadRequest(format!("bad site: {e}")))?;
+    let q = crate::shared::SharedQuery {
+        tenant: req.tenant.clone(),
+        site: req.site.clone(),
+        path: req.path_glob.clone(),
+        at: req.at.clone(),
+    };
+    let changes = client.shared(&q).await?;
+    let pinned: HashMap<(String, String, String), String> = client
+        .devices()
+        .await?
+        .into_iter()
+        .map(|d| ((d.tenant, d.site, d.device), d.pubkey))
+        .collect();
+    let mut tenants = BTreeSet::new();
+    let mut by_path: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+    for c in changes {
+        c.verify().map_err(|e| Error::Verify(e.to_string()))?;
+        let d = &c.replica.device;
+        if d.site.as_str() != req.site || req.tenant.as_deref().is_some_and(|t| t != d.tenant.as_str()) {
+            return Err(Error::Verify(format!(
+                "sink returned {} which was not asked for",
+                c.label()
+            )));
+        }
+        let key = (d.tenant.to_string(), d.site.to_string(), d.device.to_string());
+        if pinned.get(&key).is_none_or(|k| *k != hex::encode(&c.pubkey)) {
+            return Err(Error::Verify(format!(
+                "{} is not signed by the key the sink pinned for {d}",
+                c.label()
+            )));
+        }
+        if c.shared.is_none() || matches!(c.body, ChangeBody::Superseded(_)) {
+            return Err(Error::Verify(format!("{} is not a shared version", c.label())));
+        }
+        tenants.insert(d.tenant.to_string());
+        let group = by_path.entry(c.body.path().to_string()).or_default();
+        if group.iter().any(|o| o.replica.device == c.replica.device) {
+            return Err(Error::Verify(format!(
+                "sink returned two latest versions for {}",
+                c.label()
+            )));
+        }
+        group.push(c);
+    }
+    if tenants.len() > 1 {
+        return Err(Error::BadRequest(format!(
+            "site {} exists under tenants {}: pass --tenant",
+            req.site,
+            tenants.into_iter().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let mut sealer = Sealer::new(key, Cipher::for_this_cpu())?;
+    let mut items = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (path, group) in by_path {
+        protocol::manifest::validate_path(&path)?;
+        let versions: Vec<SharedVersion> = group
+            .iter()
+            .map(|c| SharedVersion {
+                device: c.replica.device.device.to_string(),
+                hlc: c.hlc,
+                vv: c.shared.as_ref().map(|s| s.vv.clone()).unwrap_or_default(),
+                deleted: !matches!(c.body, ChangeBody::File(_)),
+            })
+            .collect();
+        let hs = heads(&versions);
+        let Some(&w) = hs.first() else { continue };
+        let policy = group[w].shared.as_ref().map(|s| s.policy).unwrap_or_default();
+        let file_of = |i: usize| match &group[i].body {
+            ChangeBody::File(f) => Some(f.clone()),
+            _ => None,
+        };
+        match policy {
+            ConflictPolicy::LastWriterWins => {
+                if let Some(f) = file_of(w) {
+                    items.push((path.split('/').map(str::to_string).collect(), f, None));
+                }
+            }
+            ConflictPolicy::KeepBoth => {
+                for (n, &i) in hs.iter().enumerate() {
+                    let Some(f) = file_of(i) else { continue };
+                    let rel = if n == 0 {
+                        path.split('/').map(str::to_string).collect()
+                    } else {
+                        conflict_rel(&path, &versions[i].device)
+                    };
+                    items.push((rel, f, None));
+                }
+            }
+            ConflictPolicy::AppendMerge => {
+                // Every device's latest file version, the latest first (its
+                // metadata labels the result).
+                let mut order: Vec<usize> = (0..group.len()).collect();
+                order.sort_by(|a, b| protocol::shared::winner_order(&versions[*b], &versions[*a]));
+                let files: Vec<FileVersion> = order
+                    .iter()
+                    .filter_map(|&i| file_of(i))
+                    .filter(|f| !f.is_dir() && !f.is_link())
+                    .collect();
+                let Some(first) = files.first().cloned() else { continue };
+                let total: u64 = files.iter().map(|f| f.size).sum();
+                if total > MAX_MERGE_TOTAL {
+                    return Err(Error::BadRequest(format!(
+                        "{path}: {total} bytes of shared versions to merge, over the {} MiB limit",
+                        MAX_MERGE_TOTAL >> 20
+                    )));
+                }
+                if files.len() == 1 {
+                    // Nothing to merge: the signed version, byte for byte.
+                    items.push((path.split('/').map(str::to_string).collect(), first, None));
+                    continue;
+                }
+                let mut parts = Vec::with_capacity(files.len());
+                for f in &files {
+                    parts.push(fetch_whole(client, &mut sealer, f).await?);
+                }
+                let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+                let merged = merge_lines(&refs);
+                let mut f = first;
+                f.size = merged.len() as u64;
+                f.sha256 = protocol::Hash32::of(&merged);
+                f.chunks = Vec::new();
+                items.push((path.split('/').map(str::to_string).collect(), f, Some(merged)));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (rel, file, merged) in items {
+        if !seen.insert(rel.clone()) {
+            return Err(Error::Verify(format!("{} would be restored twice", rel.join("/"))));
+        }
+        out.push(Item { file, rel, merged });
+    }
+    write_items(client, &mut sealer, &req.out_dir, &out).await
 }
 
 /// Joins `rel` under `out`, creating missing directories one at a time.

@@ -147,6 +147,8 @@ pub struct RebuildReport {
     pub packs: u64,
     pub chunks: u64,
     pub changes: u64,
+    /// Operator metadata ops replayed.
+    pub meta_ops: u64,
     /// Objects that could not be used (corrupt, misplaced, bad signature, wrong key).
     pub bad_objects: u64,
 }
@@ -172,6 +174,7 @@ pub async fn rebuild(data: &Path) -> Result<RebuildReport> {
     let mut rep = RebuildReport::default();
     rebuild_packs(&catalog, &objects, &mut rep).await?;
     rebuild_manifests(&catalog, &objects, &mut rep).await?;
+    rebuild_meta(&catalog, &objects, &mut rep).await?;
     drop(catalog);
     drop(old);
     std::fs::rename(&tmp, &live)?;
@@ -281,6 +284,45 @@ async fn rebuild_manifests(catalog: &Arc<Catalog>, objects: &Objects, rep: &mut 
             rep.changes += out.applied as u64;
             rep.bad_objects += out.rejected.len() as u64;
         }
+    }
+    Ok(())
+}
+
+/// Replays the operator ops (`meta/…` objects) into the metadata states.
+/// Each record is a CRDT delta, so the order does not matter; they are
+/// applied in gseq order anyway, and the catalog's gseq counter moves past
+/// every op's gseq so new dots never repeat old ones.
+async fn rebuild_meta(catalog: &Arc<Catalog>, objects: &Objects, rep: &mut RebuildReport) -> Result<()> {
+    let mut recs = Vec::new();
+    for meta in objects.list("meta").await? {
+        let key = meta.location.to_string();
+        let rec = if meta.size > crate::changes::MAX_META_OBJECT as u64 {
+            Err(Error::Corrupt(format!("{} bytes", meta.size)))
+        } else {
+            objects.get(&key).await.and_then(|b| {
+                let r: crate::changes::MetaOpRecord = protocol::from_cbor(&b, crate::changes::MAX_META_OBJECT)?;
+                r.validate()?;
+                if r.object_key() != key {
+                    return Err(Error::Corrupt(format!("op {} stored under {key}", r.gseq)));
+                }
+                Ok(r)
+            })
+        };
+        match rec {
+            Ok(r) => recs.push(r),
+            Err(e) => {
+                tracing::warn!(object = %key, error = %e, "skipping unusable metadata op object");
+                rep.bad_objects += 1;
+            }
+        }
+    }
+    recs.sort_by_key(|r| r.gseq);
+    for batch in recs.chunks(REBUILD_BATCH) {
+        let cat = catalog.clone();
+        let batch = batch.to_vec();
+        let n = batch.len() as u64;
+        tokio::task::spawn_blocking(move || cat.apply_meta(&batch)).await??;
+        rep.meta_ops += n;
     }
     Ok(())
 }
