@@ -6,6 +6,10 @@
 //! A pruned file leaves the `files` table and is listed in `pruned`: no
 //! scan records it as deleted, so the cloud keeps it and restores bring it
 //! back.
+//!
+//! Legal hold wins over deletion (DESIGN.md §6): a file a held central
+//! metadata target covers is never pruned, whatever `prune` and
+//! `keep_local` say and however full the disk is.
 
 use crate::error::Result;
 use crate::policy::{fs_path, Prune, Root};
@@ -101,16 +105,19 @@ impl Agent {
                 );
                 let (mut files, mut bytes) = (0u64, 0u64);
                 let mut blocked = 0u64;
+                let mut held = (0u64, 0u64);
                 for _ in 0..ROUNDS {
                     let need = wm.to_free(&stat);
                     if need == 0 {
                         blocked = 0;
                         break;
                     }
-                    let (f, b, bl) = self.prune_round(&roots, need)?;
+                    let r = self.prune_round(&roots, need)?;
+                    let (f, b) = (r.files, r.bytes);
                     files += f;
                     bytes += b;
-                    blocked = bl;
+                    blocked = r.blocked;
+                    held = r.held;
                     stat = match probe(&first.dir) {
                         Ok(s) => s,
                         Err(_) => break,
@@ -127,8 +134,10 @@ impl Agent {
                         pruned_files = files,
                         pruned_bytes = bytes,
                         blocked_bytes_not_durable = blocked,
+                        held_files = held.0,
+                        held_bytes = held.1,
                         "still over the low watermark: the remaining files are not cloud-durable \
-                         (or are kept by keep_local / prune = \"never\")"
+                         (or are kept by keep_local / prune = \"never\" / a legal hold)"
                     );
                 } else {
                     tracing::info!(
@@ -141,6 +150,8 @@ impl Agent {
                     blocked = 0;
                 }
                 st.blocked_bytes_not_durable += blocked;
+                st.held_files += held.0;
+                st.held_bytes += held.1;
             }
             if stat.used_pct() >= st.used_pct || st.total_bytes == 0 {
                 st.used_pct = stat.used_pct();
@@ -159,13 +170,17 @@ impl Agent {
     }
 
     /// One pass: deletes the oldest eligible files of `roots` until `need`
-    /// bytes are freed. Returns (files, bytes, bytes blocked because not
-    /// cloud-durable).
-    fn prune_round(&mut self, roots: &[Root], need: u64) -> Result<(u64, u64, u64)> {
+    /// bytes are freed. Files under a legal hold are never candidates.
+    fn prune_round(&mut self, roots: &[Root], need: u64) -> Result<Round> {
         let now = (self.config().clock)();
         let mut durable = Oldest::new(need);
         let mut forced = Oldest::new(need);
         let mut blocked = 0u64;
+        let holds = self.store.holds()?;
+        if holds.all {
+            tracing::warn!("pruning suspended: not every legal hold is known (see status: held.all)");
+        }
+        let mut held = (0u64, 0u64);
         for root in roots {
             let prefix = format!("{}/", root.label);
             let mut after: Option<String> = None;
@@ -174,6 +189,11 @@ impl Agent {
                 let done = page.len() < 512;
                 after = page.last().map(|p| p.0.clone());
                 for (path, meta) in page {
+                    if holds.held(&path) {
+                        held.0 += 1;
+                        held.1 += meta.size;
+                        continue;
+                    }
                     let Some(class) = self.policy.classes.get(self.policy.class_idx(&path)) else {
                         continue;
                     };
@@ -251,8 +271,23 @@ impl Agent {
                 }
             }
         }
-        Ok((files, freed, blocked))
+        Ok(Round {
+            files,
+            bytes: freed,
+            blocked,
+            held,
+        })
     }
+}
+
+/// What one pruning pass did.
+struct Round {
+    files: u64,
+    bytes: u64,
+    /// Bytes kept because not cloud-durable.
+    blocked: u64,
+    /// Files and bytes kept because a legal hold covers them.
+    held: (u64, u64),
 }
 
 fn mtime_ns(m: &std::fs::Metadata) -> i64 {

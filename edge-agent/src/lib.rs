@@ -7,6 +7,7 @@
 //! [`Agent::run`] (daemon), [`Agent::sync`] (scan, sync to a durability
 //! level, exit), [`Agent::status`] / [`read_status`].
 
+pub mod central;
 pub mod chunker;
 pub mod disk;
 pub mod error;
@@ -25,6 +26,7 @@ pub use store::{Counters, DiskStatus, Status};
 use policy::{Policy, Root};
 use protocol::client::{ClientConfig, ClientStore};
 use protocol::manifest::{Change, ChangeBody};
+use protocol::meta::ServerChange;
 use protocol::seal::{Cipher, Sealer, TenantKey};
 use protocol::{DeviceRef, Hash32, Knowledge, ReplicaId};
 use serde::Serialize;
@@ -350,6 +352,14 @@ impl Agent {
     pub fn status(&self) -> Result<Status> {
         self.store.status()
     }
+    /// The stored version vector (and policy) of a shared path.
+    pub fn shared_state(&self, path: &str) -> Result<Option<protocol::shared::Shared>> {
+        self.store.shared_state(path)
+    }
+    /// Merged server changes: (target, gseq, state), in target order.
+    pub fn server_states(&self) -> Result<Vec<(String, u64, protocol::meta::ServerBody)>> {
+        self.store.server_states()
+    }
 
     /// Runs until `shutdown` resolves: scans every `scan_interval`, syncs
     /// whenever the broker is reachable. Persists counters on the way out.
@@ -498,6 +508,16 @@ impl ClientStore for Agent {
         self.store
             .on_knowledge(regional, cloud, now)
             .map(|_| ())
+            .map_err(store_err)
+    }
+    fn server_cursor(&self) -> u64 {
+        self.store.server_cursor()
+    }
+    fn on_server_changes(&mut self, items: &[ServerChange], upto: Option<u64>) -> protocol::Result<()> {
+        let now = (self.cfg.clock)();
+        self.store
+            .on_server_changes(items, upto, now)
+            .map(|n| tracing::info!(merged = n, upto, cursor = self.store.server_cursor(), "server changes"))
             .map_err(store_err)
     }
 }

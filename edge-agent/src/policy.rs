@@ -7,6 +7,10 @@
 //! outage), `schedule` windows, a `bandwidth` cap, a `daily_budget` for
 //! metered links, `keep_local` (how long a file stays on disk after it is
 //! cloud-durable) and `prune` (whether the disk watermarks may delete it).
+//! A class may be `shared` (DESIGN.md §6: several gateways of the site
+//! write the same paths): its changes carry a version vector and the
+//! class's `conflict` policy (`keep-both`, `last-writer-wins`,
+//! `append-merge`), by which the cloud resolves concurrent versions.
 //! Three classes are built in (`append`, `db`, `default`); a TOML config
 //! file ([`FileConfig`], example in `docs/agent.example.toml`) adds classes
 //! and overrides the built-in ones.
@@ -14,6 +18,7 @@
 use crate::chunker::ChunkParams;
 use crate::error::{Error, Result};
 use globset::{Glob, GlobSet, GlobSetBuilder};
+use protocol::shared::ConflictPolicy;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -298,6 +303,40 @@ pub struct ClassSpec {
     /// How long a file stays on disk after it is cloud-durable, e.g. `"7d"`.
     pub keep_local: Option<Quantity>,
     pub prune: Option<Prune>,
+    /// Several devices of the site write these paths (DESIGN.md §6): every
+    /// change carries a version vector and the `conflict` policy.
+    pub shared: Option<bool>,
+    /// How the cloud resolves concurrent versions of a shared path:
+    /// `keep-both` (default), `last-writer-wins` or `append-merge`. Only
+    /// with `shared = true`.
+    pub conflict: Option<String>,
+}
+
+impl ClassSpec {
+    /// The conflict policy if this spec makes its class shared, `Some(None)`
+    /// if it makes it unshared, `None` if it says nothing. `conflict`
+    /// without `shared = true` is an error: the policy would silently do
+    /// nothing.
+    pub fn shared_policy(&self) -> Result<Option<Option<ConflictPolicy>>> {
+        let policy = match &self.conflict {
+            Some(c) => Some(
+                c.parse::<ConflictPolicy>()
+                    .map_err(|e| Error::Config(format!("class {:?}: {e}", self.name)))?,
+            ),
+            None => None,
+        };
+        match (self.shared, policy) {
+            (Some(true), p) => Ok(Some(Some(p.unwrap_or_default()))),
+            (_, Some(p)) => Err(Error::Config(format!(
+                "class {:?}: conflict = {:?} needs shared = true (conflict policies apply only to \
+                 paths several devices write)",
+                self.name,
+                p.as_str()
+            ))),
+            (Some(false), None) => Ok(Some(None)),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 /// The agent's TOML config file (`edge-agent run|sync --config FILE`).
@@ -325,7 +364,11 @@ impl FileConfig {
         FileConfig::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
     pub fn parse(text: &str) -> Result<FileConfig> {
-        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+        let f: FileConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        for c in &f.classes {
+            c.shared_policy()?;
+        }
+        Ok(f)
     }
 }
 
@@ -469,6 +512,8 @@ pub struct Class {
     pub daily_budget: Option<u64>,
     pub keep_local: Duration,
     pub prune: Prune,
+    /// `Some(policy)` for a shared class: its changes carry a version vector.
+    pub shared: Option<ConflictPolicy>,
 }
 
 impl Class {
@@ -505,7 +550,7 @@ pub struct Policy {
     pub classes: Vec<Class>,
 }
 
-fn set(globs: &[String]) -> Result<GlobSet> {
+pub(crate) fn set(globs: &[String]) -> Result<GlobSet> {
     let mut b = GlobSetBuilder::new();
     for g in globs {
         b.add(Glob::new(g).map_err(|e| Error::Config(format!("glob {g:?}: {e}")))?);
@@ -541,6 +586,7 @@ impl Policy {
             daily_budget: None,
             keep_local: Duration::ZERO,
             prune: Prune::Durable,
+            shared: None,
         };
         let mut builtins = vec![
             base(APPEND_CLASS, b.append_globs, b.chunking, b.append_zstd_level, true),
@@ -617,6 +663,9 @@ impl Policy {
             if let Some(p) = spec.prune {
                 class.prune = p;
             }
+            if let Some(sh) = spec.shared_policy()? {
+                class.shared = sh;
+            }
         }
         let mut classes = added;
         classes.extend(builtins);
@@ -669,6 +718,11 @@ impl Policy {
         self.classes
             .get(self.class_idx(path))
             .map_or(DEFAULT_CLASS, |c| c.name.as_str())
+    }
+
+    /// The conflict policy of `path`'s class if that class is shared.
+    pub fn shared(&self, path: &str) -> Option<ConflictPolicy> {
+        self.classes.get(self.class_idx(path)).and_then(|c| c.shared)
     }
 
     pub fn by_name(&self, name: &str) -> Option<&Class> {

@@ -319,7 +319,9 @@ impl Agent {
                 continue;
             }
             let now = (self.config().clock)();
-            self.store.record(ChangeBody::Delete(gone.clone()), None, &[], now)?;
+            let shared = self.policy.shared(gone);
+            self.store
+                .record_shared(ChangeBody::Delete(gone.clone()), None, &[], now, shared)?;
             rep.changes_recorded += 1;
         }
         for new in seen.difference(&stored) {
@@ -339,7 +341,8 @@ impl Agent {
                 mode: protocol::manifest::MODE_DIR | (md.mode() & 0o7777),
             };
             let now = (self.config().clock)();
-            self.store.record(ChangeBody::File(v), None, &[], now)?;
+            let shared = self.policy.shared(new);
+            self.store.record_shared(ChangeBody::File(v), None, &[], now, shared)?;
             rep.changes_recorded += 1;
         }
         Ok(())
@@ -356,7 +359,9 @@ impl Agent {
             }
         }
         let now = (self.config().clock)();
-        self.store.record(ChangeBody::Delete(path), None, &[], now)?;
+        let shared = self.policy.shared(&path);
+        self.store
+            .record_shared(ChangeBody::Delete(path), None, &[], now, shared)?;
         rep.files_deleted += 1;
         rep.changes_recorded += 1;
         Ok(())
@@ -548,8 +553,9 @@ impl Agent {
             class: class.to_string(),
         };
         let now = (self.config().clock)();
+        let shared = self.policy.shared(path);
         self.store
-            .record(ChangeBody::File(fv), Some((meta, fc)), &new_known, now)?;
+            .record_shared(ChangeBody::File(fv), Some((meta, fc)), &new_known, now, shared)?;
         rep.changes_recorded += 1;
         Ok(())
     }

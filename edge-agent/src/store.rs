@@ -15,6 +15,12 @@
 //! - `pruned`: manifest path → [`PrunedFile`]: files the disk watermarks
 //!   deleted locally. Not deletions: the cloud keeps them and restores bring
 //!   them back.
+//! - `shared_vv`: manifest path of a shared class → CBOR [`Shared`]: the
+//!   path's version vector (own entry = HLC of this device's latest change
+//!   of it, merged with what the cloud reported) and the policy last used.
+//! - `server_state`: server-change target (`meta:<glob>`, `shared:<path>`)
+//!   → gseq (u64 BE) + CBOR [`ServerBody`]: the CRDT join of every server
+//!   change received for it. At most [`MAX_SERVER_TARGETS`] targets.
 //!
 //! Invariants:
 //! - A recorded change (outbox entry, file state, known chunks, next seq,
@@ -25,11 +31,18 @@
 //!   device (`pending` flushes first), so nothing the server may have seen
 //!   can be lost and its seq reused.
 //! - Outbox entries are deleted only when cloud knowledge covers them.
+//! - A change of a shared path and the path's new vector are written in
+//!   one transaction; the vector only grows.
+//! - Server changes and the server cursor move in one durable transaction,
+//!   before the cursor is reported to the server again.
 
+use crate::central::{HeldFiles, Holds, MetaEntry, SharedEntry};
 use crate::error::{Error, Result};
 use minicbor::{Decode, Encode};
 use protocol::hlc::Hlc;
 use protocol::manifest::{Change, ChangeBody};
+use protocol::meta::{MetaState, ServerBody, ServerChange};
+use protocol::shared::{ConflictPolicy, Shared};
 use protocol::{DeviceRef, Hash32, Knowledge, ReplicaId};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -48,6 +61,22 @@ const DURABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("durable");
 const PRUNED: TableDefinition<&str, &[u8]> = TableDefinition::new("pruned");
 /// Manifest path of each empty directory recorded as present → its seq.
 const EMPTY_DIRS: TableDefinition<&str, u64> = TableDefinition::new("empty_dirs");
+/// Shared path → CBOR `Shared` (version vector + policy).
+const SHARED_VV: TableDefinition<&str, &[u8]> = TableDefinition::new("shared_vv");
+/// Server-change target → gseq (u64 BE) + CBOR `ServerBody` (merged state).
+const SERVER_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("server_state");
+
+/// Most server-change targets kept. Beyond it new targets are refused (and
+/// logged), the cursor stays, and pruning stops: a hold might be missed.
+pub const MAX_SERVER_TARGETS: u64 = 100_000;
+/// HLCs in a server's version vectors further ahead of the wall clock than
+/// this are merged into the vector but not into this device's clock (a bad
+/// peer must not push the clock to the end of time).
+const MAX_OBSERVE_AHEAD_MS: u64 = 86_400_000;
+/// Entries of each list (`metadata`, `shared`) in `status`.
+pub const STATUS_LIST_MAX: usize = 1000;
+/// Held paths named in `status`.
+const STATUS_HELD_PATHS: usize = 100;
 
 /// redb page cache: small and explicit (the default is 1 GiB).
 pub const CACHE_BYTES: usize = 4 << 20;
@@ -146,6 +175,10 @@ pub struct DiskStatus {
     /// Still over the low watermark after pruning: bytes of tracked files
     /// that could not be pruned because they are not cloud-durable yet.
     pub blocked_bytes_not_durable: u64,
+    /// Files (and their bytes) pruning passed over because a legal hold
+    /// covers them (last pruning pass).
+    pub held_files: u64,
+    pub held_bytes: u64,
     /// Unix ms of the check.
     pub checked_ms: u64,
 }
@@ -281,6 +314,22 @@ pub struct Status {
     /// Disk watermarks (null when never checked or not configured).
     #[serde(default)]
     pub disk: Option<DiskStatus>,
+    /// Every server change at or below this sink sequence number is applied.
+    #[serde(default)]
+    pub server_cursor: u64,
+    /// Central metadata targets (first [`STATUS_LIST_MAX`], by target).
+    #[serde(default)]
+    pub metadata: Vec<MetaEntry>,
+    /// Shared paths (first [`STATUS_LIST_MAX`], by path).
+    #[serde(default)]
+    pub shared: Vec<SharedEntry>,
+    /// Tracked files under legal hold (never pruned).
+    #[serde(default)]
+    pub held: HeldFiles,
+    /// Server changes were refused for want of room ([`MAX_SERVER_TARGETS`]):
+    /// the cursor stays and nothing is pruned.
+    #[serde(default)]
+    pub server_overflow: bool,
 }
 
 pub fn now_ms() -> u64 {
@@ -434,6 +483,7 @@ pub struct Store {
     last_flush: Instant,
     /// Set when files must be scanned again soon (supersede, new epoch).
     pub rescan: bool,
+    server_cursor: u64,
 }
 
 impl Store {
@@ -457,6 +507,8 @@ impl Store {
             txn.open_table(DURABLE)?;
             txn.open_table(PRUNED)?;
             txn.open_table(EMPTY_DIRS)?;
+            txn.open_table(SHARED_VV)?;
+            txn.open_table(SERVER_STATE)?;
             let stored = meta
                 .get("device")?
                 .map(|v| String::from_utf8_lossy(v.value()).into_owned());
@@ -499,7 +551,7 @@ impl Store {
         if fresh {
             tracing::info!(state = %path.display(), "new state file: new epoch and device key");
         }
-        let (meta, key, counters, regional, cloud) = {
+        let (meta, key, counters, regional, cloud, server_cursor) = {
             let r = db.begin_read()?;
             let t = r.open_table(META)?;
             let get = |k: &'static str| -> Result<Vec<u8>> {
@@ -550,7 +602,11 @@ impl Store {
                     None => Ok(Knowledge::default()),
                 }
             };
-            (meta, key, counters, know("regional")?, know("cloud")?)
+            let server_cursor = match t.get("server_cursor")? {
+                Some(v) => u64_of("server cursor", v.value())?,
+                None => 0,
+            };
+            (meta, key, counters, know("regional")?, know("cloud")?, server_cursor)
         };
         Ok(Store {
             db,
@@ -564,6 +620,7 @@ impl Store {
             unflushed: 0,
             last_flush: Instant::now(),
             rescan: false,
+            server_cursor,
         })
     }
 
@@ -639,9 +696,8 @@ impl Store {
         })
     }
 
-    /// Records one change in one transaction: outbox entry, file state (or
-    /// its removal for a deletion), new known chunks, next seq, HLC and
-    /// counters. In-memory state advances only after the commit succeeds.
+    /// Records one change of an unshared path ([`Store::record_shared`]
+    /// with no policy).
     pub fn record(
         &mut self,
         body: ChangeBody,
@@ -649,17 +705,41 @@ impl Store {
         new_known: &[(Hash32, KnownChunk)],
         now: u64,
     ) -> Result<Change> {
+        self.record_shared(body, file, new_known, now, None)
+    }
+
+    /// Records one change in one transaction: outbox entry, file state (or
+    /// its removal for a deletion), new known chunks, next seq, HLC and
+    /// counters. In-memory state advances only after the commit succeeds.
+    ///
+    /// With `shared` (the path's class is shared), the path's stored
+    /// version vector witnesses this change (own entry = its HLC), is
+    /// stored back in the same transaction, and is signed into the change.
+    pub fn record_shared(
+        &mut self,
+        body: ChangeBody,
+        file: Option<(FileMeta, FileChunks)>,
+        new_known: &[(Hash32, KnownChunk)],
+        now: u64,
+        shared: Option<ConflictPolicy>,
+    ) -> Result<Change> {
         let seq = self.meta.next_seq;
         let mut hlc = self.meta.hlc;
-        let change = Change::sign(self.replica(), seq, hlc.tick(now), body, &self.key);
+        let stamp = hlc.tick(now);
         let mut counters = self.counters.clone();
-        let logical = match &change.body {
+        let logical = match &body {
             ChangeBody::File(f) => f.size,
             _ => 0,
         };
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::None)?;
+        let change;
         {
+            let vv = match shared {
+                Some(policy) => Some(self.witness(&txn, body.path(), stamp, policy)?),
+                None => None,
+            };
+            change = Change::sign_shared(self.replica(), seq, stamp, body, vv, &self.key);
             let mut files = txn.open_table(FILES)?;
             let mut chunks = txn.open_table(FILE_CHUNKS)?;
             let path = change.body.path();
@@ -907,13 +987,7 @@ impl Store {
         }
         let path = change.body.path().to_string();
         let mut hlc = self.meta.hlc;
-        let sup = Change::sign(
-            self.replica(),
-            change.seq,
-            hlc.tick(now),
-            ChangeBody::Superseded(path.clone()),
-            &self.key,
-        );
+        let stamp = hlc.tick(now);
         let mut counters = self.counters.clone();
         let txn = self.db.begin_write()?;
         {
@@ -936,6 +1010,20 @@ impl Store {
                 // the same seq would look like a conflict to the server.
                 return Ok(());
             }
+            // A superseded change of a shared path carries a vector too
+            // (witnessing its own HLC, like every change of the path).
+            let vv = match &change.shared {
+                Some(s) => Some(self.witness(&txn, &path, stamp, s.policy)?),
+                None => None,
+            };
+            let sup = Change::sign_shared(
+                self.replica(),
+                change.seq,
+                stamp,
+                ChangeBody::Superseded(path.clone()),
+                vv,
+                &self.key,
+            );
             let mut v = Vec::with_capacity(OUTBOX_HEADER + 128);
             v.extend_from_slice(&recorded.to_be_bytes());
             v.extend_from_slice(&0u64.to_be_bytes());
@@ -1064,7 +1152,7 @@ impl Store {
         let mut counters = self.counters.clone();
         counters.epochs_started += 1;
         counters.outbox_bytes = 0;
-        let mut deleted: Vec<String> = Vec::new();
+        let mut deleted: Vec<(String, Option<ConflictPolicy>)> = Vec::new();
         let txn = self.db.begin_write()?;
         {
             let mut outbox = txn.open_table(OUTBOX)?;
@@ -1074,13 +1162,13 @@ impl Store {
                 outbox_header(v)?;
                 let c: Change = protocol::from_cbor(&v[OUTBOX_HEADER..], protocol::msg::MAX_MESSAGE)?;
                 if let ChangeBody::Delete(p) = c.body {
-                    deleted.push(p);
+                    deleted.push((p, c.shared.map(|s| s.policy)));
                 }
             }
             outbox.retain(|_, _| false)?;
             drop(outbox);
             let mut files = txn.open_table(FILES)?;
-            deleted.retain(|p| files.get(p.as_str()).ok().flatten().is_none());
+            deleted.retain(|(p, _)| files.get(p.as_str()).ok().flatten().is_none());
             let mut dirty = Vec::new();
             for item in files.iter()? {
                 let (k, v) = item?;
@@ -1109,9 +1197,9 @@ impl Store {
         self.rescan = true;
         self.unflushed = 0;
         deleted.sort();
-        deleted.dedup();
-        for p in deleted {
-            self.record(ChangeBody::Delete(p), None, &[], now)?;
+        deleted.dedup_by(|a, b| a.0 == b.0);
+        for (p, shared) in deleted {
+            self.record_shared(ChangeBody::Delete(p), None, &[], now, shared)?;
         }
         Ok(())
     }
@@ -1239,6 +1327,163 @@ impl Store {
         Ok(n)
     }
 
+    /// Within `txn`: the stored vector of shared `path` witnesses this
+    /// device's change at `stamp` and is stored back; returns what the
+    /// change carries.
+    fn witness(&self, txn: &redb::WriteTransaction, path: &str, stamp: Hlc, policy: ConflictPolicy) -> Result<Shared> {
+        let mut t = txn.open_table(SHARED_VV)?;
+        let mut sh: Shared = match t.get(path)? {
+            Some(v) => cbor_decode("shared path vector", v.value())?,
+            None => Shared::default(),
+        };
+        sh.vv.witness(self.device.device.as_str(), stamp);
+        sh.policy = policy;
+        t.insert(path, protocol::to_cbor(&sh).as_slice())?;
+        Ok(sh)
+    }
+
+    /// The stored vector (and last policy) of a shared path.
+    pub fn shared_state(&self, path: &str) -> Result<Option<Shared>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(SHARED_VV)?;
+        let v = t.get(path)?;
+        v.map(|v| cbor_decode("shared path vector", v.value())).transpose()
+    }
+
+    /// Every server change at or below this gseq has been applied.
+    pub fn server_cursor(&self) -> u64 {
+        self.server_cursor
+    }
+
+    /// Merges server changes in one durable transaction: each into the
+    /// state of its target (CRDT join, so duplicates and any order end in
+    /// the same state; the higher gseq is kept), a `SharedHead`'s vector
+    /// also into the path's own vector (so the next local version
+    /// dominates what the cloud has seen; its HLCs are observed by this
+    /// device's clock), and, when `upto` is Some and nothing was refused,
+    /// the cursor to `max(cursor, upto)`.
+    ///
+    /// Invalid items are skipped. New targets beyond [`MAX_SERVER_TARGETS`]
+    /// are refused with an error logged: the cursor then stays (the server
+    /// sends them again) and pruning stops, since a refused change may be a
+    /// legal hold. Returns the number of items merged.
+    pub fn on_server_changes(&mut self, items: &[ServerChange], upto: Option<u64>, now: u64) -> Result<usize> {
+        if items.is_empty() && upto.is_none_or(|u| u <= self.server_cursor) {
+            return Ok(0);
+        }
+        let mut hlc = self.meta.hlc;
+        let mut cursor = self.server_cursor;
+        let (mut merged, mut refused, mut overflow) = (0usize, 0usize, false);
+        let txn = self.db.begin_write()?;
+        {
+            let mut states = txn.open_table(SERVER_STATE)?;
+            let mut vvs = txn.open_table(SHARED_VV)?;
+            let mut targets = states.len()?;
+            for it in items {
+                if let Err(e) = it.body.validate() {
+                    tracing::warn!(gseq = it.gseq, "server change refused: {e}");
+                    refused += 1;
+                    continue;
+                }
+                let target = it.body.target();
+                let old = match states.get(target.as_str())? {
+                    Some(v) => Some(decode_server_state(v.value())?),
+                    None => None,
+                };
+                let (gseq, body) = match old {
+                    Some((gseq, mut body)) => {
+                        body.merge(&it.body);
+                        // Not part of the join: the policy of the newest state.
+                        if let (ServerBody::SharedHead { policy, .. }, ServerBody::SharedHead { policy: p, .. }) =
+                            (&mut body, &it.body)
+                        {
+                            if it.gseq > gseq {
+                                *policy = *p;
+                            }
+                        }
+                        (gseq.max(it.gseq), body)
+                    }
+                    None if targets >= MAX_SERVER_TARGETS => {
+                        tracing::error!(
+                            gseq = it.gseq,
+                            target = %target.chars().take(200).collect::<String>(),
+                            limit = MAX_SERVER_TARGETS,
+                            "too many central metadata / shared-path targets; refusing new ones \
+                             (pruning is suspended: a refused change may be a legal hold)"
+                        );
+                        refused += 1;
+                        overflow = true;
+                        continue;
+                    }
+                    None => {
+                        targets += 1;
+                        (it.gseq, it.body.clone())
+                    }
+                };
+                let mut v = Vec::with_capacity(64);
+                v.extend_from_slice(&gseq.to_be_bytes());
+                let _ = minicbor::encode(&body, &mut v);
+                states.insert(target.as_str(), v.as_slice())?;
+                if let (ServerBody::SharedHead { path, vv, .. }, ServerBody::SharedHead { policy, .. }) =
+                    (&it.body, &body)
+                {
+                    let mut sh: Shared = match vvs.get(path.as_str())? {
+                        Some(v) => cbor_decode("shared path vector", v.value())?,
+                        None => Shared::default(),
+                    };
+                    sh.vv.merge(vv);
+                    // The cloud's current policy, until a local change says.
+                    sh.policy = *policy;
+                    vvs.insert(path.as_str(), protocol::to_cbor(&sh).as_slice())?;
+                    // Observed by this device's clock (the own entry too, e.g.
+                    // after a restored state file): the next local change gets
+                    // a higher HLC than every version it dominates.
+                    let horizon = now.saturating_add(MAX_OBSERVE_AHEAD_MS);
+                    for (d, t) in &vv.0 {
+                        if Hlc(*t).millis() <= horizon {
+                            hlc.observe(Hlc(*t));
+                        } else {
+                            tracing::warn!(path = %path, device = %d, hlc = t, "shared-path vector entry far in the future; not observed by the clock");
+                        }
+                    }
+                }
+                merged += 1;
+            }
+            let mut meta = txn.open_table(META)?;
+            if let Some(u) = upto.filter(|_| refused == 0) {
+                cursor = cursor.max(u);
+                meta.insert("server_cursor", &cursor.to_be_bytes()[..])?;
+            }
+            if overflow {
+                meta.insert("server_overflow", &[1u8][..])?;
+            }
+            meta.insert("hlc", &hlc.0.to_be_bytes()[..])?;
+        }
+        txn.commit()?;
+        self.server_cursor = cursor;
+        self.meta.hlc = hlc;
+        Ok(merged)
+    }
+
+    /// Every server state: (target, gseq, merged body), in target order.
+    pub fn server_states(&self) -> Result<Vec<(String, u64, ServerBody)>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(SERVER_STATE)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let (g, b) = decode_server_state(v.value())?;
+            out.push((k.value().to_string(), g, b));
+        }
+        Ok(out)
+    }
+
+    /// The legal holds in force (for pruning).
+    pub fn holds(&self) -> Result<Holds> {
+        let r = self.db.begin_read()?;
+        holds_of(&r)
+    }
+
     pub fn status(&self) -> Result<Status> {
         status_of(&self.db)
     }
@@ -1280,6 +1525,122 @@ impl Drop for Store {
     }
 }
 
+/// gseq (u64 BE) + CBOR `ServerBody`.
+fn decode_server_state(v: &[u8]) -> Result<(u64, ServerBody)> {
+    let g = v.get(..8).ok_or_else(|| corrupt("server state", "short"))?;
+    let body = protocol::from_cbor(&v[8..], protocol::msg::MAX_MESSAGE).map_err(|e| corrupt("server state", e))?;
+    Ok((u64_of("server state gseq", g)?, body))
+}
+
+/// A table of a state file written before that table existed reads as empty.
+fn open_opt<K: redb::Key + 'static, V: redb::Value + 'static>(
+    r: &redb::ReadTransaction,
+    def: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>> {
+    match r.open_table(def) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Calls `f(target_path, state, gseq)` for every `Meta` state.
+fn each_meta(r: &redb::ReadTransaction, mut f: impl FnMut(&str, &MetaState, u64) -> bool) -> Result<()> {
+    let Some(t) = open_opt(r, SERVER_STATE)? else {
+        return Ok(());
+    };
+    for item in t.range("meta:".."meta;")? {
+        let (_, v) = item?;
+        if let (g, ServerBody::Meta { path, state }) = decode_server_state(v.value())? {
+            if !f(&path, &state, g) {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn overflowed(r: &redb::ReadTransaction) -> Result<bool> {
+    Ok(r.open_table(META)?.get("server_overflow")?.is_some())
+}
+
+fn holds_of(r: &redb::ReadTransaction) -> Result<Holds> {
+    let mut held: Vec<String> = Vec::new();
+    each_meta(r, |p, s, _| {
+        if s.held() {
+            held.push(p.to_string());
+        }
+        true
+    })?;
+    Ok(Holds::build(held.iter().map(String::as_str), overflowed(r)?))
+}
+
+/// Central metadata, shared paths and held files for `status`.
+fn central_status(r: &redb::ReadTransaction) -> Result<(Vec<MetaEntry>, Vec<SharedEntry>, HeldFiles)> {
+    let mut metadata = Vec::new();
+    each_meta(r, |path, s, gseq| {
+        metadata.push(MetaEntry {
+            path: path.to_string(),
+            tags: s.tags.values(),
+            retain_days: s.retain_days,
+            held: s.held(),
+            holds: s.holds.values(),
+            gseq,
+        });
+        metadata.len() < STATUS_LIST_MAX
+    })?;
+    let mut shared = Vec::new();
+    if let Some(t) = open_opt(r, SHARED_VV)? {
+        let states = open_opt(r, SERVER_STATE)?;
+        for item in t.iter()? {
+            if shared.len() >= STATUS_LIST_MAX {
+                break;
+            }
+            let (k, v) = item?;
+            let path = k.value();
+            let local: Shared = cbor_decode("shared path vector", v.value())?;
+            let head = match &states {
+                Some(st) => match st.get(format!("shared:{path}").as_str())? {
+                    Some(v) => Some(decode_server_state(v.value())?.1),
+                    None => None,
+                },
+                None => None,
+            };
+            let (policy, conflicts) = match head {
+                Some(ServerBody::SharedHead { policy, conflicts, .. }) => (policy, conflicts),
+                _ => (local.policy, 0),
+            };
+            shared.push(SharedEntry {
+                path: path.to_string(),
+                policy: policy.as_str().to_string(),
+                vv: local.vv.0,
+                conflicts,
+            });
+        }
+    }
+    let holds = holds_of(r)?;
+    let mut held = HeldFiles {
+        all: holds.all,
+        ..HeldFiles::default()
+    };
+    if !holds.is_empty() {
+        // Only while holds exist (rarely): one pass over the tracked files.
+        let files = r.open_table(FILES)?;
+        for item in files.iter()? {
+            let (k, v) = item?;
+            if holds.held(k.value()) {
+                let m: FileMeta = cbor_decode("file state", v.value())?;
+                held.files += 1;
+                held.bytes += m.size;
+                if held.paths.len() < STATUS_HELD_PATHS {
+                    held.paths.push(k.value().to_string());
+                }
+            }
+        }
+    }
+    Ok((metadata, shared, held))
+}
+
 fn status_of(db: &impl ReadableDatabase) -> Result<Status> {
     let r = db.begin_read()?;
     let meta = r.open_table(META)?;
@@ -1312,6 +1673,12 @@ fn status_of(db: &impl ReadableDatabase) -> Result<Status> {
             .map(|(_, s)| s.len())
             .sum::<u64>()
     };
+    let server_cursor = match meta.get("server_cursor")? {
+        Some(v) => u64_of("server cursor", v.value())?,
+        None => 0,
+    };
+    let server_overflow = overflowed(&r)?;
+    let (metadata, shared, held) = central_status(&r)?;
     let mut both = regional.clone();
     both.union_with(&cloud);
     let disk = match meta.get("disk")? {
@@ -1352,6 +1719,11 @@ fn status_of(db: &impl ReadableDatabase) -> Result<Status> {
         as_of_ms: now,
         from_snapshot: false,
         disk,
+        server_cursor,
+        metadata,
+        shared,
+        held,
+        server_overflow,
     })
 }
 

@@ -37,12 +37,20 @@ Command-line flags and FERRY_* variables override the file.
   keep_local = \"7d\"               # keep on disk this long after cloud durability
   prune = \"durable\"               # never | durable (default) | force (may delete data
                                   # not yet in the cloud)
+  shared = true                   # several gateways of the site write these paths: each
+                                  # change carries a version vector
+  conflict = \"keep-both\"          # how the cloud resolves concurrent versions: keep-both
+                                  # (default), last-writer-wins, append-merge (line logs);
+                                  # only with shared = true
 
 Sizes: 123, 64KiB, 1.5MB, 2GiB. Durations: 90 (s), 30s, 15m, 12h, 7d.
 Disk watermarks: over --disk-high the agent deletes from the watch folders the oldest
 files whose latest version is cloud-durable and older than keep_local, until under
 --disk-low. Pruned files are not recorded as deletions: the cloud keeps them and
-restores bring them back. The condition is in `status --json` (disk), presence and logs.";
+restores bring them back. The condition is in `status --json` (disk), presence and logs.
+Legal hold wins over deletion: a path under a legal hold set centrally (server changes)
+is never pruned, whatever prune, keep_local and the watermarks say. Central metadata
+(tags, retention, holds) and shared paths (vectors, conflicts) are in `status`.";
 
 #[derive(Parser)]
 #[command(
@@ -90,7 +98,9 @@ enum Cmd {
         json: bool,
     },
     /// Show what a state file holds: files tracked, changes, bytes sent,
-    /// backlog. Works while the daemon runs (reads its status snapshot).
+    /// backlog, disk, central metadata (tags, retention, legal holds and the
+    /// files they hold), shared paths (version vectors, cloud conflicts).
+    /// Works while the daemon runs (reads its status snapshot).
     Status {
         /// The agent's state file.
         #[arg(long, env = "FERRY_STATE")]
@@ -140,7 +150,8 @@ struct AgentArgs {
     #[arg(long, env = "FERRY_KEY")]
     key: PathBuf,
     /// Policy config file (TOML): classes with priority, schedule,
-    /// bandwidth, daily budget, keep_local, prune; disk watermarks. Flags
+    /// bandwidth, daily budget, keep_local, prune, shared + conflict; disk
+    /// watermarks. Flags
     /// given on the command line override it. Format: see --help.
     #[arg(long, env = "FERRY_CONFIG")]
     config: Option<PathBuf>,
@@ -422,6 +433,64 @@ fn real_main() -> Result<()> {
                         d.pruned_bytes,
                         d.blocked_bytes_not_durable
                     );
+                }
+                println!(
+                    "server changes    applied up to {}{}",
+                    s.server_cursor,
+                    if s.server_overflow {
+                        " (REFUSED some: too many targets; pruning suspended)"
+                    } else {
+                        ""
+                    }
+                );
+                const SHOW: usize = 20;
+                for m in s.metadata.iter().take(SHOW) {
+                    println!(
+                        "metadata          {}: tags [{}], retain {} d{}",
+                        m.path,
+                        m.tags.join(", "),
+                        m.retain_days,
+                        if m.held {
+                            format!(", LEGAL HOLD ({})", m.holds.join(", "))
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+                if s.held.all {
+                    println!("held              every file (a hold could not be matched): nothing is pruned");
+                } else if s.held.files > 0 {
+                    println!(
+                        "held              {} file(s), {} bytes under legal hold (never pruned): {}{}",
+                        s.held.files,
+                        s.held.bytes,
+                        s.held.paths.join(", "),
+                        if s.held.files as usize > s.held.paths.len() {
+                            ", …"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                if s.metadata.len() > SHOW {
+                    println!("metadata          … {} more (see --json)", s.metadata.len() - SHOW);
+                }
+                for sh in s.shared.iter().take(SHOW) {
+                    let vv: Vec<String> = sh.vv.iter().map(|(d, h)| format!("{d}={h}")).collect();
+                    println!(
+                        "shared            {} ({}): [{}]{}",
+                        sh.path,
+                        sh.policy,
+                        vv.join(" "),
+                        if sh.conflicts > 0 {
+                            format!(", {} conflict(s) in the cloud", sh.conflicts)
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+                if s.shared.len() > SHOW {
+                    println!("shared            … {} more (see --json)", s.shared.len() - SHOW);
                 }
                 if s.from_snapshot {
                     println!("(from the running agent's snapshot)");
