@@ -9,6 +9,7 @@ use protocol::hlc::Hlc;
 use protocol::msg::*;
 use protocol::pack::PackBuilder;
 use protocol::seal::{Cipher, Sealer, TenantKey};
+use protocol::shared::{ConflictPolicy, Shared, VersionVector};
 use protocol::{Change, ChangeBody, ChunkRef, DeviceRef, FileVersion, Hash32, ReplicaId};
 use ring::signature::Ed25519KeyPair;
 use std::collections::BTreeMap;
@@ -166,6 +167,51 @@ impl Device {
             change: Change::sign(self.replica.clone(), seq, hlc(hlc_ms), body, &self.key),
             chunks,
         })
+    }
+
+    /// A file version of a shared path: its vector is `seen` plus this
+    /// version's own HLC under this device's name.
+    pub fn shared_file(
+        &mut self,
+        path: &str,
+        plain: &[u8],
+        hlc_ms: u64,
+        seen: &VersionVector,
+        policy: ConflictPolicy,
+    ) -> Result<Built> {
+        let b = self.file(path, plain, hlc_ms)?;
+        let c = b.change;
+        Ok(Built {
+            change: Change::sign_shared(
+                c.replica,
+                c.seq,
+                c.hlc,
+                c.body,
+                Some(self.shared(hlc_ms, seen, policy)),
+                &self.key,
+            ),
+            chunks: b.chunks,
+        })
+    }
+
+    /// A deletion of a shared path (see `shared_file`).
+    pub fn shared_delete(&mut self, path: &str, hlc_ms: u64, seen: &VersionVector, policy: ConflictPolicy) -> Change {
+        let seq = self.seq();
+        let shared = self.shared(hlc_ms, seen, policy);
+        Change::sign_shared(
+            self.replica.clone(),
+            seq,
+            hlc(hlc_ms),
+            ChangeBody::Delete(path.into()),
+            Some(shared),
+            &self.key,
+        )
+    }
+
+    fn shared(&self, hlc_ms: u64, seen: &VersionVector, policy: ConflictPolicy) -> Shared {
+        let mut vv = seen.clone();
+        vv.witness(self.dev.device.as_str(), hlc(hlc_ms));
+        Shared { vv, policy }
     }
 
     pub fn delete(&mut self, path: &str, hlc_ms: u64) -> Change {
