@@ -111,6 +111,10 @@ pub struct AggConfig {
     /// most this long) so the agent does not re-send what the cloud has.
     /// Zero turns the lookup off.
     pub cloud_lookup_timeout: Duration,
+    /// How often to ask the sink for new server changes (tags, holds,
+    /// retention, shared-path heads) and push them to the agents this
+    /// aggregator serves. Agents also get them at every Hello. Zero: off.
+    pub changes_poll: Duration,
 }
 
 impl AggConfig {
@@ -130,6 +134,7 @@ impl AggConfig {
             sink_min_rate: 256 << 10,
             sink_retry_max: Duration::from_secs(30),
             cloud_lookup_timeout: Duration::from_secs(3),
+            changes_poll: Duration::from_secs(5),
         }
     }
 
@@ -200,6 +205,8 @@ pub struct AggStats {
     /// Agent Hellos answered with cloud knowledge fetched from the sink.
     pub cloud_lookups: AtomicU64,
     pub cloud_lookup_failures: AtomicU64,
+    /// Server changes (metadata, shared heads) sent down to agents.
+    pub server_changes_relayed: AtomicU64,
     /// Payloads on presence topics (valid or not).
     pub presence_in: AtomicU64,
     /// Presence payloads ignored as malformed or oversized.
@@ -236,6 +243,7 @@ pub struct StatsSnapshot {
     pub sink_timeouts: u64,
     pub cloud_lookups: u64,
     pub cloud_lookup_failures: u64,
+    pub server_changes_relayed: u64,
     pub presence_in: u64,
     pub presence_bad: u64,
     pub presence_dropped: u64,
@@ -272,6 +280,7 @@ impl AggStats {
             sink_timeouts: g(&self.sink_timeouts),
             cloud_lookups: g(&self.cloud_lookups),
             cloud_lookup_failures: g(&self.cloud_lookup_failures),
+            server_changes_relayed: g(&self.server_changes_relayed),
             presence_in: g(&self.presence_in),
             presence_bad: g(&self.presence_bad),
             presence_dropped: g(&self.presence_dropped),
@@ -322,7 +331,18 @@ pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl
         tracker.clone(),
     ));
     let sink = sink::SinkHttp::new(&cfg, stats.clone())?;
-    tasks.spawn(presence::forward_loop(tracker, sink.clone(), cfg.sink_retry_max));
+    tasks.spawn(presence::forward_loop(
+        tracker.clone(),
+        sink.clone(),
+        cfg.sink_retry_max,
+    ));
+    tasks.spawn(mqtt::changes_loop(
+        sink.clone(),
+        client.clone(),
+        tracker,
+        cfg.changes_poll,
+        stats.clone(),
+    ));
     let lookup = mqtt::CloudLookup::new(sink.clone(), cfg.cloud_lookup_timeout);
     tasks.spawn(mqtt::worker(
         rx,

@@ -158,7 +158,8 @@ impl CloudLookup {
 
     /// Merges the cloud's knowledge of the device that sent `topic_bytes`
     /// (a Hello) into the store. Failures only cost the optimisation.
-    async fn before_hello(&mut self, topic_bytes: &[u8], store: &Arc<AggStore>, stats: &AggStats) {
+    async fn before_hello(&mut self, p: &Publish, store: &Arc<AggStore>, stats: &AggStats) {
+        let topic_bytes: &[u8] = &p.topic;
         if self.timeout.is_zero() || self.quiet_until.is_some_and(|t| Instant::now() < t) {
             return;
         }
@@ -189,6 +190,75 @@ impl CloudLookup {
             Ok(Err(e)) => tracing::error!(%device, "storing cloud knowledge: {e}"),
             Err(e) => tracing::error!(%device, "storing cloud knowledge: {e}"),
         }
+        // Server changes (central metadata, shared-path heads) the agent has
+        // not applied yet: answered right after its Knowledge.
+        let cursor = match Message::decode(&p.payload) {
+            Ok(Message::Hello(h)) => h.server_cursor,
+            _ => None,
+        };
+        if let Some(after) = cursor {
+            match self.sink.device_changes(&device, after, self.timeout).await {
+                Ok(ch) => {
+                    AggStats::add(&stats.server_changes_relayed, ch.items.len() as u64);
+                    store.stash_changes(&device, ch);
+                }
+                Err(e) => tracing::info!(%device, "server changes lookup failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Pushes new server changes to the agents this aggregator has heard from,
+/// polling the sink every `poll`. Starts at the sink sequence of "a minute
+/// before now" (gseqs are microsecond-based): older changes reach agents at
+/// their next Hello, so nothing depends on this push arriving.
+pub async fn changes_loop(
+    sink: SinkHttp,
+    client: AsyncClient,
+    tracker: Arc<crate::presence::Tracker>,
+    poll: Duration,
+    stats: Arc<AggStats>,
+) {
+    if poll.is_zero() {
+        std::future::pending::<()>().await;
+    }
+    let mut cursor = crate::now_ms().saturating_sub(60_000).saturating_mul(1000);
+    loop {
+        tokio::time::sleep(poll).await;
+        loop {
+            let page = match sink.fleet_changes(cursor, 1000).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!("polling server changes: {e}");
+                    break;
+                }
+            };
+            let mut per_device: std::collections::BTreeMap<String, (protocol::DeviceRef, Vec<_>)> = Default::default();
+            for it in page.items {
+                if it.change.body.validate().is_err() || tracker.get(&it.device).is_none() {
+                    continue;
+                }
+                per_device
+                    .entry(it.device.key())
+                    .or_insert_with(|| (it.device.clone(), Vec::new()))
+                    .1
+                    .push(it.change);
+            }
+            for (_, (device, items)) in per_device {
+                let n = items.len() as u64;
+                let m = Message::Changes(protocol::msg::Changes { items, upto: None });
+                if let Some((t, payload)) = encode_reply(&device, &m) {
+                    match client.publish(t, QoS::AtLeastOnce, false, payload).await {
+                        Ok(()) => AggStats::add(&stats.server_changes_relayed, n),
+                        Err(e) => tracing::warn!(%device, "pushing server changes: {e}"),
+                    }
+                }
+            }
+            cursor = cursor.max(page.upto);
+            if !page.more {
+                break;
+            }
+        }
     }
 }
 
@@ -207,7 +277,7 @@ pub async fn worker(
     let mut seen = ServerStats::default();
     while let Some(p) = rx.recv().await {
         if let Some(l) = lookup.as_mut() {
-            l.before_hello(&p.topic, &store, &stats).await;
+            l.before_hello(&p, &store, &stats).await;
         }
         let srv = server.take().unwrap_or_else(|| Server::new(ServerConfig::default()));
         let (st, pt) = (store.clone(), p.clone());

@@ -10,7 +10,8 @@
 use crate::{AggConfig, AggStats, Error, Result};
 use protocol::ids::DeviceRef;
 use protocol::knowledge::Knowledge;
-use protocol::msg::{Hello, Message};
+use protocol::meta::FleetChanges;
+use protocol::msg::{Changes, Hello, Message, MAX_MESSAGE};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,6 +161,45 @@ impl SinkHttp {
             }
             other => Err(Error::Sink(format!("hello answered with {}", other.kind()))),
         }
+    }
+
+    /// `GET /v1/changes` for one device: every server change after `after`.
+    pub async fn device_changes(&self, device: &DeviceRef, after: u64, limit: Duration) -> Result<Changes> {
+        let path = format!(
+            "/v1/changes?tenant={}&site={}&device={}&after={after}",
+            device.tenant, device.site, device.device
+        );
+        let bytes = self
+            .send(
+                reqwest::Method::GET,
+                &path,
+                "application/cbor",
+                Vec::new(),
+                Some(limit),
+                "GET changes",
+            )
+            .await?;
+        let ch: Changes = protocol::from_cbor(&bytes, MAX_MESSAGE)?;
+        for it in &ch.items {
+            it.body.validate()?;
+        }
+        Ok(ch)
+    }
+
+    /// `GET /v1/changes` fleet-wide: a page of server changes after `after`.
+    pub async fn fleet_changes(&self, after: u64, limit: usize) -> Result<FleetChanges> {
+        let path = format!("/v1/changes?after={after}&limit={limit}");
+        let bytes = self
+            .send(
+                reqwest::Method::GET,
+                &path,
+                "application/cbor",
+                Vec::new(),
+                None,
+                "GET changes",
+            )
+            .await?;
+        Ok(protocol::from_cbor(&bytes, MAX_MESSAGE)?)
     }
 
     /// `POST /v1/presence` with a JSON array of presence updates.

@@ -25,7 +25,7 @@ use crate::{Error, Result};
 use protocol::ids::{DeviceRef, Hash32, ReplicaId};
 use protocol::knowledge::{Knowledge, RangeSet};
 use protocol::manifest::Change;
-use protocol::msg::{ChunkData, SeqStatus, Status, MAX_MESSAGE};
+use protocol::msg::{Changes, ChunkData, SeqStatus, Status, MAX_MESSAGE};
 use protocol::pack::{PackEntry, MAGIC, MAX_PACK, TRAILER_MAGIC};
 use protocol::server::ServerStore;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -147,7 +147,13 @@ pub struct AggStore {
     over_high: AtomicBool,
     /// When the oldest change still waiting for the open pack to close was applied.
     waiting_since: Mutex<Option<Instant>>,
+    /// Server changes fetched from the sink for an agent's Hello, taken when
+    /// that Hello is answered. In memory only: the sink is their source.
+    relay: Mutex<HashMap<String, Changes>>,
 }
+
+/// Most stashed server-change answers (one per device whose Hello is in flight).
+const MAX_RELAY: usize = 10_000;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
@@ -329,6 +335,7 @@ impl AggStore {
             over_high: AtomicBool::new(false),
             // Changes queued before a restart may wait for the open pack: close it soon.
             waiting_since: Mutex::new(forward_waiting.then(Instant::now)),
+            relay: Mutex::new(HashMap::new()),
         };
         store.update_watermark();
         Ok(store)
@@ -362,6 +369,24 @@ impl AggStore {
 
     /// `Some(ms)` while the spool is above the high watermark (until it is
     /// below the low one).
+    /// Keeps the sink's answer for `device`'s pending Hello (see `relay`).
+    pub fn stash_changes(&self, device: &DeviceRef, ch: Changes) {
+        let mut g = self.relay.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() >= MAX_RELAY && !g.contains_key(&device.key()) {
+            // Only an optimisation is lost: the agent asks again at its next Hello.
+            return;
+        }
+        g.insert(device.key(), ch);
+    }
+
+    /// Takes the stashed answer for `device`, if any.
+    pub fn take_changes(&self, device: &DeviceRef) -> Option<Changes> {
+        self.relay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&device.key())
+    }
+
     pub fn backpressure_ms(&self) -> Option<u64> {
         self.update_watermark();
         self.over_high.load(Ordering::Relaxed).then_some(BACKPRESSURE_MS)
@@ -987,6 +1012,9 @@ impl ServerStore for &AggStore {
     }
     fn backpressure(&mut self) -> Option<u64> {
         self.backpressure_ms()
+    }
+    fn server_changes(&mut self, device: &DeviceRef, _after: u64) -> protocol::Result<Option<Changes>> {
+        Ok(self.take_changes(device))
     }
 }
 

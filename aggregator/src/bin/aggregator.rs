@@ -68,6 +68,11 @@ struct RunArgs {
     /// device (so a moved agent re-sends nothing the cloud holds); 0 = off.
     #[arg(long, env = "FERRY_CLOUD_LOOKUP_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     cloud_lookup_timeout: Duration,
+    /// How often to fetch new server changes (tags, holds, retention,
+    /// shared-path heads) from the sink and push them to online agents.
+    /// Agents also receive them at every (re)connect; 0 = push off.
+    #[arg(long, env = "FERRY_CHANGES_POLL", default_value = "5s", value_parser = parse_duration)]
+    changes_poll: Duration,
 }
 
 fn parse_broker(s: &str) -> Result<String, String> {
@@ -159,6 +164,7 @@ fn real_main() -> Result<()> {
         sink_min_rate: a.sink_min_rate,
         sink_retry_max: a.sink_retry_max,
         cloud_lookup_timeout: a.cloud_lookup_timeout,
+        changes_poll: a.changes_poll,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let stats = Arc::new(AggStats::default());
