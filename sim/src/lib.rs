@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod demo;
+pub mod dst;
 pub mod gen;
 pub mod ideal;
 pub mod procs;
