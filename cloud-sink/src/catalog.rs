@@ -756,9 +756,4 @@ impl Catalog {
         let tx = self.db.begin_read()?;
         crate::changes::list_meta(&tx, q)
     }
-
-    pub fn has_device(&self, d: &DeviceRef) -> Result<bool> {
-        let tx = self.db.begin_read()?;
-        Ok(tx.open_table(DEVICES)?.get(d.key().as_str())?.is_some())
-    }
 }

@@ -188,7 +188,8 @@ pub struct FleetRow {
     pub epoch: Option<u32>,
     /// Every epoch the catalog holds changes of.
     pub epochs: Vec<u32>,
-    /// Number of unresolved/flagged conflicts (always 0 until conflicts exist).
+    /// Conflicts on shared paths that one of this device's versions is part
+    /// of, whatever the policy (see `cloud-sink conflicts --device`).
     pub conflict_count: u64,
     pub changes: u64,
     pub files: u64,

@@ -16,6 +16,18 @@
 //! `site` is `tenant/site`. Device ids and paths contain no NUL, so a vid
 //! parses unambiguously and one path's versions are contiguous, sorted by
 //! device then HLC.
+//! `shared_paths` (site ‖ 0 ‖ path ‖ 0 → CBOR PathSummary) keeps the join of
+//! the path's vectors, its devices, its latest version and its number of
+//! conflicts, so a new version costs no rescan of the path.
+//!
+//! Two versions V, W of different devices conflict when neither had seen
+//! the other (`V.vv[W.device] < W.hlc` and `W.vv[V.device] < V.hlc`) and
+//! their vectors are concurrent. A device's own entry is its version's HLC,
+//! so for vectors built as `protocol::shared` describes this is exactly
+//! concurrency; the first condition lets a new version skip every version
+//! of a device older than what it has seen (an index seek per device), and
+//! being symmetric it keeps the result independent of arrival order even
+//! for ill-formed vectors.
 
 use crate::changes::StateTables;
 use crate::{Error, Result};
@@ -32,6 +44,21 @@ use std::collections::{BTreeMap, BTreeSet};
 pub(crate) const SHARED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("shared");
 pub(crate) const CONFLICTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("conflicts");
 pub(crate) const CONFLICT_COUNTS: TableDefinition<&str, u64> = TableDefinition::new("conflict_counts");
+pub(crate) const SHARED_PATHS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("shared_paths");
+
+/// What the server change of a shared path needs, kept up to date at apply.
+#[derive(Clone, Debug, Default, Encode, Decode)]
+struct PathSummary {
+    #[n(0)]
+    vv: VersionVector,
+    #[n(1)]
+    devices: BTreeSet<String>,
+    /// The latest version by `winner_order`: its policy is the path's.
+    #[n(2)]
+    latest: Option<SharedRec>,
+    #[n(3)]
+    conflicts: u32,
+}
 
 /// Bytes after the device in a vid: 0 ‖ hlc(8) ‖ epoch(4) ‖ seq(8).
 const VID_TAIL: usize = 21;
@@ -226,6 +253,7 @@ pub(crate) struct SharedTables<'t> {
     shared: Table<'t, &'static [u8], &'static [u8]>,
     conflicts: Table<'t, &'static [u8], &'static [u8]>,
     counts: Table<'t, &'static str, u64>,
+    paths: Table<'t, &'static [u8], &'static [u8]>,
 }
 
 impl<'t> SharedTables<'t> {
@@ -234,6 +262,7 @@ impl<'t> SharedTables<'t> {
             shared: tx.open_table(SHARED)?,
             conflicts: tx.open_table(CONFLICTS)?,
             counts: tx.open_table(CONFLICT_COUNTS)?,
+            paths: tx.open_table(SHARED_PATHS)?,
         })
     }
 
@@ -252,15 +281,21 @@ impl<'t> SharedTables<'t> {
         if self.shared.get(&key[..])?.is_some() {
             return Ok(Some((site, path)));
         }
-        let mut concurrent = Vec::new();
-        for e in self.shared.range(&prefix[..]..&prefix_end(&prefix)[..])? {
-            let (_, v) = e?;
-            let w: SharedRec = decode(v.value(), "shared version")?;
-            if w.device != rec.device && w.vv.concurrent(&rec.vv) {
-                concurrent.push(w);
-            }
-        }
+        let concurrent = self.concurrent_with(&prefix, &rec)?;
         self.shared.insert(&key[..], &protocol::to_cbor(&rec)[..])?;
+        let mut sum: PathSummary = match self.paths.get(&prefix[..])? {
+            Some(v) => decode(v.value(), "shared path summary")?,
+            None => PathSummary::default(),
+        };
+        sum.vv.merge(&rec.vv);
+        sum.devices.insert(rec.device.clone());
+        if sum
+            .latest
+            .as_ref()
+            .is_none_or(|l| winner_order(&rec.version(), &l.version()) == Ordering::Greater)
+        {
+            sum.latest = Some(rec.clone());
+        }
         for w in concurrent {
             let (a, b) = if w.vid() < rec.vid() {
                 (w, rec.clone())
@@ -280,8 +315,46 @@ impl<'t> SharedTables<'t> {
             }
             self.conflicts
                 .insert(&ck[..], &protocol::to_cbor(&ConflictRecord { a, b })[..])?;
+            sum.conflicts = sum.conflicts.saturating_add(1);
         }
+        self.paths.insert(&prefix[..], &protocol::to_cbor(&sum)[..])?;
         Ok(Some((site, path)))
+    }
+
+    /// The versions under `prefix` (one path) that conflict with `rec`: per
+    /// other device, only its versions newer than what `rec` had seen of it.
+    fn concurrent_with(&self, prefix: &[u8], rec: &SharedRec) -> Result<Vec<SharedRec>> {
+        let end = prefix_end(prefix);
+        let mut out = Vec::new();
+        let mut cursor = prefix.to_vec();
+        loop {
+            // The next device with a version at this path.
+            let dev = match self.shared.range(&cursor[..]..&end[..])?.next() {
+                None => break,
+                Some(e) => {
+                    let (k, _) = e?;
+                    let (_, _, vid) = split_key(k.value())?;
+                    parse_vid(vid)?.0.to_string()
+                }
+            };
+            let mut dlo = prefix.to_vec();
+            dlo.extend_from_slice(dev.as_bytes());
+            dlo.push(0);
+            let dhi = prefix_end(&dlo);
+            if dev != rec.device {
+                let mut lo = dlo;
+                lo.extend_from_slice(&rec.vv.get(&dev).saturating_add(1).to_be_bytes());
+                for e in self.shared.range(&lo[..]..&dhi[..])? {
+                    let (_, v) = e?;
+                    let w: SharedRec = decode(v.value(), "shared version")?;
+                    if w.vv.get(&rec.device) < rec.hlc && w.vv.concurrent(&rec.vv) {
+                        out.push(w);
+                    }
+                }
+            }
+            cursor = dhi;
+        }
+        Ok(out)
     }
 
     /// Recomputes the `SharedHead` server state of every device with a
@@ -289,35 +362,18 @@ impl<'t> SharedTables<'t> {
     /// latest version, and the number of conflicts at the path.
     pub fn refresh_heads(&self, states: &mut StateTables<'_>, site: &str, path: &str) -> Result<()> {
         let prefix = path_prefix(site, path);
-        let end = prefix_end(&prefix);
-        let mut vv = VersionVector::default();
-        let mut devices = BTreeSet::new();
-        let mut latest: Option<SharedRec> = None;
-        for e in self.shared.range(&prefix[..]..&end[..])? {
-            let (_, v) = e?;
-            let r: SharedRec = decode(v.value(), "shared version")?;
-            vv.merge(&r.vv);
-            devices.insert(r.device.clone());
-            if latest
-                .as_ref()
-                .is_none_or(|l| winner_order(&r.version(), &l.version()) == Ordering::Greater)
-            {
-                latest = Some(r);
-            }
-        }
-        let Some(latest) = latest else { return Ok(()) };
-        let mut conflicts = 0u32;
-        for e in self.conflicts.range(&prefix[..]..&end[..])? {
-            e?;
-            conflicts = conflicts.saturating_add(1);
-        }
+        let Some(v) = self.paths.get(&prefix[..])? else {
+            return Ok(());
+        };
+        let sum: PathSummary = decode(v.value(), "shared path summary")?;
+        let Some(latest) = &sum.latest else { return Ok(()) };
         let body = ServerBody::SharedHead {
             path: path.to_string(),
-            vv,
+            vv: sum.vv.clone(),
             policy: latest.policy,
-            conflicts,
+            conflicts: sum.conflicts,
         };
-        for dev in devices {
+        for dev in &sum.devices {
             states.put(&format!("{site}/{dev}"), body.clone())?;
         }
         Ok(())
