@@ -13,7 +13,7 @@
 
 use crate::error::Result;
 use crate::policy::{fs_path, Prune, Root};
-use crate::store::{now_ms, DiskStatus};
+use crate::store::DiskStatus;
 use crate::Agent;
 use std::collections::BinaryHeap;
 use std::os::unix::fs::MetadataExt;
@@ -81,7 +81,7 @@ impl Agent {
         let mut st = DiskStatus {
             high: wm.high.describe(),
             low: wm.low.describe(),
-            checked_ms: now_ms(),
+            checked_ms: (self.config().clock)(),
             ..DiskStatus::default()
         };
         for (_, roots) in groups {

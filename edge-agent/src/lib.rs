@@ -6,10 +6,14 @@
 //! [`AgentConfig`] → [`Agent::open`] → [`Agent::scan_once`],
 //! [`Agent::run`] (daemon), [`Agent::sync`] (scan, sync to a durability
 //! level, exit), [`Agent::status`] / [`read_status`].
+//!
+//! Without the daemon (deterministic simulation): [`Agent::open_with_backend`]
+//! and the calls listed in [`driver`].
 
 pub mod central;
 pub mod chunker;
 pub mod disk;
+pub mod driver;
 pub mod error;
 pub mod net;
 pub mod policy;
@@ -90,9 +94,16 @@ pub struct AgentConfig {
     pub batch_data_bytes: u64,
     /// Disk watermarks; `None` disables pruning.
     pub disk: Option<DiskWatermarks>,
-    /// How disk usage is measured (`df -Pk` by default; tests inject one).
+    /// How disk usage is measured (`df -Pk` by default; tests inject one,
+    /// a simulator models full disks with it).
     pub disk_probe: DiskProbe,
+    /// Random bytes for new epochs and a new device key: the system RNG
+    /// when `None`. A deterministic simulation injects a seeded source.
+    pub entropy: Option<Entropy>,
 }
+
+/// A source of random bytes: fills the buffer it is given.
+pub type Entropy = std::sync::Arc<dyn Fn(&mut [u8]) + Send + Sync>;
 
 /// A wall clock in Unix milliseconds.
 pub type Clock = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -142,6 +153,7 @@ impl AgentConfig {
             batch_data_bytes: 64 << 20,
             disk: None,
             disk_probe: policy::df_probe(),
+            entropy: None,
         }
     }
 
@@ -276,7 +288,23 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Opens the agent on its state file `cfg.state`.
     pub fn open(cfg: AgentConfig) -> Result<Agent> {
+        Agent::open_inner(cfg, None)
+    }
+
+    /// Opens the agent with its redb database on `backend` instead of the
+    /// state file (a simulator's in-memory backend that may lose unsynced
+    /// writes). `cfg.state` still names the device key file
+    /// (`<state>.device-key`) and the status snapshot; watch folders are
+    /// real directories. Everything else (repair after a crash, identity,
+    /// epoch detection) behaves as with a file. See [`driver`] for the
+    /// calls a single-threaded driver makes.
+    pub fn open_with_backend(cfg: AgentConfig, backend: Box<dyn redb::StorageBackend>) -> Result<Agent> {
+        Agent::open_inner(cfg, Some(backend))
+    }
+
+    fn open_inner(cfg: AgentConfig, backend: Option<Box<dyn redb::StorageBackend>>) -> Result<Agent> {
         let device = cfg.device_ref()?;
         if cfg.watch.is_empty() {
             return Err(Error::Config("at least one --watch directory is needed".into()));
@@ -300,7 +328,15 @@ impl Agent {
             .iter()
             .map(|c| chunker::Chunker::new(c.chunking))
             .collect::<Result<Vec<_>>>()?;
-        let store = Store::open(&cfg.state, &device)?;
+        let store = Store::open_with(
+            &cfg.state,
+            &device,
+            store::StoreOptions {
+                backend,
+                clock: cfg.clock.clone(),
+                entropy: cfg.entropy.clone(),
+            },
+        )?;
         let sched = sched::Sched::new(&policy, (cfg.clock)());
         let sealer = Sealer::new(&cfg.key, cfg.cipher)?;
         tracing::info!(replica = %store.replica(), next_seq = store.next_seq(), "state opened");
@@ -321,6 +357,36 @@ impl Agent {
 
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
+    }
+    /// Durable commit of everything recorded so far and the counters (the
+    /// daemon does this every 5 s; `pending` and `scan_once` flush too).
+    pub fn flush(&mut self) -> Result<()> {
+        self.store.flush()
+    }
+    /// Files must be scanned again soon (a change was superseded, a new
+    /// epoch started, a pruned file could not be deleted): the driver should
+    /// call [`Agent::scan_once`] without waiting for the scan interval.
+    pub fn rescan_needed(&self) -> bool {
+        self.store.rescan
+    }
+    /// The next seq this replica will hand out (`next_seq - 1` recorded).
+    pub fn next_seq(&self) -> u64 {
+        self.store.next_seq()
+    }
+    /// The highest seq of this epoch that ever left the device.
+    pub fn offered(&self) -> u64 {
+        self.store.offered()
+    }
+    /// Persisted (regional, cloud) knowledge of this device.
+    pub fn knowledge(&self) -> (&Knowledge, &Knowledge) {
+        (self.store.regional(), self.store.cloud())
+    }
+    /// Drops the agent like a crashed process: no final flush of the
+    /// unflushed (non-durable) commits. redb itself still closes the
+    /// backend, so a simulator should stop its backend from accepting
+    /// writes (and drop what was not synced) before calling this.
+    pub fn crash(mut self) {
+        self.store.forget_unflushed();
     }
     pub fn replica(&self) -> ReplicaId {
         self.store.replica()

@@ -112,26 +112,35 @@ fn presence_key(body: &[u8]) -> String {
 }
 
 fn presence(agent: &Agent, online: bool) -> Vec<u8> {
-    let s = agent.status().ok();
-    serde_json::json!({
-        "state": if online { "online" } else { "offline" },
-        "version": env!("CARGO_PKG_VERSION"),
-        "epoch": agent.store.epoch(),
-        "backlog_bytes": s.as_ref().map(|s| s.pending_bytes),
-        "backlog_changes": s.as_ref().map(|s| s.pending_changes),
-        "oldest_unsynced_age_secs": s.as_ref().and_then(|s| s.oldest_pending_age_secs),
-        "disk": agent.disk_status.as_ref().map(|d| serde_json::json!({
-            "used_pct": (d.used_pct * 10.0).round() / 10.0,
-            "free_bytes": d.free_bytes,
-            "over_high": d.over_high,
-            "pruned_files": d.pruned_files,
-            "pruned_bytes": d.pruned_bytes,
-            "blocked_bytes_not_durable": d.blocked_bytes_not_durable,
-        })),
-        "ts_ms": now_ms(),
-    })
-    .to_string()
-    .into_bytes()
+    agent.presence(online, now_ms())
+}
+
+impl Agent {
+    /// The retained presence payload (JSON) the agent publishes on
+    /// `…/up/presence`: `online` or `offline` with backlog and disk state,
+    /// stamped `ts_ms = now_ms`.
+    pub fn presence(&self, online: bool, now_ms: u64) -> Vec<u8> {
+        let s = self.status().ok();
+        serde_json::json!({
+            "state": if online { "online" } else { "offline" },
+            "version": env!("CARGO_PKG_VERSION"),
+            "epoch": self.store.epoch(),
+            "backlog_bytes": s.as_ref().map(|s| s.pending_bytes),
+            "backlog_changes": s.as_ref().map(|s| s.pending_changes),
+            "oldest_unsynced_age_secs": s.as_ref().and_then(|s| s.oldest_pending_age_secs),
+            "disk": self.disk_status.as_ref().map(|d| serde_json::json!({
+                "used_pct": (d.used_pct * 10.0).round() / 10.0,
+                "free_bytes": d.free_bytes,
+                "over_high": d.over_high,
+                "pruned_files": d.pruned_files,
+                "pruned_bytes": d.pruned_bytes,
+                "blocked_bytes_not_durable": d.blocked_bytes_not_durable,
+            })),
+            "ts_ms": now_ms,
+        })
+        .to_string()
+        .into_bytes()
+    }
 }
 
 /// How long the MQTT event loop may show no sign of life (no packet in,

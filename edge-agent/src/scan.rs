@@ -12,7 +12,7 @@
 
 use crate::error::{Error, Result};
 use crate::policy::Root;
-use crate::store::{now_ms, FileChunks, FileMeta, KnownChunk, StoredChunk};
+use crate::store::{FileChunks, FileMeta, KnownChunk, StoredChunk};
 use crate::Agent;
 use protocol::manifest::{ChangeBody, ChunkRef, FileVersion};
 use protocol::sha::ResumableSha256;
@@ -25,7 +25,6 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::Instant;
 use walkdir::{DirEntry, WalkDir};
 
 /// What a file version is read from: the file, or a symbolic link's target.
@@ -159,9 +158,11 @@ impl Stat {
 }
 
 impl Agent {
-    /// Scans every root once and records what changed.
+    /// Scans every root once and records what changed. All times (change
+    /// stamps, the racy-mtime check, `secs`) come from the configured
+    /// clock; directories are walked in sorted order.
     pub fn scan_once(&mut self) -> Result<ScanReport> {
-        let t0 = Instant::now();
+        let t0 = (self.config().clock)();
         let mut rep = ScanReport::default();
         self.store.rescan = false;
         for root in self.roots.clone() {
@@ -169,7 +170,7 @@ impl Agent {
         }
         self.store.counters.scans += 1;
         self.store.flush()?;
-        rep.secs = t0.elapsed().as_secs_f64();
+        rep.secs = (self.config().clock)().saturating_sub(t0) as f64 / 1000.0;
         tracing::info!(
             files = rep.files_seen,
             changed = rep.files_changed,
@@ -185,7 +186,7 @@ impl Agent {
         Ok(rep)
     }
 
-    fn scan_root(&mut self, root: &Root, rep: &mut ScanReport, t0: Instant) -> Result<()> {
+    fn scan_root(&mut self, root: &Root, rep: &mut ScanReport, t0: u64) -> Result<()> {
         // A missing root (unmounted disk, typo) must not read as "everything deleted".
         match fs::metadata(&root.dir) {
             Ok(m) if m.is_dir() => {}
@@ -283,7 +284,7 @@ impl Agent {
                     files = rep.files_seen,
                     mib_chunked = rep.bytes_chunked >> 20,
                     changes = rep.changes_recorded,
-                    secs = t0.elapsed().as_secs(),
+                    secs = (self.config().clock)().saturating_sub(t0) / 1000,
                     "scan progress"
                 );
             }
@@ -369,7 +370,9 @@ impl Agent {
 
     fn scan_file(&mut self, path: &str, entry: &DirEntry, old: Option<FileMeta>, rep: &mut ScanReport) -> Result<()> {
         let fs_path = entry.path();
-        let stat_wall_ns = now_ms() as i64 * 1_000_000;
+        let stat_wall_ns = i64::try_from((self.config().clock)())
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1_000_000);
         let md = entry.metadata().map_err(|e| {
             Error::io(
                 fs_path,

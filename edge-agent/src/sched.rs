@@ -23,8 +23,8 @@ use crate::policy::Policy;
 use crate::Agent;
 use protocol::manifest::Change;
 use protocol::Knowledge;
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 /// A token bucket of `rate` bytes/s holding at most one second of credit.
 /// It starts empty and may go into debt by one message: a message leaves
@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 pub struct Bucket {
     pub rate: u64,
     tokens: f64,
-    /// Unset until first used: no credit builds up before sending starts.
-    at: Option<Instant>,
+    /// Clock ms of the last refill. Unset until first used: no credit
+    /// builds up before sending starts.
+    at: Option<u64>,
 }
 
 impl Bucket {
@@ -46,24 +47,24 @@ impl Bucket {
             at: None,
         }
     }
-    fn refill(&mut self, now: Instant) {
-        let dt = self
-            .at
-            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+    fn refill(&mut self, now_ms: u64) {
+        // A clock stepping back adds no credit (and restarts from there).
+        let dt = self.at.map_or(0.0, |at| now_ms.saturating_sub(at) as f64 / 1000.0);
         self.tokens = (self.tokens + dt * self.rate as f64).min(self.rate as f64);
-        self.at = Some(now);
+        self.at = Some(now_ms);
     }
-    /// How long until a message may leave (zero: now).
-    pub fn wait(&mut self, now: Instant) -> Duration {
-        self.refill(now);
+    /// How long until a message may leave (zero: now). `now_ms` is the
+    /// agent's clock.
+    pub fn wait(&mut self, now_ms: u64) -> Duration {
+        self.refill(now_ms);
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
             Duration::from_secs_f64(-self.tokens / self.rate as f64)
         }
     }
-    pub fn take(&mut self, now: Instant, bytes: u64) {
-        self.refill(now);
+    pub fn take(&mut self, now_ms: u64, bytes: u64) {
+        self.refill(now_ms);
         self.tokens -= bytes as f64;
     }
 }
@@ -315,7 +316,6 @@ impl Agent {
     /// How long a Data message carrying `charges` must wait (zero: send
     /// now): bandwidth caps, closed schedule windows and spent budgets.
     pub fn data_gate(&mut self, charges: &[(usize, u64)]) -> Result<Duration> {
-        let now = Instant::now();
         let now_ms = self.now_policy();
         let mut wait = Duration::ZERO;
         let mut classes: Vec<usize> = charges.iter().map(|c| c.0).collect();
@@ -331,7 +331,7 @@ impl Agent {
                 None => {}
             }
             if let Some(Some(b)) = self.sched.buckets.get_mut(ci) {
-                wait = wait.max(b.wait(now));
+                wait = wait.max(b.wait(now_ms));
             }
         }
         Ok(wait)
@@ -340,15 +340,14 @@ impl Agent {
     /// Accounts a Data message that left: token buckets and daily budgets
     /// (persisted at once).
     pub fn charge(&mut self, charges: &[(usize, u64)]) -> Result<()> {
-        let now = Instant::now();
         let now_ms = self.now_policy();
-        let mut per: HashMap<usize, u64> = HashMap::new();
+        let mut per: BTreeMap<usize, u64> = BTreeMap::new();
         for &(ci, b) in charges {
             *per.entry(ci).or_default() += b;
         }
         for (ci, bytes) in per {
             if let Some(Some(b)) = self.sched.buckets.get_mut(ci) {
-                b.take(now, bytes);
+                b.take(now_ms, bytes);
             }
             let Some(c) = self.policy.classes.get(ci) else { continue };
             if let Some(budget) = c.daily_budget {

@@ -48,8 +48,9 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::Ed25519KeyPair;
 use serde::{Deserialize, Serialize};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
@@ -339,15 +340,123 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn random_epoch() -> Result<u32> {
-    let rng = SystemRandom::new();
-    loop {
+/// Fills `b` from the injected entropy source, or the system RNG.
+fn fill_random(entropy: Option<&crate::Entropy>, b: &mut [u8]) -> Result<()> {
+    match entropy {
+        Some(f) => {
+            f(b);
+            Ok(())
+        }
+        None => SystemRandom::new()
+            .fill(b)
+            .map_err(|_| Error::Protocol(protocol::Error::Crypto("no system randomness"))),
+    }
+}
+
+fn random_epoch(entropy: Option<&crate::Entropy>) -> Result<u32> {
+    for _ in 0..1000 {
         let mut b = [0u8; 4];
-        rng.fill(&mut b)
-            .map_err(|_| Error::Protocol(protocol::Error::Crypto("no system randomness")))?;
+        fill_random(entropy, &mut b)?;
         let e = u32::from_be_bytes(b);
         if e != 0 {
             return Ok(e);
+        }
+    }
+    Err(Error::Protocol(protocol::Error::Crypto(
+        "entropy source returns only zeros",
+    )))
+}
+
+/// A new Ed25519 key as PKCS#8 v2 (the document ring's `generate_pkcs8`
+/// writes). With an injected entropy source the key is derived from its
+/// 32-byte seed, so a seeded simulation gets the same keys every run.
+fn new_device_key(entropy: Option<&crate::Entropy>) -> Result<Vec<u8>> {
+    let Some(f) = entropy else {
+        let k = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map_err(|_| Error::Protocol(protocol::Error::Crypto("ed25519 keygen")))?;
+        return Ok(k.as_ref().to_vec());
+    };
+    use ring::signature::KeyPair;
+    let mut seed = [0u8; 32];
+    f(&mut seed);
+    let pair = Ed25519KeyPair::from_seed_unchecked(&seed)
+        .map_err(|_| Error::Protocol(protocol::Error::Crypto("ed25519 key from seed")))?;
+    // ring's PKCS#8 v2 template for Ed25519: prefix, seed, middle, public key.
+    const PREFIX: [u8; 16] = [
+        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
+    const MIDDLE: [u8; 3] = [0x81, 0x21, 0x00];
+    let mut doc = Vec::with_capacity(83);
+    doc.extend_from_slice(&PREFIX);
+    doc.extend_from_slice(&seed);
+    doc.extend_from_slice(&MIDDLE);
+    doc.extend_from_slice(pair.public_key().as_ref());
+    Ed25519KeyPair::from_pkcs8(&doc).map_err(|_| Error::Protocol(protocol::Error::Crypto("ed25519 pkcs8")))?;
+    Ok(doc)
+}
+
+/// A caller-supplied redb backend, boxed (redb wants a sized backend).
+#[derive(Debug)]
+struct DynBackend(Box<dyn redb::StorageBackend>);
+
+impl redb::StorageBackend for DynBackend {
+    fn len(&self) -> std::result::Result<u64, std::io::Error> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::result::Result<(), std::io::Error> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::result::Result<(), std::io::Error> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::result::Result<(), std::io::Error> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::result::Result<(), std::io::Error> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> std::result::Result<(), std::io::Error> {
+        self.0.close()
+    }
+    fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<bool, redb::BackendError> {
+        self.0.try_lock_range(s, e)
+    }
+    fn try_lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<bool, redb::BackendError> {
+        self.0.try_lock_shared_range(s, e)
+    }
+    fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<(), redb::BackendError> {
+        self.0.lock_range(s, e)
+    }
+    fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<(), redb::BackendError> {
+        self.0.lock_shared_range(s, e)
+    }
+    fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<(), redb::BackendError> {
+        self.0.unlock_range(s, e)
+    }
+    fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<bool, redb::BackendError> {
+        self.0.query_lock_range(s, e)
+    }
+}
+
+/// How [`Store::open_with`] opens the state. [`Default`]: the state file
+/// itself, the system clock and the system RNG.
+pub struct StoreOptions {
+    /// Where the redb database lives instead of the state file (a
+    /// simulator's in-memory backend). The state path still names the
+    /// device key file (`<state>.device-key`) and the status snapshot.
+    pub backend: Option<Box<dyn redb::StorageBackend>>,
+    /// Unix ms: `created_ms`, flush pacing, status ages.
+    pub clock: crate::Clock,
+    /// Random bytes for epochs and a new device key (system RNG if `None`).
+    pub entropy: Option<crate::Entropy>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions {
+            backend: None,
+            clock: crate::system_clock(),
+            entropy: None,
         }
     }
 }
@@ -480,7 +589,10 @@ pub struct Store {
     regional: Knowledge,
     cloud: Knowledge,
     unflushed: u32,
-    last_flush: Instant,
+    /// Clock ms of the last durable commit.
+    last_flush: u64,
+    clock: crate::Clock,
+    entropy: Option<crate::Entropy>,
     /// Set when files must be scanned again soon (supersede, new epoch).
     pub rescan: bool,
     server_cursor: u64,
@@ -490,10 +602,25 @@ impl Store {
     /// Opens or creates the state file for `device`. A new file starts a new
     /// random epoch and generates the device's signing key.
     pub fn open(path: &Path, device: &DeviceRef) -> Result<Store> {
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|e| open_db_error(path, e))?;
+        Store::open_with(path, device, StoreOptions::default())
+    }
+
+    /// [`Store::open`] with a caller-supplied backend, clock and entropy
+    /// ([`StoreOptions`]). Opening, repair after a crash, identity and
+    /// key checks and epoch detection are the same as with a file.
+    pub fn open_with(path: &Path, device: &DeviceRef, opts: StoreOptions) -> Result<Store> {
+        let StoreOptions {
+            backend,
+            clock,
+            entropy,
+        } = opts;
+        let mut builder = redb::Builder::new();
+        builder.set_cache_size(CACHE_BYTES);
+        let db = match backend {
+            Some(b) => builder.create_with_backend(DynBackend(b)),
+            None => builder.create(path),
+        }
+        .map_err(|e| open_db_error(path, e))?;
         let key_path = device_key_path(path);
         let txn = db.begin_write()?;
         let fresh;
@@ -527,10 +654,9 @@ impl Store {
                     let pkcs8 = match read_device_key(&key_path, device, path)? {
                         Some(k) => k,
                         None => {
-                            let k = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-                                .map_err(|_| Error::Protocol(protocol::Error::Crypto("ed25519 keygen")))?;
-                            write_device_key(&key_path, device, k.as_ref())?;
-                            k.as_ref().to_vec()
+                            let k = new_device_key(entropy.as_ref())?;
+                            write_device_key(&key_path, device, &k)?;
+                            k
                         }
                     };
                     let counters = Counters {
@@ -538,11 +664,11 @@ impl Store {
                         ..Counters::default()
                     };
                     meta.insert("device", device.key().as_bytes())?;
-                    meta.insert("epoch", &random_epoch()?.to_be_bytes()[..])?;
+                    meta.insert("epoch", &random_epoch(entropy.as_ref())?.to_be_bytes()[..])?;
                     meta.insert("next_seq", &1u64.to_be_bytes()[..])?;
                     meta.insert("hlc", &0u64.to_be_bytes()[..])?;
                     meta.insert("key", pkcs8.as_slice())?;
-                    meta.insert("created_ms", &now_ms().to_be_bytes()[..])?;
+                    meta.insert("created_ms", &clock().to_be_bytes()[..])?;
                     meta.insert("counters", serde_json::to_vec(&counters).unwrap_or_default().as_slice())?;
                 }
             }
@@ -618,7 +744,9 @@ impl Store {
             regional,
             cloud,
             unflushed: 0,
-            last_flush: Instant::now(),
+            last_flush: clock(),
+            clock,
+            entropy,
             rescan: false,
             server_cursor,
         })
@@ -794,7 +922,9 @@ impl Store {
         self.meta.hlc = hlc;
         self.counters = counters;
         self.unflushed += 1;
-        if self.unflushed >= FLUSH_EVERY || self.last_flush.elapsed() >= FLUSH_INTERVAL {
+        if self.unflushed >= FLUSH_EVERY
+            || (self.clock)().saturating_sub(self.last_flush) >= FLUSH_INTERVAL.as_millis() as u64
+        {
             self.flush()?;
         }
         Ok(change)
@@ -836,6 +966,12 @@ impl Store {
         Ok(())
     }
 
+    /// Marks nothing as waiting for a flush, so dropping the store does not
+    /// commit (a simulated crash).
+    pub fn forget_unflushed(&mut self) {
+        self.unflushed = 0;
+    }
+
     /// Durable commit of everything so far, including the counters.
     pub fn flush(&mut self) -> Result<()> {
         let txn = self.db.begin_write()?;
@@ -845,7 +981,7 @@ impl Store {
         }
         txn.commit()?;
         self.unflushed = 0;
-        self.last_flush = Instant::now();
+        self.last_flush = (self.clock)();
         Ok(())
     }
 
@@ -937,7 +1073,7 @@ impl Store {
             txn.commit()?;
             self.meta.offered = offered;
             self.unflushed = 0;
-            self.last_flush = Instant::now();
+            self.last_flush = (self.clock)();
         }
         Ok(out)
     }
@@ -1148,7 +1284,7 @@ impl Store {
     /// Deletions still in the outbox are recorded again in the new epoch:
     /// their files have no state left to notice they are gone.
     pub fn new_epoch(&mut self, now: u64) -> Result<()> {
-        let epoch = random_epoch()?;
+        let epoch = random_epoch(self.entropy.as_ref())?;
         let mut counters = self.counters.clone();
         counters.epochs_started += 1;
         counters.outbox_bytes = 0;
@@ -1289,7 +1425,7 @@ impl Store {
         txn.commit()?;
         self.counters = counters;
         self.unflushed = 0;
-        self.last_flush = Instant::now();
+        self.last_flush = (self.clock)();
         Ok(())
     }
 
@@ -1485,7 +1621,7 @@ impl Store {
     }
 
     pub fn status(&self) -> Result<Status> {
-        status_of(&self.db)
+        status_of(&self.db, (self.clock)())
     }
 
     /// Status of a state file without taking it over: `Error::Locked` if a
@@ -1498,7 +1634,7 @@ impl Store {
             ));
         }
         match redb::Builder::new().set_cache_size(CACHE_BYTES).open_read_only(path) {
-            Ok(db) => status_of(&db),
+            Ok(db) => status_of(&db, now_ms()),
             // Left by a crashed agent: a read-only open cannot repair it. No
             // agent holds it (that would be DatabaseAlreadyOpen), so repair it
             // the way the agent's next start would, then read.
@@ -1508,7 +1644,7 @@ impl Store {
                     .set_cache_size(CACHE_BYTES)
                     .open(path)
                     .map_err(|e| open_db_error(path, e))?;
-                status_of(&db)
+                status_of(&db, now_ms())
             }
             Err(e) => Err(open_db_error(path, e)),
         }
@@ -1641,7 +1777,7 @@ fn central_status(r: &redb::ReadTransaction) -> Result<(Vec<MetaEntry>, Vec<Shar
     Ok((metadata, shared, held))
 }
 
-fn status_of(db: &impl ReadableDatabase) -> Result<Status> {
+fn status_of(db: &impl ReadableDatabase, now: u64) -> Result<Status> {
     let r = db.begin_read()?;
     let meta = r.open_table(META)?;
     let get = |k: &'static str| -> Result<Vec<u8>> {
@@ -1661,7 +1797,6 @@ fn status_of(db: &impl ReadableDatabase) -> Result<Status> {
     };
     let (regional, cloud) = (know("regional")?, know("cloud")?);
     let outbox = r.open_table(OUTBOX)?;
-    let now = now_ms();
     let oldest = match outbox.first()? {
         Some((k, v)) => Some((k.value().1, outbox_header(v.value())?.0)),
         None => None,

@@ -1,0 +1,194 @@
+//! The agent on a caller-supplied redb backend, in virtual time, with
+//! seeded entropy: what the deterministic simulation drives.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use edge_agent::{Agent, AgentConfig, Entropy};
+use protocol::client::ClientStore;
+use protocol::manifest::ChangeBody;
+use protocol::Knowledge;
+use redb::StorageBackend;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// An in-memory disk that keeps what was last synced: a crash (or a restore
+/// of an old copy) reopens on that image.
+#[derive(Debug, Default, Clone)]
+struct SimDisk(Arc<Mutex<(Vec<u8>, Vec<u8>)>>);
+
+impl SimDisk {
+    fn from_image(img: Vec<u8>) -> SimDisk {
+        SimDisk(Arc::new(Mutex::new((img.clone(), img))))
+    }
+    fn synced(&self) -> Vec<u8> {
+        self.0.lock().unwrap().1.clone()
+    }
+}
+
+impl StorageBackend for SimDisk {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.0.lock().unwrap().0.len() as u64)
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let g = self.0.lock().unwrap();
+        let o = offset as usize;
+        let src =
+            g.0.get(o..o + out.len())
+                .ok_or_else(|| std::io::Error::other("read past end"))?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.0.lock().unwrap().0.resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        let mut g = self.0.lock().unwrap();
+        g.1 = g.0.clone();
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut g = self.0.lock().unwrap();
+        let o = offset as usize;
+        let dst =
+            g.0.get_mut(o..o + data.len())
+                .ok_or_else(|| std::io::Error::other("write past end"))?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// A seeded xorshift entropy source.
+fn seeded(seed: u64) -> Entropy {
+    let state = Mutex::new(seed | 1);
+    Arc::new(move |buf: &mut [u8]| {
+        let mut s = state.lock().unwrap();
+        for b in buf.iter_mut() {
+            *s ^= *s << 13;
+            *s ^= *s >> 7;
+            *s ^= *s << 17;
+            *b = *s as u8;
+        }
+    })
+}
+
+const T0: u64 = 1_750_000_000_000;
+
+/// Writes a file whose mtime is an hour before `T0` (virtual time).
+fn write_file(path: &std::path::Path, data: &[u8]) {
+    std::fs::write(path, data).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_millis(T0 - 3_600_000))
+        .unwrap();
+}
+
+fn sim_config(watch: &std::path::Path, state: &std::path::Path, clock: &Arc<AtomicU64>) -> AgentConfig {
+    let mut cfg = config("gw1", &[watch.to_path_buf()], state);
+    let c = clock.clone();
+    cfg.clock = Arc::new(move || c.load(Ordering::SeqCst));
+    cfg.entropy = Some(seeded(42));
+    cfg.status_snapshot = false;
+    cfg
+}
+
+#[test]
+fn agent_on_an_in_memory_backend_scans_and_offers_changes() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("cell");
+    std::fs::create_dir(&watch).unwrap();
+    for i in 0..3u64 {
+        write_file(&watch.join(format!("f{i}.bin")), &pseudo_random(10_000, i + 1));
+    }
+    let clock = Arc::new(AtomicU64::new(T0));
+    let state = t.path().join("gw1.state");
+    let cfg = sim_config(&watch, &state, &clock);
+    let mut a = Agent::open_with_backend(cfg.clone(), Box::new(redb::backends::InMemoryBackend::new())).unwrap();
+    // The database is in memory; only the device key file is on disk.
+    assert!(!state.exists());
+    assert!(edge_agent::store::device_key_path(&state).exists());
+    clock.store(T0 + 5_000, Ordering::SeqCst);
+    let r = a.scan_once().unwrap();
+    assert_eq!((r.files_new, r.changes_recorded), (3, 3));
+    let pending = ClientStore::pending(&mut a, &Knowledge::default(), 100, 1 << 20).unwrap();
+    let paths: Vec<&str> = pending.iter().map(|c| c.body.path()).collect();
+    assert_eq!(paths, ["cell/f0.bin", "cell/f1.bin", "cell/f2.bin"]);
+    assert_eq!(pending.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    for c in &pending {
+        // Stamped by the injected clock, not the wall clock.
+        assert_eq!(c.hlc.0 >> 16, T0 + 5_000);
+        assert!(matches!(c.body, ChangeBody::File(_)));
+        c.verify().unwrap();
+    }
+    // Everything the session needs: chunk bytes re-read from the file.
+    let ChangeBody::File(f) = &pending[0].body else {
+        unreachable!()
+    };
+    let bytes = ClientStore::chunk(&mut a, &pending[0], &f.chunks[0].id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(protocol::Hash32::of(&bytes), f.chunks[0].id);
+    let st = a.status().unwrap();
+    assert_eq!((st.next_seq, st.pending_changes), (4, 3));
+    assert_eq!(st.oldest_pending_age_secs, Some(0));
+    clock.store(T0 + 65_000, Ordering::SeqCst);
+    assert_eq!(a.status().unwrap().oldest_pending_age_secs, Some(60));
+
+    // Seeded entropy: another device state opened the same way gets the
+    // same epoch and the same device key.
+    let b = Agent::open_with_backend(
+        sim_config(&watch, &t.path().join("other.state"), &clock),
+        Box::new(redb::backends::InMemoryBackend::new()),
+    )
+    .unwrap();
+    assert_eq!(b.replica(), a.replica());
+    assert_eq!(b.public_key(), a.public_key());
+}
+
+#[test]
+fn crash_and_restore_on_a_simulated_disk() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("cell");
+    std::fs::create_dir(&watch).unwrap();
+    write_file(&watch.join("a.bin"), &pseudo_random(10_000, 1));
+    let clock = Arc::new(AtomicU64::new(T0));
+    let state = t.path().join("gw1.state");
+    let cfg = sim_config(&watch, &state, &clock);
+    let disk = SimDisk::default();
+    let a = Agent::open_with_backend(cfg.clone(), Box::new(disk.clone())).unwrap();
+    let replica = a.replica();
+    let key = a.public_key();
+    a.crash();
+    let empty_image = disk.synced();
+
+    // Recorded and offered: durable, so it survives a crash.
+    let disk = SimDisk::from_image(empty_image.clone());
+    let mut a = Agent::open_with_backend(cfg.clone(), Box::new(disk.clone())).unwrap();
+    assert_eq!((a.replica(), a.public_key()), (replica.clone(), key.clone()));
+    a.scan_once().unwrap();
+    let sent = ClientStore::pending(&mut a, &Knowledge::default(), 100, 1 << 20).unwrap();
+    assert_eq!(sent.len(), 1);
+    a.crash();
+    let disk = SimDisk::from_image(disk.synced());
+    let a = Agent::open_with_backend(cfg.clone(), Box::new(disk.clone())).unwrap();
+    assert_eq!((a.replica(), a.next_seq(), a.offered()), (replica.clone(), 2, 1));
+    drop(a);
+
+    // Restored from the old (empty) copy while the server holds seq 1: a
+    // new epoch, and the file is offered again under it.
+    let mut a = Agent::open_with_backend(cfg, Box::new(SimDisk::from_image(empty_image))).unwrap();
+    assert_eq!((a.replica(), a.next_seq()), (replica.clone(), 1));
+    a.scan_once().unwrap();
+    let mut server = Knowledge::default();
+    server.insert(&replica, 1);
+    ClientStore::on_knowledge(&mut a, &server, &Knowledge::default()).unwrap();
+    assert_ne!(a.replica(), replica);
+    assert!(a.rescan_needed());
+    a.scan_once().unwrap();
+    let again = ClientStore::pending(&mut a, &Knowledge::default(), 100, 1 << 20).unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].replica, a.replica());
+    assert_eq!(a.public_key(), key);
+}
