@@ -29,14 +29,15 @@ use protocol::msg::{Changes, ChunkData, SeqStatus, Status, MAX_MESSAGE};
 use protocol::pack::{PackEntry, MAGIC, MAX_PACK, TRAILER_MAGIC};
 use protocol::server::ServerStore;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// chunk id → (pack seq, offset, len, state)
 const CHUNKS: TableDefinition<&[u8; 32], (u64, u64, u32, u8)> = TableDefinition::new("chunks");
@@ -70,6 +71,26 @@ const ZERO_ID: [u8; 32] = [0; 32];
 /// Retry delay handed to agents while the spool is above the high watermark.
 pub const BACKPRESSURE_MS: u64 = 5_000;
 
+/// A clock in Unix milliseconds: the wall clock by default
+/// ([`StoreClock::system`]); a simulator supplies its virtual time.
+#[derive(Clone)]
+pub struct StoreClock(pub Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl StoreClock {
+    pub fn system() -> StoreClock {
+        StoreClock(Arc::new(crate::now_ms))
+    }
+    pub fn now_ms(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for StoreClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreClock")
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
     /// Close the open pack once it holds this many bytes.
@@ -80,6 +101,10 @@ pub struct StoreConfig {
     pub spool_low: u64,
     /// redb page cache.
     pub cache_bytes: usize,
+    /// Time of `apply` (when changes start waiting for the open pack to
+    /// close). The forwarder compares it with the `now_ms` it is given, so
+    /// both must be the same clock.
+    pub clock: StoreClock,
 }
 
 impl Default for StoreConfig {
@@ -89,6 +114,7 @@ impl Default for StoreConfig {
             spool_high: 2 << 30,
             spool_low: 3 << 29,
             cache_bytes: 64 << 20,
+            clock: StoreClock::system(),
         }
     }
 }
@@ -145,8 +171,9 @@ pub struct AggStore {
     /// Bytes of open and closed (not uploaded) packs.
     spool: AtomicU64,
     over_high: AtomicBool,
-    /// When the oldest change still waiting for the open pack to close was applied.
-    waiting_since: Mutex<Option<Instant>>,
+    /// When (clock ms) the oldest change still waiting for the open pack to
+    /// close was applied.
+    waiting_since: Mutex<Option<u64>>,
     /// Server changes fetched from the sink for an agent's Hello, taken when
     /// that Hello is answered. In memory only: the sink is their source.
     relay: Mutex<HashMap<String, Changes>>,
@@ -205,10 +232,26 @@ impl AggStore {
     /// truncates the open pack to its committed length and finishes
     /// interrupted pack renames and deletions.
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<AggStore> {
+        AggStore::open_inner(dir, cfg, None)
+    }
+
+    /// [`AggStore::open`] with the redb database on `backend` (a
+    /// simulator's in-memory backend that may lose unsynced writes) instead
+    /// of `dir/agg.redb`. Pack files stay in `dir/packs`. Recovery is the
+    /// same as with a file.
+    pub fn open_with_backend(dir: &Path, cfg: StoreConfig, backend: Box<dyn redb::StorageBackend>) -> Result<AggStore> {
+        AggStore::open_inner(dir, cfg, Some(backend))
+    }
+
+    fn open_inner(dir: &Path, cfg: StoreConfig, backend: Option<Box<dyn redb::StorageBackend>>) -> Result<AggStore> {
         let packs = dir.join("packs");
         std::fs::create_dir_all(&packs).map_err(io_err(&packs))?;
-        let db_path = dir.join("agg.redb");
-        let db = Database::builder().set_cache_size(cfg.cache_bytes).create(&db_path)?;
+        let mut builder = Database::builder();
+        builder.set_cache_size(cfg.cache_bytes);
+        let db = match backend {
+            Some(b) => builder.create_with_backend(DynBackend(b))?,
+            None => builder.create(dir.join("agg.redb"))?,
+        };
         {
             let tx = db.begin_write()?;
             tx.open_table(CHUNKS)?;
@@ -326,6 +369,7 @@ impl AggStore {
             }
         };
         let forward_waiting = !db.begin_read()?.open_table(FORWARD)?.is_empty()?;
+        let now = cfg.clock.now_ms();
         let store = AggStore {
             dir: dir.to_path_buf(),
             db,
@@ -334,11 +378,16 @@ impl AggStore {
             spool: AtomicU64::new(spool),
             over_high: AtomicBool::new(false),
             // Changes queued before a restart may wait for the open pack: close it soon.
-            waiting_since: Mutex::new(forward_waiting.then(Instant::now)),
+            waiting_since: Mutex::new(forward_waiting.then_some(now)),
             relay: Mutex::new(HashMap::new()),
         };
         store.update_watermark();
         Ok(store)
+    }
+
+    /// The store's clock ([`StoreConfig::clock`]).
+    pub fn now_ms(&self) -> u64 {
+        self.cfg.clock.now_ms()
     }
 
     fn packs_dir(&self) -> PathBuf {
@@ -509,8 +558,8 @@ impl AggStore {
             let mut kt = tx.open_table(DEVICE_KEYS)?;
             let mut mt = tx.open_table(META)?;
             let mut next = mt.get("next_forward")?.map(|v| v.value()).unwrap_or(1);
-            let mut know: HashMap<String, (ReplicaId, RangeSet)> = HashMap::new();
-            let mut grown = HashSet::new();
+            let mut know: BTreeMap<String, (ReplicaId, RangeSet)> = BTreeMap::new();
+            let mut grown = BTreeSet::new();
             for c in changes {
                 let rk = c.replica.key();
                 if !know.contains_key(&rk) {
@@ -546,17 +595,26 @@ impl AggStore {
         }
         tx.commit()?;
         if added > 0 {
+            let now = self.now_ms();
             if let Ok(mut w) = self.waiting_since.lock() {
-                w.get_or_insert_with(Instant::now);
+                w.get_or_insert(now);
             }
         }
         Ok(())
     }
 
-    /// Closes the open pack if changes have waited for it at least `max_delay`.
+    /// Closes the open pack if changes have waited for it at least
+    /// `max_delay` (by the store's clock).
     pub fn maybe_close(&self, max_delay: Duration) -> Result<Option<Hash32>> {
+        self.maybe_close_at(self.now_ms(), max_delay)
+    }
+
+    /// [`AggStore::maybe_close`] at `now_ms` (the store's clock). A clock
+    /// that stepped back before the wait began closes the pack too.
+    pub fn maybe_close_at(&self, now_ms: u64, max_delay: Duration) -> Result<Option<Hash32>> {
+        let max = u64::try_from(max_delay.as_millis()).unwrap_or(u64::MAX);
         let due = match self.waiting_since.lock() {
-            Ok(w) => w.is_some_and(|t| t.elapsed() >= max_delay),
+            Ok(w) => w.is_some_and(|t| now_ms < t || now_ms - t >= max),
             Err(_) => true,
         };
         if due {
@@ -988,6 +1046,49 @@ fn hash_file(path: &Path, len: u64) -> Result<Hash32> {
     Ok(h.finish())
 }
 
+/// A caller-supplied redb backend, boxed (redb wants a sized backend).
+#[derive(Debug)]
+struct DynBackend(Box<dyn redb::StorageBackend>);
+
+impl redb::StorageBackend for DynBackend {
+    fn len(&self) -> std::result::Result<u64, std::io::Error> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::result::Result<(), std::io::Error> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::result::Result<(), std::io::Error> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::result::Result<(), std::io::Error> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::result::Result<(), std::io::Error> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> std::result::Result<(), std::io::Error> {
+        self.0.close()
+    }
+    fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<bool, redb::BackendError> {
+        self.0.try_lock_range(s, e)
+    }
+    fn try_lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<bool, redb::BackendError> {
+        self.0.try_lock_shared_range(s, e)
+    }
+    fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<(), redb::BackendError> {
+        self.0.lock_range(s, e)
+    }
+    fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<(), redb::BackendError> {
+        self.0.lock_shared_range(s, e)
+    }
+    fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<(), redb::BackendError> {
+        self.0.unlock_range(s, e)
+    }
+    fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> std::result::Result<bool, redb::BackendError> {
+        self.0.query_lock_range(s, e)
+    }
+}
+
 fn store_err(e: Error) -> protocol::Error {
     protocol::Error::Store(e.to_string())
 }
@@ -1014,7 +1115,12 @@ impl ServerStore for &AggStore {
         self.backpressure_ms()
     }
     fn server_changes(&mut self, device: &DeviceRef, _after: u64) -> protocol::Result<Option<Changes>> {
-        Ok(self.take_changes(device))
+        // Always an answer, empty when the sink could not be asked: the
+        // agent then knows the exchange is over and keeps its cursor.
+        Ok(Some(self.take_changes(device).unwrap_or(Changes {
+            items: Vec::new(),
+            upto: None,
+        })))
     }
 }
 

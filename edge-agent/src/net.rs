@@ -447,7 +447,8 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
 
         // 2. Done? (sync mode)
         if let Mode::Sync { wait, timeout } = mode {
-            if all_durable(agent, &session, wait) {
+            // A sync is an exchange: knowledge and server changes both ways.
+            if session.exchanged(now()) && all_durable(agent, &session, wait) {
                 break Ok(());
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {

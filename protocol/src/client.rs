@@ -126,6 +126,11 @@ pub struct ClientSession {
     idle_until: u64,
     backoff_mult: u64,
     events: VecDeque<Event>,
+    /// A `Changes` answered this connection's Hello.
+    exchanged: bool,
+    /// After Knowledge: when to stop waiting for `Changes` (older servers
+    /// send none).
+    changes_wait_until: Option<u64>,
     pub stats: ClientStats,
 }
 
@@ -145,6 +150,8 @@ impl ClientSession {
             idle_until: 0,
             backoff_mult: 1,
             events: VecDeque::new(),
+            exchanged: false,
+            changes_wait_until: None,
             stats: ClientStats::default(),
         }
     }
@@ -166,6 +173,13 @@ impl ClientSession {
         self.events.pop_front()
     }
 
+    /// This connection has exchanged knowledge and server changes (or the
+    /// server answered Knowledge without Changes and the response timeout
+    /// passed): a sync that reached its level may end.
+    pub fn exchanged(&self, now: u64) -> bool {
+        self.exchanged || self.changes_wait_until.is_some_and(|t| now >= t)
+    }
+
     /// New local changes may exist.
     pub fn wake(&mut self) {
         self.dirty = true;
@@ -174,6 +188,8 @@ impl ClientSession {
     /// The transport is up (and subscribed): start with Hello.
     pub fn connected(&mut self, now: u64, store: &dyn ClientStore) {
         self.out.clear();
+        self.exchanged = false;
+        self.changes_wait_until = None;
         self.state = State::AwaitKnowledge;
         self.out.push_back(self.hello(store));
         self.deadline = Some(now + self.cfg.response_timeout_ms);
@@ -199,14 +215,23 @@ impl ClientSession {
 
     /// Earliest time `handle_timeout` should run.
     pub fn poll_timeout(&self) -> Option<u64> {
-        match (&self.state, self.deadline) {
+        let t = match (&self.state, self.deadline) {
             (State::Backoff { until, .. }, _) => Some(*until),
             (State::Idle, _) if self.dirty && self.idle_until > 0 => Some(self.idle_until),
             (_, d) => d,
+        };
+        let changes = self.changes_wait_until.filter(|_| !self.exchanged);
+        match (t, changes) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
     pub fn handle_timeout(&mut self, now: u64, store: &dyn ClientStore) {
+        if self.changes_wait_until.is_some_and(|t| now >= t) {
+            // The server sent no Changes: an older one. Stop waiting.
+            self.exchanged = true;
+        }
         match std::mem::replace(&mut self.state, State::Offline) {
             State::Backoff { id, batch, until } if now >= until => {
                 self.send_batch(now, id, batch);
@@ -258,6 +283,7 @@ impl ClientSession {
                 self.cfg.max_batch_bytes = self.cfg.max_batch_bytes.min(k.max_message as usize / 2);
                 store.on_knowledge(&self.regional, &self.cloud)?;
                 if matches!(self.state, State::AwaitKnowledge) {
+                    self.changes_wait_until = Some(now + self.cfg.response_timeout_ms);
                     self.state = State::Idle;
                     self.deadline = None;
                     self.dirty = true;
@@ -347,6 +373,7 @@ impl ClientSession {
                 // A refused item keeps the cursor where it was, so it is asked again.
                 let upto = if refused { None } else { ch.upto };
                 store.on_server_changes(&items, upto)?;
+                self.exchanged = true;
                 self.events.push_back(Event::ServerChanges { count: items.len() });
             }
             Message::Nack(n) => self.events.push_back(Event::Nack { reason: n.reason }),
