@@ -40,6 +40,30 @@ impl GenArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Deterministic simulation: run SCENARIO.toml with one seed in virtual
+    /// time (one thread). Prints a summary; a violated invariant prints the
+    /// seed and the command that replays it, and exits 1.
+    Run {
+        scenario: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write summary.txt and plots (SVG) here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Keep node state and watch folders here (default: a temp dir, removed).
+        #[arg(long)]
+        work: Option<PathBuf>,
+    },
+    /// Deterministic simulation: run many seeds (A..B, B exclusive, or A..=B)
+    /// of SCENARIO.toml in parallel and summarize. Exit 1 if any seed fails.
+    Sweep {
+        #[arg(long)]
+        seeds: String,
+        scenario: PathBuf,
+        /// Worker threads (each run is single-threaded).
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+    },
     /// Generate one gateway's initial factory archive into DIR (for
     /// benchmarks and manual runs).
     Gen {
@@ -106,6 +130,65 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Run {
+            scenario,
+            seed,
+            out,
+            work,
+        } => {
+            let sc = sim::dst::Scenario::load(&scenario)?;
+            let r = sim::dst::run(&sc, &sim::dst::Options { seed, work })?;
+            let summary = r.metrics.summary(&sc, seed, &r.digest, r.wall_secs);
+            print!("{summary}");
+            if let Some(dir) = out {
+                r.metrics.write(&dir, &summary)?;
+                println!("  report: {}", dir.display());
+            }
+            if let Some(v) = r.violation {
+                println!("VIOLATION at virtual {} ms: {v}", v.at);
+                println!("last events:");
+                for l in &r.tail {
+                    println!("  {l}");
+                }
+                println!("seed {seed}; replay: sim run {} --seed {seed}", scenario.display());
+                std::process::exit(1);
+            }
+            println!("PASS");
+            Ok(())
+        }
+        Cmd::Sweep { seeds, scenario, jobs } => {
+            let sc = sim::dst::Scenario::load(&scenario)?;
+            let range = sim::dst::sweep::parse_seeds(&seeds)?;
+            let t0 = std::time::Instant::now();
+            let res = sim::dst::sweep::sweep(&sc, range, jobs);
+            let failed: Vec<_> = res.iter().filter(|o| o.failure.is_some()).collect();
+            let secs: Vec<f64> = res.iter().map(|o| o.wall_secs).collect();
+            let max = secs.iter().cloned().fold(0.0, f64::max);
+            let mean = secs.iter().sum::<f64>() / secs.len().max(1) as f64;
+            for o in &failed {
+                println!(
+                    "FAIL seed {}: {}\n  replay: sim run {} --seed {}",
+                    o.seed,
+                    o.failure.as_deref().unwrap_or(""),
+                    scenario.display(),
+                    o.seed
+                );
+            }
+            println!(
+                "sweep {}: {} seeds, {} passed, {} failed; {:.1} s wall on {jobs} jobs (per seed: mean {:.2} s, max {:.2} s)",
+                sc.name,
+                res.len(),
+                res.len() - failed.len(),
+                failed.len(),
+                t0.elapsed().as_secs_f64(),
+                mean,
+                max
+            );
+            if !failed.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Gen { out, g } => {
             let s = sim::gen::generate_initial(&out, &g.config())?;
             eprintln!("generated {} files, {} bytes in {}", s.files, s.bytes, out.display());

@@ -3,3 +3,12 @@
 
 pub mod backend;
 pub mod core;
+pub mod engine;
+pub mod net;
+pub mod nodes;
+pub mod report;
+pub mod scenario;
+pub mod sweep;
+
+pub use engine::{run, Options, RunResult, Violation};
+pub use scenario::Scenario;

@@ -1,0 +1,1265 @@
+//! The simulator: one thread, one event queue, virtual time.
+//!
+//! Every node's inputs are events: workload writes, scans, timers of the
+//! client session, messages arriving over links, forward rounds, faults.
+//! After each event the invariants that the event could affect are checked;
+//! at the end every fault stops, every link comes up, and the fleet must
+//! converge (see `sim/README.md`).
+
+use super::core::{stream, EventLog, Kind, Ms, Queue, VClock, DAY, MINUTE, SECOND};
+use super::net::{exp_ms, Link, Session};
+use super::nodes::{AgentNode, AgentSetup, AggNode, Cloud, CloudNode, RoundOutcome, Skew};
+use super::report::Metrics;
+use super::scenario::{Faults, LinkKind, Scenario, WorkloadKind};
+use anyhow::{anyhow, Context, Result};
+use protocol::msg::{CloudAck, Message};
+use protocol::seal::TenantKey;
+use protocol::{DeviceRef, Hash32, Knowledge, ReplicaId};
+use rand::{Rng, RngCore};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// How a run ended.
+#[derive(Clone, Debug)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub detail: String,
+    pub at: Ms,
+}
+
+pub struct RunResult {
+    pub seed: u64,
+    pub digest: String,
+    pub events: u64,
+    pub violation: Option<Violation>,
+    pub wall_secs: f64,
+    pub metrics: Metrics,
+    pub tail: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub seed: u64,
+    /// Run directory for watch folders and node state (a temp dir if None).
+    pub work: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Write(usize),
+    Scan(usize),
+    Timer(usize, Ms),
+    Profile(usize, bool),
+    Outage(usize, bool),
+    Connect(usize, u64),
+    Up { a: usize, gen: u64, bytes: Vec<u8> },
+    Down { a: usize, gen: u64, bytes: Vec<u8> },
+    Forward(usize),
+    Crash(usize),
+    Restart(usize),
+    SessionLoss,
+    AggCrash(usize),
+    AggRestart(usize),
+    DiskFull(usize, bool),
+    ClockJump(usize),
+    Sample,
+    Heal,
+}
+
+struct AgentSlot {
+    setup: AgentSetup,
+    node: Option<AgentNode>,
+    link: Link,
+    /// Generation of the live connection (None: offline).
+    conn: Option<u64>,
+    gen: u64,
+    connecting: bool,
+    session: Session,
+    agg: usize,
+    wl: usize,
+    wrng: ChaCha8Rng,
+    writes: u64,
+    timer: Option<Ms>,
+    replica: Option<ReplicaId>,
+    next_seq: u64,
+    /// (first seq, last seq, recorded at) of scans not yet cloud-durable.
+    recorded: VecDeque<(u64, u64, Ms)>,
+    /// Highest contiguous seq the agent was told is cloud-durable.
+    cloud_acked: u64,
+    disk_full: bool,
+    restarts: u64,
+    batch_base: u64,
+}
+
+struct AggSlot {
+    dir: PathBuf,
+    node: Option<AggNode>,
+    backoff_until: Ms,
+    backoff: Ms,
+    /// Regional knowledge this aggregator acknowledged (Committed): a
+    /// restart must not lose it.
+    acked: Knowledge,
+}
+
+struct CloudSide<'a> {
+    cloud: &'a mut CloudNode,
+    rng: &'a mut ChaCha8Rng,
+    error_p: f64,
+    down: bool,
+    errors: u64,
+    up_bytes: u64,
+}
+
+impl Cloud for CloudSide<'_> {
+    fn sync(&mut self, now: Ms, m: &Message) -> Result<Message> {
+        self.fail()?;
+        self.up_bytes += m.encode().map(|b| b.len() as u64).unwrap_or(0);
+        self.cloud.sync(now, m)
+    }
+    fn put_pack(&mut self, id: Hash32, bytes: Vec<u8>) -> Result<()> {
+        self.fail()?;
+        self.up_bytes += bytes.len() as u64;
+        self.cloud.put_pack(id, bytes)
+    }
+}
+
+impl CloudSide<'_> {
+    fn fail(&mut self) -> Result<()> {
+        if self.down || (self.error_p > 0.0 && self.rng.gen_bool(self.error_p)) {
+            self.errors += 1;
+            return Err(anyhow!("simulated sink error"));
+        }
+        Ok(())
+    }
+}
+
+pub struct Sim {
+    sc: Scenario,
+    seed: u64,
+    clock: VClock,
+    q: Queue<Ev>,
+    pub log: EventLog,
+    agents: Vec<AgentSlot>,
+    aggs: Vec<AggSlot>,
+    cloud: CloudNode,
+    healing: bool,
+    end: Ms,
+    rng_net: ChaCha8Rng,
+    rng_fault: ChaCha8Rng,
+    rng_link: ChaCha8Rng,
+    rng_sink: ChaCha8Rng,
+    pub metrics: Metrics,
+    _tmp: Option<tempfile::TempDir>,
+    work: PathBuf,
+}
+
+fn pick_weighted(rng: &mut ChaCha8Rng, weights: &[u32]) -> usize {
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    let mut x = rng.gen_range(0..total.max(1));
+    for (i, w) in weights.iter().enumerate() {
+        if x < u64::from(*w) {
+            return i;
+        }
+        x -= u64::from(*w);
+    }
+    0
+}
+
+/// Text-like content (compressible like real logs), deterministic from `rng`.
+fn content(rng: &mut ChaCha8Rng, len: usize, t: Ms) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    while out.len() < len {
+        let v = rng.next_u32();
+        let _ = writeln!(out, "{t} sensor={} value={} status=ok", v % 97, v >> 8);
+    }
+    out.truncate(len);
+    out
+}
+
+impl Sim {
+    pub fn new(sc: Scenario, opts: &Options) -> Result<Sim> {
+        sc.validate()?;
+        let (tmp, work) = match &opts.work {
+            Some(w) => {
+                std::fs::create_dir_all(w)?;
+                (None, w.clone())
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("ferry-dst-").tempdir()?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let seed = opts.seed;
+        let mut kr = stream(seed, "tenant-key", 0);
+        let mut master = [0u8; 32];
+        kr.fill_bytes(&mut master);
+        let key = TenantKey::from_bytes(kr.next_u32(), master);
+        let clock = VClock::default();
+        let mut rng_assign = stream(seed, "assign", 0);
+        let wl_weights: Vec<u32> = sc.workload.iter().map(|w| w.weight).collect();
+        let link_weights: Vec<u32> = sc.link.iter().map(|l| l.weight).collect();
+        let shared_globs = if sc.workload.iter().any(|w| w.kind == WorkloadKind::Shared) {
+            vec!["*/shared/*".to_string()]
+        } else {
+            Vec::new()
+        };
+        let mut agents = Vec::with_capacity(sc.agents);
+        for i in 0..sc.agents {
+            let site = format!("site{}", i / 50);
+            let device = DeviceRef::new("sim", &site, &format!("gw{i:05}"))?;
+            let base = work.join(format!("a{i:05}"));
+            let watch = base.join("data");
+            std::fs::create_dir_all(&watch)?;
+            let wl = pick_weighted(&mut rng_assign, &wl_weights);
+            let li = pick_weighted(&mut rng_assign, &link_weights);
+            agents.push(AgentSlot {
+                setup: AgentSetup {
+                    device,
+                    watch,
+                    state: base.join("state.redb"),
+                    key: key.clone(),
+                    clock: clock.clone(),
+                    skew: Skew::default(),
+                    shared_globs: shared_globs.clone(),
+                },
+                node: None,
+                link: Link::new(sc.link[li].clone()),
+                conn: None,
+                gen: 0,
+                connecting: false,
+                session: Session::default(),
+                agg: i % sc.aggregators,
+                wl,
+                wrng: stream(seed, "workload", i as u64),
+                writes: 0,
+                timer: None,
+                replica: None,
+                next_seq: 1,
+                recorded: VecDeque::new(),
+                cloud_acked: 0,
+                disk_full: false,
+                restarts: 0,
+                batch_base: 0,
+            });
+        }
+        let mut aggs = Vec::new();
+        for g in 0..sc.aggregators {
+            let dir = work.join(format!("agg{g}"));
+            aggs.push(AggSlot {
+                node: Some(AggNode::open(&dir, g as u64, 0)?),
+                dir,
+                backoff_until: 0,
+                backoff: 0,
+                acked: Knowledge::default(),
+            });
+        }
+        let cloud = CloudNode::open(&work.join("cloud"))?;
+        let end = sc.duration.0;
+        let metrics = Metrics::new(&sc);
+        Ok(Sim {
+            seed,
+            clock,
+            q: Queue::default(),
+            log: EventLog::default(),
+            agents,
+            aggs,
+            cloud,
+            healing: false,
+            end,
+            rng_net: stream(seed, "net", 0),
+            rng_fault: stream(seed, "fault", 0),
+            rng_link: stream(seed, "link", 0),
+            rng_sink: stream(seed, "sink", 0),
+            metrics,
+            sc,
+            _tmp: tmp,
+            work,
+        })
+    }
+
+    pub fn work_dir(&self) -> &Path {
+        &self.work
+    }
+
+    fn now(&self) -> Ms {
+        self.clock.now()
+    }
+
+    fn faults(&self) -> Option<&Faults> {
+        (!self.healing).then_some(&self.sc.faults)
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Schedules the first events of everything.
+    fn start(&mut self) -> Result<()> {
+        let n = self.agents.len();
+        for a in 0..n {
+            self.open_agent(a)?;
+            let w = &self.sc.workload[self.agents[a].wl];
+            let first = self.agents[a].wrng.gen_range(0..w.every.0.max(1));
+            self.q.push(first, Ev::Write(a));
+            let scan0 = self.agents[a].wrng.gen_range(0..self.sc.scan_interval.0);
+            self.q.push(scan0, Ev::Scan(a));
+            // Link profile.
+            if self.agents[a].link.spec.kind == LinkKind::Nightly {
+                let open = self.agents[a].link.nightly_open(0);
+                self.agents[a].link.profile_up = open;
+            }
+            if let Some((t, up)) = self.agents[a].link.next_profile_change(0, &mut self.rng_link) {
+                self.q.push(t, Ev::Profile(a, up));
+            }
+            self.try_connect(a);
+            let f = self.sc.faults.clone();
+            self.schedule_rate(f.agent_crash_per_day, 0, Ev::Crash(a));
+            self.schedule_rate(f.disk_full_per_day, 0, Ev::DiskFull(a, true));
+            self.schedule_rate(f.clock_jump_per_day, 0, Ev::ClockJump(a));
+        }
+        // Scheduled outages: the first `fraction` of a seeded shuffle.
+        for o in self.sc.outage.clone() {
+            let k = ((n as f64) * o.fraction).round() as usize;
+            let mut idx: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                let j = self.rng_link.gen_range(0..=i);
+                idx.swap(i, j);
+            }
+            for &a in idx.iter().take(k) {
+                self.q.push(o.start.0, Ev::Outage(a, true));
+                self.q.push(o.start.0 + o.len.0, Ev::Outage(a, false));
+            }
+        }
+        for g in 0..self.aggs.len() {
+            self.q.push(self.sc.forward_interval.0, Ev::Forward(g));
+            let r = self.sc.faults.agg_crash_per_day;
+            self.schedule_rate(r, 0, Ev::AggCrash(g));
+        }
+        let r = self.sc.faults.session_loss_per_day;
+        self.schedule_rate(r, 0, Ev::SessionLoss);
+        self.q.push(0, Ev::Sample);
+        self.q.push(self.end, Ev::Heal);
+        Ok(())
+    }
+
+    /// Schedules `ev` after an exponential time for `per_day` events a day.
+    fn schedule_rate(&mut self, per_day: f64, now: Ms, ev: Ev) {
+        if per_day <= 0.0 || self.healing {
+            return;
+        }
+        let mean = (DAY as f64 / per_day).max(1.0) as Ms;
+        let t = now + exp_ms(&mut self.rng_fault, mean);
+        if t < self.end {
+            self.q.push(t, ev);
+        }
+    }
+
+    fn open_agent(&mut self, a: usize) -> Result<()> {
+        let now = self.now();
+        let s = &mut self.agents[a];
+        s.batch_base += 1 << 24;
+        let node = AgentNode::open(&s.setup, s.batch_base + now)?;
+        let st = node.agent.status()?;
+        let rep = node.agent.replica();
+        if s.replica.as_ref() != Some(&rep) {
+            s.recorded.clear();
+            s.cloud_acked = 0;
+        }
+        s.replica = Some(rep);
+        s.next_seq = st.next_seq;
+        s.node = Some(node);
+        s.timer = None;
+        Ok(())
+    }
+
+    fn agent_online(&self, a: usize) -> bool {
+        let s = &self.agents[a];
+        s.node.is_some() && s.link.is_up() && self.aggs[s.agg].node.is_some()
+    }
+
+    fn try_connect(&mut self, a: usize) {
+        if !self.agent_online(a) || self.agents[a].conn.is_some() || self.agents[a].connecting {
+            return;
+        }
+        let s = &mut self.agents[a];
+        s.connecting = true;
+        s.gen += 1;
+        // CONNECT + CONNACK: one round trip.
+        let t = self.clock.now() + 2 * s.link.spec.latency.0 + 1;
+        let gen = s.gen;
+        self.q.push(t, Ev::Connect(a, gen));
+    }
+
+    fn disconnect(&mut self, a: usize) {
+        let now = self.now();
+        let s = &mut self.agents[a];
+        s.connecting = false;
+        if s.conn.take().is_some() {
+            if let Some(n) = &mut s.node {
+                n.session.disconnected();
+            }
+            self.log.log(now, Kind::LinkDown, a as u64, 0, 0);
+        }
+    }
+
+    fn on_connect(&mut self, a: usize, gen: u64) -> Result<()> {
+        if self.agents[a].gen != gen || !self.agents[a].connecting {
+            return Ok(());
+        }
+        self.agents[a].connecting = false;
+        if !self.agent_online(a) {
+            return Ok(());
+        }
+        let now = self.now();
+        let s = &mut self.agents[a];
+        s.conn = Some(gen);
+        let present = s.session.exists;
+        s.session.exists = true;
+        self.log.log(now, Kind::LinkUp, a as u64, gen, present as u64);
+        if let Some(n) = &mut s.node {
+            n.session.connected(now, &n.agent);
+        }
+        // Deliver what the session kept while the client was away.
+        let queued: Vec<Vec<u8>> = self.agents[a].session.queue.drain(..).collect();
+        for m in queued {
+            self.send_down(a, m);
+        }
+        self.pump(a)
+    }
+
+    /// Aggregator → broker → agent.
+    fn send_down(&mut self, a: usize, bytes: Vec<u8>) {
+        let now = self.now();
+        let bound = self.sc.bounds.session_queue;
+        let s = &mut self.agents[a];
+        match s.conn {
+            Some(gen) => {
+                let faults = (!self.healing).then_some(&self.sc.faults);
+                let fate = s.link.transmit(now, bytes.len(), false, faults, &mut self.rng_net);
+                if fate.arrivals.is_empty() {
+                    self.log.log(now, Kind::Drop, a as u64, 1, bytes.len() as u64);
+                }
+                if fate.arrivals.len() > 1 {
+                    self.log.log(now, Kind::Dup, a as u64, 1, bytes.len() as u64);
+                }
+                for t in fate.arrivals {
+                    self.q.push(
+                        t,
+                        Ev::Down {
+                            a,
+                            gen,
+                            bytes: bytes.clone(),
+                        },
+                    );
+                }
+            }
+            None => {
+                if !s.session.enqueue(bytes, bound) {
+                    self.log.log(now, Kind::Drop, a as u64, 2, 0);
+                }
+            }
+        }
+    }
+
+    /// Runs the client session until it has nothing more to send.
+    fn pump(&mut self, a: usize) -> Result<()> {
+        let now = self.now();
+        let Some(gen) = self.agents[a].conn else {
+            self.reschedule_timer(a);
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        {
+            let Some(n) = &mut self.agents[a].node else {
+                return Ok(());
+            };
+            for _ in 0..10_000 {
+                match n.session.poll_transmit(now, &mut n.agent) {
+                    Ok(Some(m)) => out.push(m),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.log.log(now, Kind::Error, a as u64, 1, 0);
+                        tracing::debug!(agent = a, "poll_transmit: {e}");
+                        break;
+                    }
+                }
+            }
+            while n.session.poll_event().is_some() {}
+        }
+        for m in out {
+            let bytes = m.encode()?;
+            self.metrics.msgs_up += 1;
+            let faults = self.faults().cloned();
+            let fate = self.agents[a]
+                .link
+                .transmit(now, bytes.len(), true, faults.as_ref(), &mut self.rng_net);
+            self.log
+                .log(now, Kind::Send, a as u64, m.kind().len() as u64, bytes.len() as u64);
+            if fate.arrivals.is_empty() {
+                self.log.log(now, Kind::Drop, a as u64, 0, bytes.len() as u64);
+            }
+            for t in fate.arrivals {
+                self.q.push(
+                    t,
+                    Ev::Up {
+                        a,
+                        gen,
+                        bytes: bytes.clone(),
+                    },
+                );
+            }
+        }
+        self.reschedule_timer(a);
+        Ok(())
+    }
+
+    fn reschedule_timer(&mut self, a: usize) {
+        let s = &mut self.agents[a];
+        let t = s.node.as_ref().and_then(|n| n.session.poll_timeout());
+        if let Some(t) = t {
+            if s.timer != Some(t) {
+                s.timer = Some(t);
+                self.q.push(t.max(self.clock.now()), Ev::Timer(a, t));
+            }
+        } else {
+            s.timer = None;
+        }
+    }
+
+    fn on_up(&mut self, a: usize, gen: u64, bytes: Vec<u8>) -> Result<()> {
+        // A message still on the wire when its connection died is lost.
+        if self.agents[a].conn != Some(gen) {
+            return Ok(());
+        }
+        let now = self.now();
+        let g = self.agents[a].agg;
+        let device = self.agents[a].setup.device.clone();
+        let Some(node) = &mut self.aggs[g].node else {
+            return Ok(());
+        };
+        self.log.log(now, Kind::Deliver, a as u64, 0, bytes.len() as u64);
+        let msg = match Message::decode(&bytes) {
+            Ok(m) => m,
+            Err(e) => return Err(anyhow!("aggregator could not decode a message the agent encoded: {e}")),
+        };
+        let replies = match node.handle(now, &device, msg) {
+            Ok(r) => r,
+            Err(e) => {
+                // A store error (e.g. disk) is a failed request: no PUBACK, no answer.
+                self.log.log(now, Kind::Error, 1000 + g as u64, 0, 0);
+                tracing::debug!(agg = g, "handle: {e}");
+                return Ok(());
+            }
+        };
+        for r in replies {
+            if let Message::Committed(c) = &r {
+                self.aggs[g].acked.union_with(&c.regional);
+            }
+            let b = r.encode()?;
+            self.metrics.msgs_down += 1;
+            self.send_down(a, b);
+        }
+        Ok(())
+    }
+
+    fn on_down(&mut self, a: usize, gen: u64, bytes: Vec<u8>) -> Result<()> {
+        if self.agents[a].conn != Some(gen) {
+            return Ok(());
+        }
+        let now = self.now();
+        let msg = Message::decode(&bytes).map_err(|e| anyhow!("agent could not decode: {e}"))?;
+        self.log.log(now, Kind::Deliver, a as u64, 1, bytes.len() as u64);
+        {
+            let Some(n) = &mut self.agents[a].node else {
+                return Ok(());
+            };
+            if let Err(e) = n.session.handle(now, msg, &mut n.agent) {
+                self.log.log(now, Kind::Error, a as u64, 2, 0);
+                tracing::debug!(agent = a, "handle: {e}");
+            }
+        }
+        self.after_knowledge(a)?;
+        self.pump(a)
+    }
+
+    /// The agent may have learned of new cloud durability: check it against
+    /// the catalog (nothing acknowledged end to end may be missing there)
+    /// and record time-to-cloud-durable.
+    fn after_knowledge(&mut self, a: usize) -> Result<()> {
+        let now = self.now();
+        let s = &mut self.agents[a];
+        let (Some(n), Some(rep)) = (&s.node, &s.replica) else {
+            return Ok(());
+        };
+        let set = n.session.cloud().get(rep);
+        let hi = match set.ranges().first() {
+            Some((1, hi)) => *hi,
+            _ => 0,
+        };
+        if hi <= s.cloud_acked {
+            return Ok(());
+        }
+        let cat = self.cloud.catalog.knowledge(std::slice::from_ref(&rep.device))?;
+        let have = cat.get(rep);
+        for seq in s.cloud_acked + 1..=hi {
+            if !have.contains(seq) {
+                return Err(violation(
+                    "acknowledged-not-lost",
+                    format!(
+                        "{} seq {seq} acknowledged as cloud-durable but not in the catalog",
+                        rep.key()
+                    ),
+                ));
+            }
+        }
+        self.log.log(now, Kind::CloudAck, a as u64, hi, 0);
+        s.cloud_acked = hi;
+        while let Some(&(lo, top, t)) = s.recorded.front() {
+            if top > hi {
+                break;
+            }
+            self.metrics.durable_ms.push((now - t, top - lo + 1));
+            s.recorded.pop_front();
+        }
+        Ok(())
+    }
+
+    fn on_write(&mut self, a: usize) -> Result<()> {
+        let now = self.now();
+        let w = self.sc.workload[self.agents[a].wl].clone();
+        let scale = self.sc.data_scale;
+        let s = &mut self.agents[a];
+        s.writes += 1;
+        let len = ((w.bytes as f64) * scale).max(1.0) as usize;
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_millis(super::nodes::wall(now, 0));
+        let mut written = Vec::new();
+        match w.kind {
+            WorkloadKind::Append => {
+                let i = s.wrng.gen_range(0..w.files);
+                let p = s.setup.watch.join(format!("log{i}.log"));
+                let data = content(&mut s.wrng, len, now);
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p)?;
+                f.write_all(&data)?;
+                written.push((p, f));
+            }
+            WorkloadKind::Rewrite => {
+                let i = s.wrng.gen_range(0..w.files);
+                let p = s.setup.watch.join(format!("table{i}.dat"));
+                let data = content(&mut s.wrng, len, now);
+                std::fs::write(&p, &data)?;
+                let f = std::fs::OpenOptions::new().write(true).open(&p)?;
+                written.push((p, f));
+            }
+            WorkloadKind::Burst => {
+                let dir = s.setup.watch.join(format!("burst{}", s.writes));
+                std::fs::create_dir_all(&dir)?;
+                let per = (len / w.burst_files.max(1)).max(1);
+                for k in 0..w.burst_files {
+                    let p = dir.join(format!("f{k}.bin"));
+                    let data = content(&mut s.wrng, per, now);
+                    std::fs::write(&p, &data)?;
+                    let f = std::fs::OpenOptions::new().write(true).open(&p)?;
+                    written.push((p, f));
+                }
+            }
+            WorkloadKind::Shared => {
+                let dir = s.setup.watch.join("shared");
+                std::fs::create_dir_all(&dir)?;
+                let i = s.wrng.gen_range(0..w.files);
+                let p = dir.join(format!("line{i}.log"));
+                let data = content(&mut s.wrng, len, now);
+                std::fs::write(&p, &data)?;
+                let f = std::fs::OpenOptions::new().write(true).open(&p)?;
+                written.push((p, f));
+            }
+        }
+        let mut bytes = 0u64;
+        for (_, f) in &written {
+            f.set_modified(mtime)?;
+            bytes += f.metadata()?.len();
+        }
+        self.metrics.written_bytes += len as u64;
+        self.log.log(now, Kind::Write, a as u64, written.len() as u64, bytes);
+        if !self.healing {
+            let next = now + exp_ms(&mut self.agents[a].wrng, w.every.0);
+            if next < self.end {
+                self.q.push(next, Ev::Write(a));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_scan(&mut self, a: usize) -> Result<()> {
+        let now = self.now();
+        let interval = self.sc.scan_interval.0;
+        let s = &mut self.agents[a];
+        if let Some(n) = &mut s.node {
+            match n.agent.scan_once() {
+                Ok(rep) => {
+                    if rep.changes_recorded > 0 {
+                        let lo = s.next_seq;
+                        s.next_seq += rep.changes_recorded;
+                        s.recorded.push_back((lo, s.next_seq - 1, now));
+                        n.session.wake();
+                    }
+                    self.log
+                        .log(now, Kind::Scan, a as u64, rep.changes_recorded, rep.bytes_chunked);
+                }
+                Err(e) => {
+                    self.log.log(now, Kind::Error, a as u64, 3, 0);
+                    tracing::debug!(agent = a, "scan: {e}");
+                }
+            }
+        }
+        if !self.healing || now < self.end + self.sc.heal.0 {
+            self.q.push(now + interval, Ev::Scan(a));
+        }
+        self.pump(a)
+    }
+
+    fn on_forward(&mut self, g: usize) -> Result<()> {
+        let now = self.now();
+        let interval = self.sc.forward_interval.0;
+        self.q.push(now + interval, Ev::Forward(g));
+        if now < self.aggs[g].backoff_until {
+            return Ok(());
+        }
+        let down = !self.healing
+            && self
+                .sc
+                .faults
+                .sink_outages
+                .iter()
+                .any(|w| now >= w.start.0 && now < w.start.0 + w.len.0);
+        let error_p = if self.healing { 0.0 } else { self.sc.faults.sink_error };
+        let max_delay = self.sc.pack_max_delay.0;
+        let Some(node) = &mut self.aggs[g].node else {
+            return Ok(());
+        };
+        let mut side = CloudSide {
+            cloud: &mut self.cloud,
+            rng: &mut self.rng_sink,
+            error_p,
+            down,
+            errors: 0,
+            up_bytes: 0,
+        };
+        let mut result: Result<RoundOutcome> = Ok(RoundOutcome::default());
+        let mut acks = Vec::new();
+        let mut total = RoundOutcome::default();
+        for _ in 0..64 {
+            result = node.forward_round(now, max_delay, &mut side);
+            match &mut result {
+                Ok(o) => {
+                    total.packs += o.packs;
+                    total.pack_bytes += o.pack_bytes;
+                    total.applied += o.applied;
+                    acks.append(&mut o.acks);
+                    if !o.progress {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let (errors, up) = (side.errors, side.up_bytes);
+        self.metrics.cloud_bytes += up;
+        if let Err(e) = result {
+            node.hello_done = false;
+            let slot = &mut self.aggs[g];
+            slot.backoff = (slot.backoff * 2).clamp(500, 30 * SECOND);
+            slot.backoff_until = now + slot.backoff;
+            self.log.log(now, Kind::SinkError, 1000 + g as u64, errors, 0);
+            tracing::debug!(agg = g, "forward: {e:#}");
+        } else {
+            self.aggs[g].backoff = 0;
+        }
+        if total.applied > 0 || total.packs > 0 {
+            self.log
+                .log(now, Kind::Forward, 1000 + g as u64, total.applied, total.packs);
+        }
+        // CloudAck to the agents whose cloud knowledge grew (best effort).
+        for (d, k) in acks {
+            let Some(a) = self.agent_index(&d) else { continue };
+            let b = Message::CloudAck(CloudAck { cloud: k }).encode()?;
+            self.send_down(a, b);
+        }
+        Ok(())
+    }
+
+    fn agent_index(&self, d: &DeviceRef) -> Option<usize> {
+        let s = d.device.as_str().strip_prefix("gw")?;
+        let i: usize = s.parse().ok()?;
+        (i < self.agents.len()).then_some(i)
+    }
+
+    fn on_crash(&mut self, a: usize) -> Result<()> {
+        let now = self.now();
+        self.disconnect(a);
+        let s = &mut self.agents[a];
+        if s.node.take().is_some() {
+            s.restarts += 1;
+            self.metrics.crashes += 1;
+            self.log.log(now, Kind::Crash, a as u64, 0, 0);
+            let back = now + self.sc.faults.restart_after.0;
+            self.q.push(back, Ev::Restart(a));
+        }
+        let r = self.sc.faults.agent_crash_per_day;
+        self.schedule_rate(r, now, Ev::Crash(a));
+        Ok(())
+    }
+
+    fn on_restart(&mut self, a: usize) -> Result<()> {
+        let now = self.now();
+        if self.agents[a].node.is_some() {
+            return Ok(());
+        }
+        self.open_agent(a)?;
+        self.log.log(now, Kind::Restart, a as u64, self.agents[a].next_seq, 0);
+        self.try_connect(a);
+        Ok(())
+    }
+
+    fn on_session_loss(&mut self) -> Result<()> {
+        let now = self.now();
+        self.log.log(now, Kind::SessionLoss, 0, 0, 0);
+        self.metrics.session_losses += 1;
+        // A broker restart: every client is cut off and every session (and
+        // what it queued) is gone.
+        for a in 0..self.agents.len() {
+            self.disconnect(a);
+            self.agents[a].session = Session::default();
+        }
+        for a in 0..self.agents.len() {
+            self.try_connect(a);
+        }
+        let r = self.sc.faults.session_loss_per_day;
+        self.schedule_rate(r, now, Ev::SessionLoss);
+        Ok(())
+    }
+
+    fn on_agg_crash(&mut self, g: usize) -> Result<()> {
+        let now = self.now();
+        if self.aggs[g].node.take().is_some() {
+            self.log.log(now, Kind::Failover, 1000 + g as u64, 0, 0);
+            self.metrics.agg_crashes += 1;
+            let back = now + self.sc.faults.agg_down_for.0;
+            self.q.push(back, Ev::AggRestart(g));
+            // Its agents fail over to the next aggregator that is up.
+            let n = self.aggs.len();
+            for a in 0..self.agents.len() {
+                if self.agents[a].agg != g {
+                    continue;
+                }
+                self.disconnect(a);
+                if let Some(h) = (1..n).map(|k| (g + k) % n).find(|h| self.aggs[*h].node.is_some()) {
+                    self.agents[a].agg = h;
+                }
+                self.try_connect(a);
+            }
+        }
+        let r = self.sc.faults.agg_crash_per_day;
+        self.schedule_rate(r, now, Ev::AggCrash(g));
+        Ok(())
+    }
+
+    fn on_agg_restart(&mut self, g: usize) -> Result<()> {
+        let now = self.now();
+        let slot = &mut self.aggs[g];
+        if slot.node.is_some() {
+            return Ok(());
+        }
+        let node = AggNode::open(&slot.dir, g as u64 + 1000 * (now / SECOND), now)?;
+        // Nothing the aggregator acknowledged as regionally durable is lost.
+        let devices: Vec<DeviceRef> = slot.acked.map.keys().map(|r| r.device.clone()).collect();
+        let (regional, _) = node.store.knowledge_of(&devices)?;
+        for (rep, set) in &slot.acked.map {
+            let have = regional.get(rep);
+            for &(lo, hi) in set.ranges() {
+                for seq in lo..=hi {
+                    if !have.contains(seq) {
+                        return Err(violation(
+                            "acknowledged-not-lost",
+                            format!("aggregator {g} lost {} seq {seq} it had acknowledged", rep.key()),
+                        ));
+                    }
+                }
+            }
+        }
+        slot.node = Some(node);
+        self.log.log(now, Kind::Restart, 1000 + g as u64, 0, 0);
+        for a in 0..self.agents.len() {
+            if self.agents[a].agg == g {
+                self.try_connect(a);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_sample(&mut self) -> Result<()> {
+        let now = self.now();
+        let mut backlog = 0u64;
+        let mut offline = 0u64;
+        for a in 0..self.agents.len() {
+            let s = &self.agents[a];
+            let pending = s.next_seq.saturating_sub(1).saturating_sub(s.cloud_acked);
+            backlog += pending;
+            if s.conn.is_none() {
+                offline += 1;
+            }
+            let disk = std::fs::metadata(&s.setup.state).map(|m| m.len()).unwrap_or(0);
+            if disk > self.sc.bounds.edge_state_bytes {
+                return Err(violation(
+                    "edge-bounds",
+                    format!(
+                        "agent {a} state file is {disk} bytes, over the bound {}",
+                        self.sc.bounds.edge_state_bytes
+                    ),
+                ));
+            }
+            let m = &mut self.metrics.edge_peak[a];
+            *m = (*m).max(disk);
+            let q = s.session.queue.len();
+            if q > self.sc.bounds.session_queue {
+                return Err(violation("edge-bounds", format!("agent {a} session queue {q}")));
+            }
+        }
+        self.metrics.backlog.push((now, backlog, offline));
+        let next = now + self.sc.sample_interval.0;
+        if next <= self.end + self.sc.heal.0 {
+            self.q.push(next, Ev::Sample);
+        }
+        Ok(())
+    }
+
+    fn on_heal(&mut self) -> Result<()> {
+        let now = self.now();
+        self.healing = true;
+        self.log.log(now, Kind::Heal, 0, 0, 0);
+        for a in 0..self.agents.len() {
+            let s = &mut self.agents[a];
+            s.link.outages = 0;
+            s.link.profile_up = true;
+            s.setup.skew.0.store(0, std::sync::atomic::Ordering::Relaxed);
+            if s.node.is_none() {
+                self.open_agent(a)?;
+            }
+            self.try_connect(a);
+            // A final write-free scan so everything on disk is recorded.
+            self.q.push(now + 1, Ev::Scan(a));
+        }
+        for g in 0..self.aggs.len() {
+            if self.aggs[g].node.is_none() {
+                self.on_agg_restart(g)?;
+            }
+            self.aggs[g].backoff_until = now;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, ev: Ev) -> Result<()> {
+        match ev {
+            Ev::Write(a) => self.on_write(a),
+            Ev::Scan(a) => self.on_scan(a),
+            Ev::Timer(a, t) => {
+                if self.agents[a].timer != Some(t) {
+                    return Ok(());
+                }
+                self.agents[a].timer = None;
+                let now = self.now();
+                if let Some(n) = &mut self.agents[a].node {
+                    n.session.handle_timeout(now, &n.agent);
+                }
+                self.pump(a)
+            }
+            Ev::Profile(a, up) => {
+                if self.healing {
+                    return Ok(());
+                }
+                let now = self.now();
+                self.agents[a].link.profile_up = up;
+                if let Some((t, u)) = self.agents[a].link.next_profile_change(now, &mut self.rng_link) {
+                    self.q.push(t, Ev::Profile(a, u));
+                }
+                self.link_changed(a);
+                Ok(())
+            }
+            Ev::Outage(a, start) => {
+                if self.healing {
+                    return Ok(());
+                }
+                let l = &mut self.agents[a].link;
+                if start {
+                    l.outages += 1;
+                } else {
+                    l.outages = l.outages.saturating_sub(1);
+                }
+                self.link_changed(a);
+                Ok(())
+            }
+            Ev::Connect(a, gen) => self.on_connect(a, gen),
+            Ev::Up { a, gen, bytes } => self.on_up(a, gen, bytes),
+            Ev::Down { a, gen, bytes } => self.on_down(a, gen, bytes),
+            Ev::Forward(g) => self.on_forward(g),
+            Ev::Crash(a) => {
+                if self.healing {
+                    return Ok(());
+                }
+                self.on_crash(a)
+            }
+            Ev::Restart(a) => self.on_restart(a),
+            Ev::SessionLoss => {
+                if self.healing {
+                    return Ok(());
+                }
+                self.on_session_loss()
+            }
+            Ev::AggCrash(g) => {
+                if self.healing {
+                    return Ok(());
+                }
+                self.on_agg_crash(g)
+            }
+            Ev::AggRestart(g) => self.on_agg_restart(g),
+            Ev::DiskFull(a, on) => {
+                // Until the agent runs on a simulated disk, a full disk is
+                // logged but has no effect (see README).
+                let now = self.now();
+                self.agents[a].disk_full = on && !self.healing;
+                self.log.log(now, Kind::DiskFull, a as u64, on as u64, 0);
+                if on {
+                    let len = self.sc.faults.disk_full_len.0;
+                    self.q.push(now + len, Ev::DiskFull(a, false));
+                    let r = self.sc.faults.disk_full_per_day;
+                    self.schedule_rate(r, now + len, Ev::DiskFull(a, true));
+                }
+                Ok(())
+            }
+            Ev::ClockJump(a) => {
+                if self.healing {
+                    return Ok(());
+                }
+                let now = self.now();
+                let max = self.sc.faults.clock_jump_max.0 as i64;
+                let d = self.rng_fault.gen_range(-max..=max);
+                self.agents[a].setup.skew.add(d);
+                self.log.log(now, Kind::ClockJump, a as u64, d as u64, 0);
+                let r = self.sc.faults.clock_jump_per_day;
+                self.schedule_rate(r, now, Ev::ClockJump(a));
+                Ok(())
+            }
+            Ev::Sample => self.on_sample(),
+            Ev::Heal => self.on_heal(),
+        }
+    }
+
+    fn link_changed(&mut self, a: usize) {
+        if self.agent_online(a) {
+            self.try_connect(a);
+        } else {
+            self.disconnect(a);
+        }
+    }
+
+    /// True when nothing is left to move: every agent connected and idle,
+    /// every aggregator's forward queue empty.
+    fn quiescent(&mut self) -> Result<bool> {
+        for s in &self.agents {
+            let Some(n) = &s.node else { return Ok(false) };
+            if s.conn.is_none() || !n.session.is_idle() || s.next_seq.saturating_sub(1) > s.cloud_acked {
+                return Ok(false);
+            }
+        }
+        for g in &self.aggs {
+            if let Some(n) = &g.node {
+                if n.store.forward_len()? > 0 {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Runs to the end: the scenario, then the heal phase until quiescent
+    /// (or its time is up), then the final checks.
+    pub fn run(&mut self) -> Result<Option<Violation>> {
+        self.start()?;
+        let deadline = self.end + self.sc.heal.0;
+        let mut last_quiet_check = 0;
+        let mut steps: u64 = 0;
+        while let Some((t, ev)) = self.q.pop() {
+            if t > deadline {
+                break;
+            }
+            self.clock.set(t);
+            steps += 1;
+            if let Err(e) = self.step(ev) {
+                return match e.downcast::<Violation>() {
+                    Ok(v) => Ok(Some(Violation { at: t, ..v })),
+                    Err(e) => Err(e.context(format!("at virtual time {t} ms"))),
+                };
+            }
+            if self.healing && t >= last_quiet_check + 10 * SECOND {
+                last_quiet_check = t;
+                if self.quiescent()? {
+                    break;
+                }
+            }
+            if steps > 500_000_000 {
+                return Err(anyhow!("more than 500M events: runaway run"));
+            }
+        }
+        self.metrics.events = steps;
+        self.metrics.end_ms = self.now();
+        self.finish()
+    }
+
+    /// Final invariants after the last heal.
+    fn finish(&mut self) -> Result<Option<Violation>> {
+        let now = self.now();
+        if !self.quiescent()? {
+            let stuck: Vec<String> = self
+                .agents
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.next_seq.saturating_sub(1) > s.cloud_acked || s.conn.is_none())
+                .take(5)
+                .map(|(i, s)| format!("agent {i}: recorded {} acked {}", s.next_seq - 1, s.cloud_acked))
+                .collect();
+            return Ok(Some(Violation {
+                invariant: "converges-after-heal",
+                detail: format!(
+                    "not converged {} ms after the heal: {}",
+                    self.sc.heal.0,
+                    stuck.join("; ")
+                ),
+                at: now,
+            }));
+        }
+        for a in 0..self.agents.len() {
+            if let Some(v) = self.check_replica(a)? {
+                return Ok(Some(Violation { at: now, ..v }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The cloud's latest version of every file equals the file on the
+    /// gateway's disk, and no change of the replica is in the catalog twice.
+    fn check_replica(&mut self, a: usize) -> Result<Option<Violation>> {
+        use cloud_sink::catalog::FileQuery;
+        use protocol::manifest::ChangeBody;
+        let s = &self.agents[a];
+        let dev = &s.setup.device;
+        let q = FileQuery {
+            tenant: Some(dev.tenant.to_string()),
+            site: Some(dev.site.to_string()),
+            device: Some(dev.device.to_string()),
+            versions: true,
+            ..FileQuery::default()
+        };
+        let all = self.cloud.catalog.select(&q)?;
+        let mut seen: BTreeMap<(String, Hash32, i64, u64), u64> = BTreeMap::new();
+        let mut latest: BTreeMap<String, (protocol::hlc::Hlc, u64, Option<(Hash32, u64)>)> = BTreeMap::new();
+        for c in &all {
+            let path = match &c.body {
+                ChangeBody::File(f) => {
+                    let k = (format!("{}:{}", c.replica.epoch, f.path), f.sha256, f.mtime_ns, f.size);
+                    if let Some(prev) = seen.insert(k, c.seq) {
+                        return Ok(Some(violation_v(
+                            "change-once",
+                            format!(
+                                "{}: version of {} recorded twice (seq {prev} and {})",
+                                dev, f.path, c.seq
+                            ),
+                        )));
+                    }
+                    f.path.clone()
+                }
+                ChangeBody::Delete(p) => p.clone(),
+                _ => continue,
+            };
+            let val = match &c.body {
+                ChangeBody::File(f) => Some((f.sha256, f.size)),
+                _ => None,
+            };
+            let e = latest.entry(path).or_insert((c.hlc, c.seq, val));
+            if (c.hlc, c.seq) >= (e.0, e.1) {
+                *e = (c.hlc, c.seq, val);
+            }
+        }
+        // Compare with the watch folder.
+        let root = &s.setup.watch;
+        let mut on_disk = BTreeMap::new();
+        for e in walkdir::WalkDir::new(root).sort_by_file_name() {
+            let e = e?;
+            if !e.file_type().is_file() {
+                continue;
+            }
+            let rel = e.path().strip_prefix(root)?.to_string_lossy().replace('\\', "/");
+            let bytes = std::fs::read(e.path())?;
+            on_disk.insert(format!("data/{rel}"), (Hash32::of(&bytes), bytes.len() as u64));
+        }
+        for (p, (sha, size)) in &on_disk {
+            match latest.get(p) {
+                Some((_, _, Some((s2, z2)))) if s2 == sha && z2 == size => {}
+                other => {
+                    return Ok(Some(violation_v(
+                        "converges-after-heal",
+                        format!("{dev}: {p} on the gateway ({size} bytes) differs from the cloud's latest ({other:?})"),
+                    )))
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.invariant, self.detail)
+    }
+}
+impl std::error::Error for Violation {}
+
+fn violation(invariant: &'static str, detail: String) -> anyhow::Error {
+    anyhow::Error::new(Violation {
+        invariant,
+        detail,
+        at: 0,
+    })
+}
+fn violation_v(invariant: &'static str, detail: String) -> Violation {
+    Violation {
+        invariant,
+        detail,
+        at: 0,
+    }
+}
+
+/// Runs one seed of a scenario.
+pub fn run(sc: &Scenario, opts: &Options) -> Result<RunResult> {
+    let t0 = std::time::Instant::now();
+    let mut sim = Sim::new(sc.clone(), opts).context("setting up the simulation")?;
+    let violation = sim.run()?;
+    let m = std::mem::take(&mut sim.metrics);
+    let mut metrics = m;
+    metrics.finish_links(sim.agents.iter().map(|s| &s.link));
+    Ok(RunResult {
+        seed: opts.seed,
+        digest: sim.log.digest(),
+        events: sim.log.count,
+        violation,
+        wall_secs: t0.elapsed().as_secs_f64(),
+        metrics,
+        tail: sim.log.tail().collect(),
+    })
+}
+
+/// Convenience for tests and small runs.
+pub fn minutes(n: u64) -> Ms {
+    n * MINUTE
+}
