@@ -348,11 +348,28 @@ fn nack(device: &protocol::DeviceRef, reason: String) -> Vec<(String, Vec<u8>)> 
         .collect()
 }
 
-/// Runs one up message through the server. Returns the replies as (topic,
-/// payload) and whether the input was bad. Never panics on peer input.
+/// Runs one up message through the server at the wall clock. Returns the
+/// replies as (topic, payload) and whether the input was bad. Never panics
+/// on peer input.
 pub fn handle_publish(
     server: &mut Server,
     store: &AggStore,
+    topic_bytes: &[u8],
+    payload: &[u8],
+) -> (Vec<(String, Vec<u8>)>, bool) {
+    handle_publish_at(server, store, crate::now_ms(), topic_bytes, payload)
+}
+
+/// [`handle_publish`] at `now_ms` (a simulator's virtual time). Synchronous
+/// and single-threaded: the server logic and the store, nothing else.
+/// Presence payloads are only acknowledged here (the daemon tracks them in
+/// [`on_publish`]); Hellos get no cloud lookup (the daemon's
+/// [`CloudLookup`] runs before this, over HTTP) — only changes stashed with
+/// [`AggStore::stash_changes`] are relayed.
+pub fn handle_publish_at(
+    server: &mut Server,
+    store: &AggStore,
+    now_ms: u64,
     topic_bytes: &[u8],
     payload: &[u8],
 ) -> (Vec<(String, Vec<u8>)>, bool) {
@@ -385,7 +402,7 @@ pub fn handle_publish(
         device: Some(&device),
     };
     let mut s: &AggStore = store;
-    match server.handle(crate::now_ms(), &peer, msg, &mut s) {
+    match server.handle(now_ms, &peer, msg, &mut s) {
         Ok(replies) => {
             let mut bad = false;
             for r in &replies {

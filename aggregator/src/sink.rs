@@ -38,7 +38,7 @@ impl SinkHttp {
             http,
             base: cfg.sink.trim_end_matches('/').to_string(),
             peer: cfg.id.clone(),
-            software: format!("ferry-aggregator/{} {}", env!("CARGO_PKG_VERSION"), cfg.id),
+            software: software(cfg),
             timeout: cfg.sink_timeout,
             min_rate: cfg.sink_min_rate.max(1),
             stats,
@@ -216,6 +216,11 @@ impl SinkHttp {
         .await
         .map(|_| ())
     }
+}
+
+/// What the aggregator calls itself in its Hello to the sink.
+pub fn software(cfg: &AggConfig) -> String {
+    format!("ferry-aggregator/{} {}", env!("CARGO_PKG_VERSION"), cfg.id)
 }
 
 /// `base` plus the time `body` bytes take at `min_rate` bytes/s.

@@ -32,8 +32,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::ops::Bound;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -1177,6 +1177,7 @@ mod tests {
             spool_high: 1 << 30,
             spool_low: 1 << 29,
             cache_bytes: 4 << 20,
+            ..StoreConfig::default()
         }
     }
 
@@ -1495,6 +1496,7 @@ mod tests {
                 spool_high: 30_000,
                 spool_low: 15_000,
                 cache_bytes: 4 << 20,
+                ..StoreConfig::default()
             },
         )
         .expect("open");
