@@ -6,6 +6,7 @@
 //! at the end every fault stops, every link comes up, and the fleet must
 //! converge (see `sim/README.md`).
 
+use super::backend::CrashBackend;
 use super::core::{stream, EventLog, Kind, Ms, Queue, VClock, DAY, MINUTE, SECOND};
 use super::net::{exp_ms, Link, Session};
 use super::nodes::{AgentNode, AgentSetup, AggNode, Cloud, CloudNode, RoundOutcome, Skew};
@@ -54,8 +55,18 @@ enum Ev {
     Profile(usize, bool),
     Outage(usize, bool),
     Connect(usize, u64),
-    Up { a: usize, gen: u64, bytes: Vec<u8> },
-    Down { a: usize, gen: u64, bytes: Vec<u8> },
+    /// The connection of this generation breaks (a message was lost with it).
+    Reset(usize, u64),
+    Up {
+        a: usize,
+        gen: u64,
+        bytes: Vec<u8>,
+    },
+    Down {
+        a: usize,
+        gen: u64,
+        bytes: Vec<u8>,
+    },
     Forward(usize),
     Crash(usize),
     Restart(usize),
@@ -89,6 +100,8 @@ struct AgentSlot {
     /// Highest contiguous seq the agent was told is cloud-durable.
     cloud_acked: u64,
     disk_full: bool,
+    /// A scan ran after the heal began (everything on disk is recorded).
+    scanned_after_heal: bool,
     restarts: u64,
     batch_base: u64,
 }
@@ -135,7 +148,52 @@ impl CloudSide<'_> {
     }
 }
 
+/// `FERRY_DST_TRACE=<agent index>` prints that agent's messages (debugging).
+fn trace_agent() -> Option<usize> {
+    std::env::var("FERRY_DST_TRACE").ok()?.parse().ok()
+}
+
+fn describe(m: &Message) -> String {
+    match m {
+        Message::Batch(b) => format!(
+            "Batch {} seqs {:?}",
+            b.batch_id,
+            b.changes.iter().map(|c| c.seq).collect::<Vec<_>>()
+        ),
+        Message::Prepare(p) => format!(
+            "Prepare {} missing {} retry {}",
+            p.batch_id,
+            p.missing.len(),
+            p.retry_after_ms
+        ),
+        Message::Data(d) => format!("Data {} chunks {}", d.batch_id, d.chunks.len()),
+        Message::Commit(c) => format!("Commit {}", c.batch_id),
+        Message::Committed(c) => format!(
+            "Committed {} results {:?} regional {:?} cloud {:?}",
+            c.batch_id,
+            c.results.iter().map(|r| (r.seq, r.status)).collect::<Vec<_>>(),
+            c.regional.map.values().map(|x| x.ranges().to_vec()).collect::<Vec<_>>(),
+            c.cloud.map.values().map(|x| x.ranges().to_vec()).collect::<Vec<_>>()
+        ),
+        Message::Knowledge(k) => format!(
+            "Knowledge regional {:?} cloud {:?}",
+            k.regional.map.values().map(|x| x.ranges().to_vec()).collect::<Vec<_>>(),
+            k.cloud.map.values().map(|x| x.ranges().to_vec()).collect::<Vec<_>>()
+        ),
+        Message::CloudAck(c) => format!(
+            "CloudAck {:?}",
+            c.cloud
+                .map
+                .iter()
+                .map(|(r, x)| (r.epoch, x.ranges().to_vec()))
+                .collect::<Vec<_>>()
+        ),
+        m => m.kind().to_string(),
+    }
+}
+
 pub struct Sim {
+    trace: Option<usize>,
     sc: Scenario,
     seed: u64,
     clock: VClock,
@@ -187,7 +245,16 @@ impl Sim {
                 (None, w.clone())
             }
             None => {
-                let t = tempfile::Builder::new().prefix("ferry-dst-").tempdir()?;
+                // tmpfs when there is one: the aggregator's and the cloud's
+                // fsyncs are then free (their crash model is not the disk's).
+                let shm = Path::new("/dev/shm");
+                let mut b = tempfile::Builder::new();
+                b.prefix("ferry-dst-");
+                let t = if shm.is_dir() {
+                    b.tempdir_in(shm).or_else(|_| b.tempdir())?
+                } else {
+                    b.tempdir()?
+                };
                 let p = t.path().to_path_buf();
                 (Some(t), p)
             }
@@ -217,6 +284,8 @@ impl Sim {
             let li = pick_weighted(&mut rng_assign, &link_weights);
             agents.push(AgentSlot {
                 setup: AgentSetup {
+                    disk: CrashBackend::new(),
+                    entropy: std::sync::Arc::new(std::sync::Mutex::new(stream(seed, "entropy", i as u64))),
                     device,
                     watch,
                     state: base.join("state.redb"),
@@ -241,6 +310,7 @@ impl Sim {
                 recorded: VecDeque::new(),
                 cloud_acked: 0,
                 disk_full: false,
+                scanned_after_heal: false,
                 restarts: 0,
                 batch_base: 0,
             });
@@ -260,6 +330,7 @@ impl Sim {
         let end = sc.duration.0;
         let metrics = Metrics::new(&sc);
         Ok(Sim {
+            trace: trace_agent(),
             seed,
             clock,
             q: Queue::default(),
@@ -362,14 +433,21 @@ impl Sim {
         let s = &mut self.agents[a];
         s.batch_base += 1 << 24;
         let node = AgentNode::open(&s.setup, s.batch_base + now)?;
-        let st = node.agent.status()?;
+        let next_seq = node.agent.next_seq();
         let rep = node.agent.replica();
         if s.replica.as_ref() != Some(&rep) {
             s.recorded.clear();
             s.cloud_acked = 0;
         }
         s.replica = Some(rep);
-        s.next_seq = st.next_seq;
+        // Unsynced records lost in a crash are recorded again under the same seqs.
+        while s.recorded.back().is_some_and(|r| r.0 >= next_seq) {
+            s.recorded.pop_back();
+        }
+        if let Some(r) = s.recorded.back_mut() {
+            r.1 = r.1.min(next_seq.saturating_sub(1));
+        }
+        s.next_seq = next_seq;
         s.node = Some(node);
         s.timer = None;
         Ok(())
@@ -442,6 +520,9 @@ impl Sim {
                 if fate.arrivals.is_empty() {
                     self.log.log(now, Kind::Drop, a as u64, 1, bytes.len() as u64);
                 }
+                if let Some(t) = fate.reset {
+                    self.q.push(t, Ev::Reset(a, gen));
+                }
                 if fate.arrivals.len() > 1 {
                     self.log.log(now, Kind::Dup, a as u64, 1, bytes.len() as u64);
                 }
@@ -478,7 +559,15 @@ impl Sim {
             };
             for _ in 0..10_000 {
                 match n.session.poll_transmit(now, &mut n.agent) {
-                    Ok(Some(m)) => out.push(m),
+                    Ok(Some(m)) => {
+                        // No bandwidth caps or budgets in the sim's policy:
+                        // charge at once so budget accounting runs as in the daemon.
+                        let charges = n.agent.take_charges();
+                        if !charges.is_empty() {
+                            let _ = n.agent.charge(&charges);
+                        }
+                        out.push(m)
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         self.log.log(now, Kind::Error, a as u64, 1, 0);
@@ -500,6 +589,9 @@ impl Sim {
                 .log(now, Kind::Send, a as u64, m.kind().len() as u64, bytes.len() as u64);
             if fate.arrivals.is_empty() {
                 self.log.log(now, Kind::Drop, a as u64, 0, bytes.len() as u64);
+            }
+            if let Some(t) = fate.reset {
+                self.q.push(t, Ev::Reset(a, gen));
             }
             for t in fate.arrivals {
                 self.q.push(
@@ -545,6 +637,9 @@ impl Sim {
             Ok(m) => m,
             Err(e) => return Err(anyhow!("aggregator could not decode a message the agent encoded: {e}")),
         };
+        if self.trace == Some(a) {
+            eprintln!("{now:>10} agg{g} <- a{a}: {}", describe(&msg));
+        }
         let replies = match node.handle(now, &device, msg) {
             Ok(r) => r,
             Err(e) => {
@@ -572,6 +667,9 @@ impl Sim {
         let now = self.now();
         let msg = Message::decode(&bytes).map_err(|e| anyhow!("agent could not decode: {e}"))?;
         self.log.log(now, Kind::Deliver, a as u64, 1, bytes.len() as u64);
+        if self.trace == Some(a) {
+            eprintln!("{now:>10} a{a} <- {}", describe(&msg));
+        }
         {
             let Some(n) = &mut self.agents[a].node else {
                 return Ok(());
@@ -699,11 +797,16 @@ impl Sim {
         if let Some(n) = &mut s.node {
             match n.agent.scan_once() {
                 Ok(rep) => {
+                    let next = n.agent.next_seq();
+                    if next > s.next_seq {
+                        s.recorded.push_back((s.next_seq, next - 1, now));
+                    }
+                    s.next_seq = next;
                     if rep.changes_recorded > 0 {
-                        let lo = s.next_seq;
-                        s.next_seq += rep.changes_recorded;
-                        s.recorded.push_back((lo, s.next_seq - 1, now));
                         n.session.wake();
+                    }
+                    if self.healing {
+                        s.scanned_after_heal = true;
                     }
                     self.log
                         .log(now, Kind::Scan, a as u64, rep.changes_recorded, rep.bytes_chunked);
@@ -799,11 +902,24 @@ impl Sim {
     fn on_crash(&mut self, a: usize) -> Result<()> {
         let now = self.now();
         self.disconnect(a);
+        let torn = self.sc.faults.torn_writes;
         let s = &mut self.agents[a];
-        if s.node.take().is_some() {
+        if let Some(node) = s.node.take() {
+            // Power cut: unsynced pages are gone (or some survive, torn), and
+            // the dead process can no longer write.
+            if torn {
+                let rng = &mut self.rng_fault;
+                s.setup.disk.crash_keeping(|_| rng.gen_bool(0.5));
+            } else {
+                s.setup.disk.crash();
+            }
+            node.agent.crash();
             s.restarts += 1;
             self.metrics.crashes += 1;
             self.log.log(now, Kind::Crash, a as u64, 0, 0);
+            if self.trace == Some(a) {
+                eprintln!("{now:>10} a{a} CRASH");
+            }
             let back = now + self.sc.faults.restart_after.0;
             self.q.push(back, Ev::Restart(a));
         }
@@ -819,6 +935,13 @@ impl Sim {
         }
         self.open_agent(a)?;
         self.log.log(now, Kind::Restart, a as u64, self.agents[a].next_seq, 0);
+        if self.trace == Some(a) {
+            let n = self.agents[a]
+                .node
+                .as_ref()
+                .map(|n| (n.agent.replica().epoch, n.agent.next_seq()));
+            eprintln!("{now:>10} a{a} RESTART {n:?}");
+        }
         self.try_connect(a);
         Ok(())
     }
@@ -910,7 +1033,7 @@ impl Sim {
             if s.conn.is_none() {
                 offline += 1;
             }
-            let disk = std::fs::metadata(&s.setup.state).map(|m| m.len()).unwrap_or(0);
+            let disk = s.setup.disk.size();
             if disk > self.sc.bounds.edge_state_bytes {
                 return Err(violation(
                     "edge-bounds",
@@ -944,6 +1067,8 @@ impl Sim {
             s.link.outages = 0;
             s.link.profile_up = true;
             s.setup.skew.0.store(0, std::sync::atomic::Ordering::Relaxed);
+            s.setup.disk.set_capacity(None);
+            s.disk_full = false;
             if s.node.is_none() {
                 self.open_agent(a)?;
             }
@@ -1001,6 +1126,13 @@ impl Sim {
                 Ok(())
             }
             Ev::Connect(a, gen) => self.on_connect(a, gen),
+            Ev::Reset(a, gen) => {
+                if self.agents[a].conn == Some(gen) {
+                    self.disconnect(a);
+                    self.try_connect(a);
+                }
+                Ok(())
+            }
             Ev::Up { a, gen, bytes } => self.on_up(a, gen, bytes),
             Ev::Down { a, gen, bytes } => self.on_down(a, gen, bytes),
             Ev::Forward(g) => self.on_forward(g),
@@ -1025,10 +1157,12 @@ impl Sim {
             }
             Ev::AggRestart(g) => self.on_agg_restart(g),
             Ev::DiskFull(a, on) => {
-                // Until the agent runs on a simulated disk, a full disk is
-                // logged but has no effect (see README).
+                // The state file cannot grow: redb commits that need room fail.
                 let now = self.now();
-                self.agents[a].disk_full = on && !self.healing;
+                let full = on && !self.healing;
+                self.agents[a].disk_full = full;
+                let d = &self.agents[a].setup.disk;
+                d.set_capacity(full.then(|| d.size()));
                 self.log.log(now, Kind::DiskFull, a as u64, on as u64, 0);
                 if on {
                     let len = self.sc.faults.disk_full_len.0;
@@ -1069,7 +1203,12 @@ impl Sim {
     fn quiescent(&mut self) -> Result<bool> {
         for s in &self.agents {
             let Some(n) = &s.node else { return Ok(false) };
-            if s.conn.is_none() || !n.session.is_idle() || s.next_seq.saturating_sub(1) > s.cloud_acked {
+            if !s.scanned_after_heal
+                || n.agent.rescan_needed()
+                || s.conn.is_none()
+                || !n.session.is_idle()
+                || s.next_seq.saturating_sub(1) > s.cloud_acked
+            {
                 return Ok(false);
             }
         }
@@ -1127,14 +1266,50 @@ impl Sim {
                 .enumerate()
                 .filter(|(_, s)| s.next_seq.saturating_sub(1) > s.cloud_acked || s.conn.is_none())
                 .take(5)
-                .map(|(i, s)| format!("agent {i}: recorded {} acked {}", s.next_seq - 1, s.cloud_acked))
+                .map(|(i, s)| {
+                    let st = s.node.as_ref().map(|n| {
+                        let (r, c) = n.agent.knowledge();
+                        format!(
+                            "online {} idle {} regional {:?} cloud {:?} session-cloud {:?}",
+                            n.session.is_online(),
+                            n.session.is_idle(),
+                            r.map.values().map(|x| x.ranges().to_vec()).collect::<Vec<_>>(),
+                            c.map.values().map(|x| x.ranges().to_vec()).collect::<Vec<_>>(),
+                            n.session
+                                .cloud()
+                                .map
+                                .values()
+                                .map(|x| x.ranges().to_vec())
+                                .collect::<Vec<_>>()
+                        )
+                    });
+                    format!(
+                        "agent {i} (aggregator {}): recorded {} acked {}; {}",
+                        s.agg,
+                        s.next_seq - 1,
+                        s.cloud_acked,
+                        st.unwrap_or_default()
+                    )
+                })
                 .collect();
+            let mut fwd = Vec::new();
+            for g in &self.aggs {
+                fwd.push(match &g.node {
+                    Some(n) => format!(
+                        "{} (sink rejected {:?})",
+                        n.store.forward_len()?,
+                        n.store.sink_rejected()?
+                    ),
+                    None => "down".into(),
+                });
+            }
             return Ok(Some(Violation {
                 invariant: "converges-after-heal",
                 detail: format!(
-                    "not converged {} ms after the heal: {}",
+                    "not converged {} ms after the heal: {}; aggregator forward queues {}",
                     self.sc.heal.0,
-                    stuck.join("; ")
+                    stuck.join("; "),
+                    fwd.join(",")
                 ),
                 at: now,
             }));

@@ -41,6 +41,8 @@ pub struct Link {
 pub struct Fate {
     /// Arrival times (empty: lost; two: duplicated).
     pub arrivals: Vec<Ms>,
+    /// Lost with its connection: the connection breaks at this time.
+    pub reset: Option<Ms>,
 }
 
 impl Link {
@@ -133,11 +135,24 @@ impl Link {
         };
         let at = self.busy_until + self.spec.latency.0 + jitter;
         let Some(f) = faults else {
-            return Fate { arrivals: vec![at] };
+            return Fate {
+                arrivals: vec![at],
+                reset: None,
+            };
         };
         if f.loss > 0.0 && rng.gen_bool(f.loss) {
             self.dropped += 1;
-            return Fate { arrivals: vec![] };
+            return Fate {
+                arrivals: vec![],
+                reset: Some(at),
+            };
+        }
+        if f.silent_loss > 0.0 && rng.gen_bool(f.silent_loss) {
+            self.dropped += 1;
+            return Fate {
+                arrivals: vec![],
+                reset: None,
+            };
         }
         let at = if f.reorder > 0.0 && rng.gen_bool(f.reorder) {
             at + rng.gen_range(1..=f.reorder_delay.0.max(1))
@@ -148,7 +163,7 @@ impl Link {
         if f.dup > 0.0 && rng.gen_bool(f.dup) {
             arrivals.push(at + rng.gen_range(0..=f.reorder_delay.0.max(1)));
         }
-        Fate { arrivals }
+        Fate { arrivals, reset: None }
     }
 }
 

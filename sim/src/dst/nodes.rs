@@ -29,7 +29,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+use super::backend::CrashBackend;
 use super::core::VClock;
+use rand::RngCore;
+use rand_chacha::ChaCha8Rng;
+use std::sync::Mutex;
 
 /// Per-agent clock skew (ms) applied on top of virtual time.
 #[derive(Clone, Default)]
@@ -55,6 +59,10 @@ pub struct AgentNode {
 }
 
 pub struct AgentSetup {
+    /// The agent's redb file: survives crashes as far as it was synced.
+    pub disk: CrashBackend,
+    /// Seeded entropy (epochs, device key).
+    pub entropy: Arc<Mutex<ChaCha8Rng>>,
     pub device: DeviceRef,
     pub watch: PathBuf,
     pub state: PathBuf,
@@ -81,11 +89,16 @@ impl AgentNode {
                 ..ClassSpec::default()
             });
         }
-        let client = ClientConfig {
-            // Virtual time: the same timeouts the daemon uses.
-            ..cfg.client.clone()
-        };
-        let agent = Agent::open(cfg).with_context(|| format!("opening agent {}", s.device))?;
+        let ent = s.entropy.clone();
+        cfg.entropy = Some(Arc::new(move |buf: &mut [u8]| {
+            if let Ok(mut r) = ent.lock() {
+                r.fill_bytes(buf)
+            }
+        }));
+        // Virtual time: the same timeouts the daemon uses.
+        let client: ClientConfig = cfg.client.clone();
+        let agent = Agent::open_with_backend(cfg, Box::new(s.disk.reopen()))
+            .with_context(|| format!("opening agent {}", s.device))?;
         Ok(AgentNode {
             agent,
             session: ClientSession::new(client, first_batch_id),

@@ -247,8 +247,14 @@ pub struct Faults {
     pub restart_after: Dur,
     /// Torn crashes: each unsynced page survives with probability 1/2.
     pub torn_writes: bool,
-    /// Per message on an agent link.
+    /// Per message on an agent link: the message is lost and the
+    /// connection breaks (MQTT over TCP loses nothing on a live connection;
+    /// what is lost is lost with it, and the client reconnects).
     pub loss: f64,
+    /// Per message: lost while the connection stays up (no MQTT broker does
+    /// this on a live QoS 1 session; it tests what the protocol alone
+    /// recovers from).
+    pub silent_loss: f64,
     pub dup: f64,
     /// Extra delay of up to `reorder_delay` (so later messages overtake it).
     pub reorder: f64,
@@ -276,6 +282,7 @@ impl Default for Faults {
             restart_after: Dur(MINUTE),
             torn_writes: false,
             loss: 0.0,
+            silent_loss: 0.0,
             dup: 0.0,
             reorder: 0.0,
             reorder_delay: Dur(2 * SECOND),
@@ -363,6 +370,7 @@ impl Scenario {
         let f = &self.faults;
         for (what, p) in [
             ("loss", f.loss),
+            ("silent_loss", f.silent_loss),
             ("dup", f.dup),
             ("reorder", f.reorder),
             ("sink_error", f.sink_error),
