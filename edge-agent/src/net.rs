@@ -447,8 +447,10 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
 
         // 2. Done? (sync mode)
         if let Mode::Sync { wait, timeout } = mode {
-            // A sync is an exchange: knowledge and server changes both ways.
-            if session.exchanged(now()) && all_durable(agent, &session, wait) {
+            // A sync is an exchange: knowledge and server changes both ways
+            // (an agent that never recorded anything has nothing to wait for).
+            let exchanged = session.exchanged(now()) || agent.store.next_seq() == 1;
+            if exchanged && all_durable(agent, &session, wait) {
                 break Ok(());
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
