@@ -121,14 +121,19 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // The simulation injects faults by the thousand: node warnings are noise there.
+    let default_filter = match cli.cmd {
+        Cmd::Run { .. } | Cmd::Sweep { .. } => "error",
+        _ => "warn,rumqttd=off",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run {
             scenario,

@@ -9,11 +9,12 @@
 use super::backend::CrashBackend;
 use super::core::{stream, EventLog, Kind, Ms, Queue, VClock, DAY, MINUTE, SECOND};
 use super::net::{exp_ms, Link, Session};
-use super::nodes::{AgentNode, AgentSetup, AggNode, Cloud, CloudNode, RoundOutcome, Skew};
+use super::nodes::{wall, AgentNode, AgentSetup, AggNode, CloudNode, Skew};
 use super::report::Metrics;
 use super::scenario::{Faults, LinkKind, Scenario, WorkloadKind};
+use aggregator::forward::{SinkRequest, SinkResponse};
 use anyhow::{anyhow, Context, Result};
-use protocol::msg::{CloudAck, Message};
+use protocol::msg::Message;
 use protocol::seal::TenantKey;
 use protocol::{DeviceRef, Hash32, Knowledge, ReplicaId};
 use rand::{Rng, RngCore};
@@ -67,7 +68,15 @@ enum Ev {
         gen: u64,
         bytes: Vec<u8>,
     },
-    Forward(usize),
+    /// Poll aggregator `g`'s forward core (valid if it is still its timer).
+    Forward(usize, Ms),
+    /// The cloud's answer to request `req_id` of aggregator `g` (process generation `gen`).
+    SinkReply {
+        g: usize,
+        gen: u64,
+        req_id: u64,
+        outcome: std::result::Result<SinkResponse, String>,
+    },
     Crash(usize),
     Restart(usize),
     SessionLoss,
@@ -108,44 +117,14 @@ struct AgentSlot {
 
 struct AggSlot {
     dir: PathBuf,
+    disk: CrashBackend,
     node: Option<AggNode>,
-    backoff_until: Ms,
-    backoff: Ms,
+    /// Process generation: answers to a crashed process are dropped.
+    gen: u64,
+    fwd_timer: Option<Ms>,
     /// Regional knowledge this aggregator acknowledged (Committed): a
     /// restart must not lose it.
     acked: Knowledge,
-}
-
-struct CloudSide<'a> {
-    cloud: &'a mut CloudNode,
-    rng: &'a mut ChaCha8Rng,
-    error_p: f64,
-    down: bool,
-    errors: u64,
-    up_bytes: u64,
-}
-
-impl Cloud for CloudSide<'_> {
-    fn sync(&mut self, now: Ms, m: &Message) -> Result<Message> {
-        self.fail()?;
-        self.up_bytes += m.encode().map(|b| b.len() as u64).unwrap_or(0);
-        self.cloud.sync(now, m)
-    }
-    fn put_pack(&mut self, id: Hash32, bytes: Vec<u8>) -> Result<()> {
-        self.fail()?;
-        self.up_bytes += bytes.len() as u64;
-        self.cloud.put_pack(id, bytes)
-    }
-}
-
-impl CloudSide<'_> {
-    fn fail(&mut self) -> Result<()> {
-        if self.down || (self.error_p > 0.0 && self.rng.gen_bool(self.error_p)) {
-            self.errors += 1;
-            return Err(anyhow!("simulated sink error"));
-        }
-        Ok(())
-    }
 }
 
 /// `FERRY_DST_TRACE=<agent index>` prints that agent's messages (debugging).
@@ -318,11 +297,13 @@ impl Sim {
         let mut aggs = Vec::new();
         for g in 0..sc.aggregators {
             let dir = work.join(format!("agg{g}"));
+            let disk = CrashBackend::new();
             aggs.push(AggSlot {
-                node: Some(AggNode::open(&dir, g as u64, 0)?),
+                node: Some(AggNode::open(&dir, &disk, g, clock.clone(), sc.pack_max_delay.0)?),
                 dir,
-                backoff_until: 0,
-                backoff: 0,
+                disk,
+                gen: 0,
+                fwd_timer: None,
                 acked: Knowledge::default(),
             });
         }
@@ -405,7 +386,7 @@ impl Sim {
             }
         }
         for g in 0..self.aggs.len() {
-            self.q.push(self.sc.forward_interval.0, Ev::Forward(g));
+            self.poll_forward(g)?;
             let r = self.sc.faults.agg_crash_per_day;
             self.schedule_rate(r, 0, Ev::AggCrash(g));
         }
@@ -652,6 +633,12 @@ impl Sim {
         for r in replies {
             if let Message::Committed(c) = &r {
                 self.aggs[g].acked.union_with(&c.regional);
+                // New changes to forward: poll the forward core soon.
+                let t = now + 1;
+                if self.aggs[g].fwd_timer.is_some_and(|f| f > t) {
+                    self.aggs[g].fwd_timer = Some(t);
+                    self.q.push(t, Ev::Forward(g, t));
+                }
             }
             let b = r.encode()?;
             self.metrics.msgs_down += 1;
@@ -823,74 +810,125 @@ impl Sim {
         self.pump(a)
     }
 
-    fn on_forward(&mut self, g: usize) -> Result<()> {
-        let now = self.now();
-        let interval = self.sc.forward_interval.0;
-        self.q.push(now + interval, Ev::Forward(g));
-        if now < self.aggs[g].backoff_until {
-            return Ok(());
-        }
-        let down = !self.healing
+    fn sink_down(&self, now: Ms) -> bool {
+        !self.healing
             && self
                 .sc
                 .faults
                 .sink_outages
                 .iter()
-                .any(|w| now >= w.start.0 && now < w.start.0 + w.len.0);
+                .any(|w| now >= w.start.0 && now < w.start.0 + w.len.0)
+    }
+
+    /// Asks aggregator `g`'s forward core for its next request; the cloud
+    /// handles it at once and the answer arrives a round trip later.
+    fn poll_forward(&mut self, g: usize) -> Result<()> {
+        let now = self.now();
+        let down = self.sink_down(now);
         let error_p = if self.healing { 0.0 } else { self.sc.faults.sink_error };
-        let max_delay = self.sc.pack_max_delay.0;
-        let Some(node) = &mut self.aggs[g].node else {
+        let slot = &mut self.aggs[g];
+        let Some(node) = &mut slot.node else {
             return Ok(());
         };
-        let mut side = CloudSide {
-            cloud: &mut self.cloud,
-            rng: &mut self.rng_sink,
-            error_p,
-            down,
-            errors: 0,
-            up_bytes: 0,
-        };
-        let mut result: Result<RoundOutcome> = Ok(RoundOutcome::default());
-        let mut acks = Vec::new();
-        let mut total = RoundOutcome::default();
-        for _ in 0..64 {
-            result = node.forward_round(now, max_delay, &mut side);
-            match &mut result {
-                Ok(o) => {
-                    total.packs += o.packs;
-                    total.pack_bytes += o.pack_bytes;
-                    total.applied += o.applied;
-                    acks.append(&mut o.acks);
-                    if !o.progress {
-                        break;
+        let wnow = wall(now, 0);
+        match node.core.poll_request(wnow, &node.store) {
+            Ok(Some(req)) => {
+                let req_id = req.req_id();
+                let fail = down || (error_p > 0.0 && self.rng_sink.gen_bool(error_p));
+                let outcome = if fail {
+                    self.log.log(now, Kind::SinkError, 1000 + g as u64, req_id, 0);
+                    Err("simulated sink error".to_string())
+                } else {
+                    match req {
+                        SinkRequest::PutPack { id_hex, bytes, .. } => {
+                            self.metrics.cloud_bytes += bytes.len() as u64;
+                            let id = Hash32::from_hex(&id_hex).map_err(|e| anyhow!("pack id: {e}"))?;
+                            self.cloud
+                                .put_pack(id, bytes)
+                                .map(|_| SinkResponse::Stored)
+                                .map_err(|e| format!("{e:#}"))
+                        }
+                        SinkRequest::Sync { message, .. } => {
+                            self.metrics.cloud_bytes += message.encode().map(|b| b.len() as u64).unwrap_or(0);
+                            self.cloud
+                                .sync(now, &message)
+                                .map(SinkResponse::Reply)
+                                .map_err(|e| format!("{e:#}"))
+                        }
+                    }
+                };
+                let gen = slot.gen;
+                slot.fwd_timer = None;
+                self.q.push(
+                    now + self.sc.sink_rtt.0,
+                    Ev::SinkReply {
+                        g,
+                        gen,
+                        req_id,
+                        outcome,
+                    },
+                );
+            }
+            Ok(None) => {
+                if let Some(t) = node.core.poll_timeout() {
+                    // The core polls its store every ~250 ms when idle; the
+                    // sim polls at most every `forward_idle` and is woken at
+                    // once when an agent's batch commits.
+                    let t = t
+                        .saturating_sub(super::core::EPOCH_UNIX_MS)
+                        .max(now + self.sc.forward_idle.0);
+                    if slot.fwd_timer != Some(t) {
+                        slot.fwd_timer = Some(t);
+                        self.q.push(t, Ev::Forward(g, t));
                     }
                 }
-                Err(_) => break,
+            }
+            Err(e) => {
+                self.log.log(now, Kind::Error, 1000 + g as u64, 1, 0);
+                tracing::debug!(agg = g, "forward: {e}");
+                if let Some(t) = node.core.poll_timeout() {
+                    let t = t.saturating_sub(super::core::EPOCH_UNIX_MS).max(now + 1);
+                    slot.fwd_timer = Some(t);
+                    self.q.push(t, Ev::Forward(g, t));
+                }
             }
         }
-        let (errors, up) = (side.errors, side.up_bytes);
-        self.metrics.cloud_bytes += up;
-        if let Err(e) = result {
-            node.hello_done = false;
-            let slot = &mut self.aggs[g];
-            slot.backoff = (slot.backoff * 2).clamp(500, 30 * SECOND);
-            slot.backoff_until = now + slot.backoff;
-            self.log.log(now, Kind::SinkError, 1000 + g as u64, errors, 0);
-            tracing::debug!(agg = g, "forward: {e:#}");
-        } else {
-            self.aggs[g].backoff = 0;
+        Ok(())
+    }
+
+    fn on_sink_reply(
+        &mut self,
+        g: usize,
+        gen: u64,
+        req_id: u64,
+        outcome: std::result::Result<SinkResponse, String>,
+    ) -> Result<()> {
+        let now = self.now();
+        let slot = &mut self.aggs[g];
+        if slot.gen != gen {
+            return Ok(());
         }
-        if total.applied > 0 || total.packs > 0 {
+        let Some(node) = &mut slot.node else {
+            return Ok(());
+        };
+        let ok = outcome.is_ok();
+        let notices = match node.core.on_response(wall(now, 0), &node.store, req_id, outcome) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(agg = g, "forward: {e}");
+                Vec::new()
+            }
+        };
+        if ok {
             self.log
-                .log(now, Kind::Forward, 1000 + g as u64, total.applied, total.packs);
+                .log(now, Kind::Forward, 1000 + g as u64, req_id, notices.len() as u64);
         }
-        // CloudAck to the agents whose cloud knowledge grew (best effort).
-        for (d, k) in acks {
-            let Some(a) = self.agent_index(&d) else { continue };
-            let b = Message::CloudAck(CloudAck { cloud: k }).encode()?;
+        for n in notices {
+            let Some(a) = self.agent_index(&n.device) else { continue };
+            let b = n.message.encode()?;
             self.send_down(a, b);
         }
-        Ok(())
+        self.poll_forward(g)
     }
 
     fn agent_index(&self, d: &DeviceRef) -> Option<usize> {
@@ -967,6 +1005,9 @@ impl Sim {
     fn on_agg_crash(&mut self, g: usize) -> Result<()> {
         let now = self.now();
         if self.aggs[g].node.take().is_some() {
+            self.aggs[g].disk.crash();
+            self.aggs[g].gen += 1;
+            self.aggs[g].fwd_timer = None;
             self.log.log(now, Kind::Failover, 1000 + g as u64, 0, 0);
             self.metrics.agg_crashes += 1;
             let back = now + self.sc.faults.agg_down_for.0;
@@ -995,7 +1036,7 @@ impl Sim {
         if slot.node.is_some() {
             return Ok(());
         }
-        let node = AggNode::open(&slot.dir, g as u64 + 1000 * (now / SECOND), now)?;
+        let node = AggNode::open(&slot.dir, &slot.disk, g, self.clock.clone(), self.sc.pack_max_delay.0)?;
         // Nothing the aggregator acknowledged as regionally durable is lost.
         let devices: Vec<DeviceRef> = slot.acked.map.keys().map(|r| r.device.clone()).collect();
         let (regional, _) = node.store.knowledge_of(&devices)?;
@@ -1014,6 +1055,7 @@ impl Sim {
         }
         slot.node = Some(node);
         self.log.log(now, Kind::Restart, 1000 + g as u64, 0, 0);
+        self.poll_forward(g)?;
         for a in 0..self.agents.len() {
             if self.agents[a].agg == g {
                 self.try_connect(a);
@@ -1080,7 +1122,6 @@ impl Sim {
             if self.aggs[g].node.is_none() {
                 self.on_agg_restart(g)?;
             }
-            self.aggs[g].backoff_until = now;
         }
         Ok(())
     }
@@ -1135,7 +1176,19 @@ impl Sim {
             }
             Ev::Up { a, gen, bytes } => self.on_up(a, gen, bytes),
             Ev::Down { a, gen, bytes } => self.on_down(a, gen, bytes),
-            Ev::Forward(g) => self.on_forward(g),
+            Ev::Forward(g, t) => {
+                if self.aggs[g].fwd_timer != Some(t) {
+                    return Ok(());
+                }
+                self.aggs[g].fwd_timer = None;
+                self.poll_forward(g)
+            }
+            Ev::SinkReply {
+                g,
+                gen,
+                req_id,
+                outcome,
+            } => self.on_sink_reply(g, gen, req_id, outcome),
             Ev::Crash(a) => {
                 if self.healing {
                     return Ok(());

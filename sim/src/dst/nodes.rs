@@ -5,26 +5,26 @@
 //!   `protocol::client::ClientSession`, exactly the pair `edge-agent`'s
 //!   network loop drives, but fed virtual time and simulated messages.
 //! - [`AggNode`]: `protocol::server::Server` on the real
-//!   `aggregator::store::AggStore`, plus a forward round to the cloud
-//!   written against `AggStore`'s public API (the same steps as
-//!   `aggregator::forward::Forwarder::round`, but synchronous).
+//!   `aggregator::store::AggStore` (redb on a [`CrashBackend`]) and the
+//!   real sans-IO forwarder `aggregator::forward::ForwardCore`.
 //! - [`CloudNode`]: `protocol::server::Server` on the real
 //!   `cloud_sink::store::SinkStore`, catalog and object store, driven on a
 //!   current-thread tokio runtime with `block_on` (no I/O races).
 
 use super::core::{Ms, EPOCH_UNIX_MS};
-use aggregator::store::{AggStore, ChunkBytes, StoreConfig};
+use aggregator::forward::ForwardCore;
+use aggregator::store::{AggStore, StoreClock, StoreConfig};
+use aggregator::{AggConfig, AggStats};
 use anyhow::{anyhow, Context, Result};
 use cloud_sink::catalog::Catalog;
 use cloud_sink::objects::Objects;
 use cloud_sink::store::SinkStore;
 use edge_agent::{Agent, AgentConfig, ClassSpec};
 use protocol::client::{ClientConfig, ClientSession};
-use protocol::msg::{Batch, Commit, Hello, Message, MAX_MESSAGE};
-use protocol::pack::PackBuilder;
+use protocol::msg::Message;
 use protocol::seal::{Cipher, TenantKey};
 use protocol::server::{Peer, Server, ServerConfig};
-use protocol::{DeviceRef, Hash32, Knowledge};
+use protocol::{DeviceRef, Hash32};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -109,26 +109,30 @@ impl AgentNode {
 pub struct AggNode {
     pub server: Server,
     pub store: AggStore,
-    pub hello_done: bool,
-    pub batches: u64,
-    /// Virtual time the open pack was last closed.
-    pub last_close: Ms,
+    /// The real forwarder logic (`aggregator::forward::ForwardCore`).
+    pub core: ForwardCore,
 }
 
 impl AggNode {
-    pub fn open(dir: &Path, salt: u64, now: Ms) -> Result<AggNode> {
+    /// Opens the aggregator's store on `disk` (redb) and `dir` (pack files),
+    /// with the store clock on virtual time.
+    pub fn open(dir: &Path, disk: &CrashBackend, id: usize, clock: VClock, pack_max_delay: Ms) -> Result<AggNode> {
         let cfg = StoreConfig {
             pack_target: 4 << 20,
             cache_bytes: 4 << 20,
+            clock: StoreClock(Arc::new(move || wall(clock.now(), 0))),
             ..StoreConfig::default()
         };
-        let store = AggStore::open(dir, cfg).with_context(|| format!("opening aggregator store {}", dir.display()))?;
+        let store = AggStore::open_with_backend(dir, cfg, Box::new(disk.reopen()))
+            .with_context(|| format!("opening aggregator store {}", dir.display()))?;
+        let mut acfg = AggConfig::new("sim", "sim", dir.to_path_buf());
+        acfg.id = format!("agg{id}");
+        acfg.pack_max_delay = std::time::Duration::from_millis(pack_max_delay);
+        let core = ForwardCore::new(&acfg, Arc::new(AggStats::default()));
         Ok(AggNode {
             server: Server::new(ServerConfig::default()),
             store,
-            hello_done: false,
-            batches: salt << 32,
-            last_close: now,
+            core,
         })
     }
 
@@ -141,115 +145,6 @@ impl AggNode {
         };
         let mut st = &self.store;
         Ok(self.server.handle(wall(now, 0), &peer, msg, &mut st)?)
-    }
-}
-
-/// What one forward round did.
-#[derive(Default, Debug)]
-pub struct RoundOutcome {
-    pub packs: u64,
-    pub pack_bytes: u64,
-    pub applied: u64,
-    pub progress: bool,
-    /// Devices whose cloud knowledge grew, with it (to send as CloudAck).
-    pub acks: Vec<(DeviceRef, Knowledge)>,
-}
-
-/// The cloud as the aggregator sees it: requests that may fail.
-pub trait Cloud {
-    fn sync(&mut self, now: Ms, m: &Message) -> Result<Message>;
-    fn put_pack(&mut self, id: Hash32, bytes: Vec<u8>) -> Result<()>;
-}
-
-const FWD_MAX_BATCH: usize = 512;
-const FWD_MAX_BATCH_BYTES: usize = MAX_MESSAGE / 2;
-const FWD_SCAN: usize = 50_000;
-
-impl AggNode {
-    /// One forward round (`aggregator::forward::Forwarder::round`): close the
-    /// open pack if changes have waited `max_delay`, upload closed packs, then
-    /// offer ready changes. An error means: back off, try again next round.
-    pub fn forward_round(&mut self, now: Ms, max_delay: Ms, cloud: &mut dyn Cloud) -> Result<RoundOutcome> {
-        let mut out = RoundOutcome::default();
-        if now.saturating_sub(self.last_close) >= max_delay && self.store.forward_len()? > 0 {
-            self.store.close_open_pack()?;
-            self.last_close = now;
-        }
-        for p in self.store.closed_packs()? {
-            let body = std::fs::read(&p.path).with_context(|| format!("reading {}", p.path.display()))?;
-            out.pack_bytes += body.len() as u64;
-            cloud.put_pack(p.id, body)?;
-            self.store.mark_uploaded(&p)?;
-            out.packs += 1;
-            out.progress = true;
-        }
-        let batch = self.store.ready_changes(FWD_MAX_BATCH, FWD_MAX_BATCH_BYTES, FWD_SCAN)?;
-        if batch.is_empty() {
-            return Ok(out);
-        }
-        if !self.hello_done {
-            let hello = Message::Hello(Hello {
-                proto: protocol::PROTO_VERSION,
-                device: None,
-                replica: None,
-                software: "aggregator/sim".into(),
-                server_cursor: None,
-            });
-            match cloud.sync(now, &hello)? {
-                Message::Knowledge(_) => self.hello_done = true,
-                other => return Err(anyhow!("hello answered with {}", other.kind())),
-            }
-        }
-        self.batches += 1;
-        let batch_id = self.batches;
-        let changes: Vec<_> = batch.iter().map(|q| q.change.clone()).collect();
-        let prepare = match cloud.sync(now, &Message::Batch(Batch { batch_id, changes }))? {
-            Message::Prepare(p) if p.batch_id == batch_id => p,
-            other => return Err(anyhow!("batch answered with {}", other.kind())),
-        };
-        if prepare.retry_after_ms > 0 {
-            return Ok(out);
-        }
-        if !prepare.missing.is_empty() {
-            let mut pb = PackBuilder::new();
-            for id in &prepare.missing {
-                if let ChunkBytes::Local(b) = self.store.read_chunk(id)? {
-                    pb.push(*id, &b);
-                }
-            }
-            if !pb.is_empty() {
-                let (pid, body, _) = pb.finish();
-                out.pack_bytes += body.len() as u64;
-                cloud.put_pack(pid, body)?;
-            }
-        }
-        let committed = match cloud.sync(now, &Message::Commit(Commit { batch_id }))? {
-            Message::Committed(c) if c.batch_id == batch_id => c,
-            other => return Err(anyhow!("commit answered with {}", other.kind())),
-        };
-        if committed.results.is_empty() {
-            self.hello_done = false;
-            return Err(anyhow!("sink did not know batch {batch_id}"));
-        }
-        let conf = self.store.confirm(
-            &batch,
-            &committed.results,
-            &prepare.rejected,
-            &[&committed.regional, &committed.cloud],
-        )?;
-        out.applied += conf.applied as u64;
-        out.progress |= conf.applied > 0;
-        for d in conf.devices {
-            let k = self.store.cloud_knowledge(&d)?;
-            out.acks.push((d, k));
-        }
-        if conf.applied == 0 && conf.missing > 0 {
-            return Err(anyhow!(
-                "{} forwarded changes still lack chunks at the sink",
-                conf.missing
-            ));
-        }
-        Ok(out)
     }
 }
 

@@ -63,8 +63,11 @@ pub struct Scenario {
     pub data_scale: f64,
     /// How often agents scan their watch folder (after writing anyway).
     pub scan_interval: Dur,
-    /// How often each aggregator runs a forward round to the cloud.
-    pub forward_interval: Dur,
+    /// Round trip of one aggregator → cloud request.
+    pub sink_rtt: Dur,
+    /// An idle forwarder polls its queue at most this often (it is woken
+    /// when a batch commits).
+    pub forward_idle: Dur,
     /// Close an aggregator's open pack at least this often when changes wait.
     pub pack_max_delay: Dur,
     /// Bounds checked by the invariants.
@@ -87,7 +90,8 @@ impl Default for Scenario {
             heal: Dur(6 * HOUR),
             data_scale: 1.0,
             scan_interval: Dur(10 * MINUTE),
-            forward_interval: Dur(10 * SECOND),
+            sink_rtt: Dur(30),
+            forward_idle: Dur(5 * SECOND),
             pack_max_delay: Dur(30 * SECOND),
             bounds: Bounds::default(),
             workload: vec![Workload::default()],
@@ -324,12 +328,14 @@ impl Scenario {
         if self.duration.0 == 0 || self.duration.0 > 3650 * DAY {
             bail!("duration must be between 1 ms and 10 years");
         }
+        if self.sink_rtt.0 == 0 || self.sink_rtt.0 > HOUR {
+            bail!("sink_rtt must be in (0, 1h]");
+        }
         if self.heal.0 > 365 * DAY {
             bail!("heal must be at most a year");
         }
         for (what, d) in [
             ("scan_interval", self.scan_interval),
-            ("forward_interval", self.forward_interval),
             ("sample_interval", self.sample_interval),
             ("pack_max_delay", self.pack_max_delay),
         ] {
