@@ -23,6 +23,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// A path's newest version in the catalog: (hlc, seq, (sha, size) unless deleted).
+type Latest = (protocol::hlc::Hlc, u64, Option<(Hash32, u64)>);
+
 /// How a run ended.
 #[derive(Clone, Debug)]
 pub struct Violation {
@@ -1391,7 +1394,7 @@ impl Sim {
         };
         let all = self.cloud.catalog.select(&q)?;
         let mut seen: BTreeMap<(String, Hash32, i64, u64), u64> = BTreeMap::new();
-        let mut latest: BTreeMap<String, (protocol::hlc::Hlc, u64, Option<(Hash32, u64)>)> = BTreeMap::new();
+        let mut latest: BTreeMap<String, Latest> = BTreeMap::new();
         for c in &all {
             let path = match &c.body {
                 ChangeBody::File(f) => {
