@@ -133,10 +133,14 @@ impl Server {
             max_message: MAX_MESSAGE as u32,
             max_batch: self.cfg.max_batch,
         })];
+        // A client that keeps a cursor always gets a Changes (empty when
+        // there is nothing to offer): it tells the client the exchange is over.
         if let (Some(d), Some(after)) = (&device, h.server_cursor) {
-            if let Some(ch) = store.server_changes(d, after)? {
-                out.push(Message::Changes(ch));
-            }
+            let ch = store.server_changes(d, after)?.unwrap_or(Changes {
+                items: Vec::new(),
+                upto: None,
+            });
+            out.push(Message::Changes(ch));
         }
         Ok(out)
     }
