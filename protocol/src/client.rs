@@ -54,6 +54,11 @@ pub struct ClientConfig {
     /// Back-off after a round that made no progress (doubles up to 64×).
     pub idle_backoff_ms: u64,
     pub software: String,
+    /// While the server holds changes the client has not yet seen reach the
+    /// cloud, Hello again this long after the last knowledge it received:
+    /// a lost CloudAck then costs a delay, not a backlog until the next
+    /// reconnect. 0 turns it off.
+    pub knowledge_refresh_ms: u64,
 }
 
 impl Default for ClientConfig {
@@ -65,6 +70,7 @@ impl Default for ClientConfig {
             data_bytes: 1 << 20,
             idle_backoff_ms: 1_000,
             software: String::new(),
+            knowledge_refresh_ms: 60_000,
         }
     }
 }
@@ -131,6 +137,8 @@ pub struct ClientSession {
     /// After Knowledge: when to stop waiting for `Changes` (older servers
     /// send none).
     changes_wait_until: Option<u64>,
+    /// When knowledge last arrived (Knowledge, Committed, CloudAck).
+    last_knowledge: u64,
     pub stats: ClientStats,
 }
 
@@ -152,6 +160,7 @@ impl ClientSession {
             events: VecDeque::new(),
             exchanged: false,
             changes_wait_until: None,
+            last_knowledge: 0,
             stats: ClientStats::default(),
         }
     }
@@ -214,11 +223,21 @@ impl ClientSession {
     }
 
     /// Earliest time `handle_timeout` should run.
+    /// When an idle session should Hello again to refresh cloud knowledge.
+    fn refresh_due(&self) -> Option<u64> {
+        let behind = matches!(self.state, State::Idle) && !self.cloud.covers(&self.regional);
+        (behind && self.cfg.knowledge_refresh_ms > 0).then(|| self.last_knowledge + self.cfg.knowledge_refresh_ms)
+    }
+
     pub fn poll_timeout(&self) -> Option<u64> {
         let t = match (&self.state, self.deadline) {
             (State::Backoff { until, .. }, _) => Some(*until),
             (State::Idle, _) if self.dirty && self.idle_until > 0 => Some(self.idle_until),
             (_, d) => d,
+        };
+        let t = match (t, self.refresh_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         let changes = self.changes_wait_until.filter(|_| !self.exchanged);
         match (t, changes) {
@@ -231,6 +250,15 @@ impl ClientSession {
         if self.changes_wait_until.is_some_and(|t| now >= t) {
             // The server sent no Changes: an older one. Stop waiting.
             self.exchanged = true;
+        }
+        if self.refresh_due().is_some_and(|t| now >= t) && self.out.is_empty() {
+            // Changes are regional but not known to be in the cloud: a
+            // CloudAck may have been lost. Hello is idempotent.
+            self.out.push_back(self.hello(store));
+            self.state = State::AwaitKnowledge;
+            self.deadline = Some(now + self.cfg.response_timeout_ms);
+            self.last_knowledge = now;
+            return;
         }
         match std::mem::replace(&mut self.state, State::Offline) {
             State::Backoff { id, batch, until } if now >= until => {
@@ -276,6 +304,7 @@ impl ClientSession {
     pub fn handle(&mut self, now: u64, msg: Message, store: &mut dyn ClientStore) -> Result<()> {
         match msg {
             Message::Knowledge(k) => {
+                self.last_knowledge = now;
                 // Authoritative at connect: if the server lost data, we resend it.
                 self.regional = k.regional;
                 self.cloud.union_with(&k.cloud);
@@ -329,6 +358,7 @@ impl ClientSession {
                 self.deadline = None;
             }
             Message::Committed(c) => {
+                self.last_knowledge = now;
                 self.regional.union_with(&c.regional);
                 self.cloud.union_with(&c.cloud);
                 store.on_knowledge(&self.regional, &self.cloud)?;
@@ -353,6 +383,7 @@ impl ClientSession {
                 }
             }
             Message::CloudAck(a) => {
+                self.last_knowledge = now;
                 self.cloud.union_with(&a.cloud);
                 store.on_knowledge(&self.regional, &self.cloud)?;
             }
@@ -433,5 +464,107 @@ impl ClientSession {
             }
             _ => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::knowledge::RangeSet;
+
+    /// A store with nothing to send: the session alone is under test.
+    struct Empty(DeviceRef);
+    impl ClientStore for Empty {
+        fn device(&self) -> DeviceRef {
+            self.0.clone()
+        }
+        fn replica(&self) -> ReplicaId {
+            ReplicaId {
+                device: self.0.clone(),
+                epoch: 1,
+            }
+        }
+        fn pending(&mut self, _: &Knowledge, _: usize, _: usize) -> Result<Vec<Change>> {
+            Ok(Vec::new())
+        }
+        fn chunk(&mut self, _: &Change, _: &Hash32) -> Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
+        fn supersede(&mut self, _: &Change) -> Result<()> {
+            Ok(())
+        }
+        fn on_knowledge(&mut self, _: &Knowledge, _: &Knowledge) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn knowledge(st: &Empty, hi: u64) -> Knowledge {
+        let mut k = Knowledge::default();
+        if hi > 0 {
+            k.map.insert(st.replica(), RangeSet::up_to(hi));
+        }
+        k
+    }
+
+    #[test]
+    fn a_lost_cloudack_is_recovered_by_a_knowledge_refresh() {
+        let mut st = Empty(DeviceRef::new("t", "s", "d").expect("ids"));
+        let mut s = ClientSession::new(ClientConfig::default(), 1);
+        s.connected(0, &st);
+        assert!(matches!(s.poll_transmit(0, &mut st), Ok(Some(Message::Hello(_)))));
+        let k = KnowledgeMsg {
+            regional: knowledge(&st, 3),
+            cloud: knowledge(&st, 1),
+            max_message: MAX_MESSAGE as u32,
+            max_batch: 10,
+        };
+        s.handle(10, Message::Knowledge(k), &mut st).expect("knowledge");
+        s.handle(
+            10,
+            Message::Changes(Changes {
+                items: vec![],
+                upto: None,
+            }),
+            &mut st,
+        )
+        .expect("changes");
+        assert!(s.exchanged(10));
+        assert!(matches!(s.poll_transmit(10, &mut st), Ok(None)));
+        // Seqs 2..=3 are regional only; the CloudAck that would say they
+        // reached the cloud never comes. A refresh is due after the interval.
+        assert_eq!(s.poll_timeout(), Some(10 + 60_000));
+        s.handle_timeout(30_000, &st);
+        assert!(matches!(s.poll_transmit(30_000, &mut st), Ok(None)));
+        s.handle_timeout(60_010, &st);
+        assert!(matches!(s.poll_transmit(60_010, &mut st), Ok(Some(Message::Hello(_)))));
+        // Once the cloud covers what is regional, nothing more is due.
+        let k = KnowledgeMsg {
+            regional: knowledge(&st, 3),
+            cloud: knowledge(&st, 3),
+            max_message: MAX_MESSAGE as u32,
+            max_batch: 10,
+        };
+        s.handle(60_020, Message::Knowledge(k), &mut st).expect("knowledge");
+        assert!(matches!(s.poll_transmit(60_020, &mut st), Ok(None)));
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_sync_waits_for_the_changes_that_answer_its_hello() {
+        let mut st = Empty(DeviceRef::new("t", "s", "d").expect("ids"));
+        let mut s = ClientSession::new(ClientConfig::default(), 1);
+        s.connected(0, &st);
+        let _ = s.poll_transmit(0, &mut st);
+        let k = KnowledgeMsg {
+            regional: Knowledge::default(),
+            cloud: Knowledge::default(),
+            max_message: MAX_MESSAGE as u32,
+            max_batch: 10,
+        };
+        s.handle(5, Message::Knowledge(k), &mut st).expect("knowledge");
+        assert!(!s.exchanged(5), "Changes still to come");
+        // An older server never sends one: the wait ends after the response timeout.
+        s.handle_timeout(5 + 30_000, &st);
+        assert!(s.exchanged(5 + 30_000));
     }
 }

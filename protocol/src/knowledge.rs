@@ -125,6 +125,15 @@ impl Knowledge {
             self.map.entry(r.clone()).or_default().union_with(s);
         }
     }
+    /// True if every seq in `other` is also in self.
+    pub fn covers(&self, other: &Knowledge) -> bool {
+        other.map.iter().all(|(r, s)| {
+            let mut u = self.get(r);
+            let before = u.len();
+            u.union_with(s);
+            u.len() == before
+        })
+    }
     /// Only the replicas of one device.
     pub fn for_device(&self, d: &DeviceRef) -> Knowledge {
         Knowledge {
