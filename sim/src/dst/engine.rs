@@ -537,6 +537,7 @@ impl Sim {
             return Ok(());
         };
         let mut out = Vec::new();
+        let mut store_error = false;
         {
             let Some(n) = &mut self.agents[a].node else {
                 return Ok(());
@@ -554,13 +555,28 @@ impl Sim {
                     }
                     Ok(None) => break,
                     Err(e) => {
+                        // A store error (full disk, ...): as the daemon does,
+                        // drop the connection and try again 5 s later.
                         self.log.log(now, Kind::Error, a as u64, 1, 0);
                         tracing::debug!(agent = a, "poll_transmit: {e}");
+                        store_error = true;
                         break;
                     }
                 }
             }
             while n.session.poll_event().is_some() {}
+        }
+        if store_error {
+            let s = &mut self.agents[a];
+            if s.conn.take().is_some() {
+                if let Some(n) = &mut s.node {
+                    n.session.disconnected();
+                }
+            }
+            s.connecting = true;
+            s.gen += 1;
+            let g2 = s.gen;
+            self.q.push(now + 5 * SECOND, Ev::Connect(a, g2));
         }
         for m in out {
             let bytes = m.encode()?;
@@ -1285,6 +1301,7 @@ impl Sim {
         let deadline = self.end + self.sc.heal.0;
         let mut last_quiet_check = 0;
         let mut steps: u64 = 0;
+        let (mut last_t, mut same_t) = (u64::MAX, 0u64);
         while let Some((t, ev)) = self.q.pop() {
             if t > deadline {
                 break;
@@ -1303,8 +1320,22 @@ impl Sim {
                     break;
                 }
             }
-            if steps > 500_000_000 {
-                return Err(anyhow!("more than 500M events: runaway run"));
+            // Bounded: no livelock at one instant, no runaway run.
+            if t == last_t {
+                same_t += 1;
+                if same_t > 1_000_000 {
+                    return Ok(Some(Violation {
+                        invariant: "progress",
+                        detail: "a million events at one virtual instant (livelock)".into(),
+                        at: t,
+                    }));
+                }
+            } else {
+                last_t = t;
+                same_t = 0;
+            }
+            if steps > 200_000_000 {
+                return Err(anyhow!("more than 200M events: runaway run"));
             }
         }
         self.metrics.events = steps;
