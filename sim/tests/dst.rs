@@ -57,6 +57,7 @@ len = "2h"
 agent_crash_per_day = 8
 torn_writes = true
 loss = 0.03
+silent_loss = 0.01
 dup = 0.03
 reorder = 0.03
 session_loss_per_day = 4
