@@ -105,6 +105,10 @@ pub struct StoreConfig {
     /// close). The forwarder compares it with the `now_ms` it is given, so
     /// both must be the same clock.
     pub clock: StoreClock,
+    /// Deliberately wrong: for the simulator's self-test. `apply` commits
+    /// without waiting for durability (redb `Durability::None`), so a batch
+    /// is acknowledged before it is on disk. Never set this outside tests.
+    pub unsafe_ack_before_fsync: bool,
 }
 
 impl Default for StoreConfig {
@@ -115,6 +119,7 @@ impl Default for StoreConfig {
             spool_low: 3 << 29,
             cache_bytes: 64 << 20,
             clock: StoreClock::system(),
+            unsafe_ack_before_fsync: false,
         }
     }
 }
@@ -549,7 +554,11 @@ impl AggStore {
     /// transaction. Changes already recorded are skipped (idempotent).
     pub fn apply(&self, changes: &[Change]) -> Result<()> {
         let mut tx = self.db.begin_write()?;
-        tx.set_durability(Durability::Immediate)?;
+        tx.set_durability(if self.cfg.unsafe_ack_before_fsync {
+            Durability::None
+        } else {
+            Durability::Immediate
+        })?;
         let mut added = 0usize;
         {
             let mut ct = tx.open_table(CHANGES)?;

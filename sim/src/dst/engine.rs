@@ -302,7 +302,14 @@ impl Sim {
             let dir = work.join(format!("agg{g}"));
             let disk = CrashBackend::new();
             aggs.push(AggSlot {
-                node: Some(AggNode::open(&dir, &disk, g, clock.clone(), sc.pack_max_delay.0)?),
+                node: Some(AggNode::open(
+                    &dir,
+                    &disk,
+                    g,
+                    clock.clone(),
+                    sc.pack_max_delay.0,
+                    sc.bugs.ack_before_fsync,
+                )?),
                 dir,
                 disk,
                 gen: 0,
@@ -1023,8 +1030,12 @@ impl Sim {
 
     fn on_agg_crash(&mut self, g: usize) -> Result<()> {
         let now = self.now();
-        if self.aggs[g].node.take().is_some() {
+        if let Some(node) = self.aggs[g].node.take() {
+            // Power cut first: the crash fences the dead process's handle,
+            // so dropping its database afterwards cannot flush anything (a
+            // drop before the crash would be a clean shutdown).
             self.aggs[g].disk.crash();
+            drop(node);
             self.aggs[g].gen += 1;
             self.aggs[g].fwd_timer = None;
             self.log.log(now, Kind::Failover, 1000 + g as u64, 0, 0);
@@ -1055,7 +1066,14 @@ impl Sim {
         if slot.node.is_some() {
             return Ok(());
         }
-        let node = AggNode::open(&slot.dir, &slot.disk, g, self.clock.clone(), self.sc.pack_max_delay.0)?;
+        let node = AggNode::open(
+            &slot.dir,
+            &slot.disk,
+            g,
+            self.clock.clone(),
+            self.sc.pack_max_delay.0,
+            self.sc.bugs.ack_before_fsync,
+        )?;
         // Nothing the aggregator acknowledged as regionally durable is lost.
         let devices: Vec<DeviceRef> = slot.acked.map.keys().map(|r| r.device.clone()).collect();
         let (regional, _) = node.store.knowledge_of(&devices)?;

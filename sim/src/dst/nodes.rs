@@ -116,8 +116,16 @@ pub struct AggNode {
 impl AggNode {
     /// Opens the aggregator's store on `disk` (redb) and `dir` (pack files),
     /// with the store clock on virtual time.
-    pub fn open(dir: &Path, disk: &CrashBackend, id: usize, clock: VClock, pack_max_delay: Ms) -> Result<AggNode> {
+    pub fn open(
+        dir: &Path,
+        disk: &CrashBackend,
+        id: usize,
+        clock: VClock,
+        pack_max_delay: Ms,
+        ack_before_fsync: bool,
+    ) -> Result<AggNode> {
         let cfg = StoreConfig {
+            unsafe_ack_before_fsync: ack_before_fsync,
             pack_target: 4 << 20,
             cache_bytes: 4 << 20,
             clock: StoreClock(Arc::new(move || wall(clock.now(), 0))),

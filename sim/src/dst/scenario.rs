@@ -78,6 +78,18 @@ pub struct Scenario {
     pub faults: Faults,
     /// Samples for the report (backlog, disk) this often.
     pub sample_interval: Dur,
+    /// Deliberately injected bugs (the simulator's self-test).
+    pub bugs: Bugs,
+}
+
+/// Bugs injected into the real code, to check that the simulator finds them.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Bugs {
+    /// Aggregators acknowledge batches before they are durable
+    /// (`StoreConfig::unsafe_ack_before_fsync`): an aggregator crash must
+    /// then show up as `acknowledged-not-lost`.
+    pub ack_before_fsync: bool,
 }
 
 impl Default for Scenario {
@@ -99,6 +111,7 @@ impl Default for Scenario {
             outage: Vec::new(),
             faults: Faults::default(),
             sample_interval: Dur(10 * MINUTE),
+            bugs: Bugs::default(),
         }
     }
 }
