@@ -228,6 +228,39 @@ impl Selector {
 
 pub struct Catalog {
     db: Database,
+    clock: crate::SinkClock,
+}
+
+/// A boxed backend as a `redb::StorageBackend` (redb takes one by value).
+#[derive(Debug)]
+struct DynBackend(Box<dyn redb::StorageBackend>);
+
+impl redb::StorageBackend for DynBackend {
+    fn len(&self) -> std::result::Result<u64, std::io::Error> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::result::Result<(), std::io::Error> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::result::Result<(), std::io::Error> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::result::Result<(), std::io::Error> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::result::Result<(), std::io::Error> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> std::result::Result<(), std::io::Error> {
+        self.0.close()
+    }
+    fn try_lock_range(
+        &self,
+        s: std::ops::Bound<u64>,
+        e: std::ops::Bound<u64>,
+    ) -> std::result::Result<bool, redb::BackendError> {
+        self.0.try_lock_range(s, e)
+    }
 }
 
 fn change_key(r: &ReplicaId, seq: u64) -> Vec<u8> {
@@ -279,7 +312,33 @@ fn decode<'b, T: minicbor::Decode<'b, ()>>(b: &'b [u8], what: &str) -> Result<T>
 impl Catalog {
     /// Opens (or creates) the catalog; fails if another process holds it.
     pub fn open(path: &Path) -> Result<Catalog> {
-        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path)?;
+        Catalog::init(Database::builder().set_cache_size(CACHE_BYTES).create(path)?)
+    }
+
+    /// Opens (or creates) the catalog on `backend` instead of a file (a
+    /// simulator's in-memory backend, e.g. `redb::backends::InMemoryBackend`,
+    /// or one that may lose unsynced writes). Same schema and recovery as
+    /// [`Catalog::open`].
+    pub fn open_with_backend(backend: Box<dyn redb::StorageBackend>) -> Result<Catalog> {
+        Catalog::init(
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create_with_backend(DynBackend(backend))?,
+        )
+    }
+
+    /// Replaces the clock (default: the wall clock).
+    pub fn with_clock(mut self, clock: crate::SinkClock) -> Catalog {
+        self.clock = clock;
+        self
+    }
+
+    pub fn clock(&self) -> &crate::SinkClock {
+        &self.clock
+    }
+
+    fn init(db: Database) -> Result<Catalog> {
+        let clock = crate::SinkClock::system();
         let tx = db.begin_write()?;
         tx.open_table(CHUNKS)?;
         tx.open_table(PACKS)?;
@@ -289,9 +348,9 @@ impl Catalog {
         tx.open_table(DEVICES)?;
         tx.open_table(PRESENCE)?;
         crate::shared::SharedTables::open(&tx)?;
-        crate::changes::StateTables::open(&tx)?;
+        crate::changes::StateTables::open(&tx, 0)?;
         tx.commit()?;
-        Ok(Catalog { db })
+        Ok(Catalog { db, clock })
     }
 
     pub fn has_chunk(&self, id: &Hash32) -> Result<bool> {
@@ -485,7 +544,7 @@ impl Catalog {
                 kt.insert(k.as_str(), &protocol::to_cbor(rec)[..])?;
             }
             if !touched.is_empty() {
-                let mut states = crate::changes::StateTables::open(&tx)?;
+                let mut states = crate::changes::StateTables::open(&tx, self.clock.now_us())?;
                 for (site, path) in &touched {
                     shared.refresh_heads(&mut states, site, path)?;
                 }
@@ -734,7 +793,7 @@ impl Catalog {
         if tx.open_table(DEVICES)?.get(d.key().as_str())?.is_none() {
             return Err(Error::NotFound(format!("unknown device {d}")));
         }
-        let out = crate::changes::prepare_op(&tx, d, path, op, crate::now_ms())?;
+        let out = crate::changes::prepare_op(&tx, d, path, op, self.clock.now_us())?;
         if out.0.is_some() {
             tx.commit()?;
         }
@@ -746,7 +805,7 @@ impl Catalog {
     pub fn apply_meta(&self, recs: &[crate::changes::MetaOpRecord]) -> Result<Vec<crate::changes::MetaView>> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
-        let out = crate::changes::apply_ops(&tx, recs)?;
+        let out = crate::changes::apply_ops(&tx, recs, self.clock.now_us())?;
         tx.commit()?;
         Ok(out)
     }

@@ -53,13 +53,6 @@ fn decode<'b, T: Decode<'b, ()>>(b: &'b [u8], what: &str) -> Result<T> {
     protocol::from_cbor(b, MAX_STATE).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
 }
 
-fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 fn state_key(dkey: &str, target: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(dkey.len() + target.len() + 1);
     k.extend_from_slice(dkey.as_bytes());
@@ -85,11 +78,14 @@ pub(crate) struct StateTables<'t> {
     states: Table<'t, &'static [u8], &'static [u8]>,
     gseq: Table<'t, u64, &'static [u8]>,
     counters: Table<'t, &'static str, u64>,
+    /// The transaction's time (Unix µs): the floor of new gseqs.
+    now_us: u64,
 }
 
 impl<'t> StateTables<'t> {
-    pub fn open(tx: &'t WriteTransaction) -> Result<StateTables<'t>> {
+    pub fn open(tx: &'t WriteTransaction, now_us: u64) -> Result<StateTables<'t>> {
         Ok(StateTables {
+            now_us,
             states: tx.open_table(STATES)?,
             gseq: tx.open_table(GSEQ)?,
             counters: tx.open_table(COUNTERS)?,
@@ -99,7 +95,7 @@ impl<'t> StateTables<'t> {
     /// A new gseq: `max(last + 1, now in µs)`.
     pub fn next_gseq(&mut self) -> Result<u64> {
         let last = self.counters.get("gseq")?.map_or(0, |v| v.value());
-        let g = last.saturating_add(1).max(now_micros());
+        let g = last.saturating_add(1).max(self.now_us);
         self.counters.insert("gseq", g)?;
         Ok(g)
     }
@@ -413,9 +409,10 @@ pub(crate) fn prepare_op(
     d: &DeviceRef,
     path: &str,
     op: &MetaOp,
-    now_ms: u64,
+    now_us: u64,
 ) -> Result<(Option<MetaOpRecord>, MetaView)> {
-    let mut st = StateTables::open(tx)?;
+    let now_ms = now_us / 1000;
+    let mut st = StateTables::open(tx, now_us)?;
     let target = ServerBody::Meta {
         path: path.to_string(),
         state: MetaState::default(),
@@ -492,8 +489,8 @@ pub(crate) fn prepare_op(
 
 /// Merges op records into their states (new gseq per changed state).
 /// Returns the resulting views, in input order.
-pub(crate) fn apply_ops(tx: &WriteTransaction, recs: &[MetaOpRecord]) -> Result<Vec<MetaView>> {
-    let mut st = StateTables::open(tx)?;
+pub(crate) fn apply_ops(tx: &WriteTransaction, recs: &[MetaOpRecord], now_us: u64) -> Result<Vec<MetaView>> {
+    let mut st = StateTables::open(tx, now_us)?;
     let mut out = Vec::with_capacity(recs.len());
     for r in recs {
         st.observe_gseq(r.gseq)?;

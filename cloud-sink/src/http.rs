@@ -73,12 +73,29 @@ pub async fn serve(
     let path = cfg.data.join(CATALOG_FILE);
     let catalog = Arc::new(tokio::task::spawn_blocking(move || Catalog::open(&path)).await??);
     let objects = Objects::open_local(&cfg.data.join(OBJECTS_DIR))?;
+    tracing::info!(data = %cfg.data.display(), "data directory");
+    serve_with(catalog, objects, cfg.server, listener, shutdown).await
+}
+
+/// [`serve`] on a catalog and object store the caller opened (e.g.
+/// [`Catalog::open_with_backend`] and [`Objects::in_memory`]). Returns once
+/// nothing but the caller holds `catalog`.
+pub async fn serve_with(
+    catalog: Arc<Catalog>,
+    objects: Objects,
+    server: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    // The caller's references and `catalog`: after shutdown, `held` stands
+    // in for `catalog` and nothing beyond the caller's may remain.
+    let callers = Arc::strong_count(&catalog);
     let store = SinkStore::new(catalog.clone(), objects.clone(), tokio::runtime::Handle::current());
     // Kept to wait, after shutdown, until nothing else holds the catalog.
     let held = catalog.clone();
     let state = AppState {
         sync: Arc::new(Mutex::new(Sync {
-            server: Server::new(cfg.server.clone()),
+            server: Server::new(server),
             store,
         })),
         catalog,
@@ -133,7 +150,7 @@ pub async fn serve(
         })
         .fallback(|uri: Uri| async move { ApiError(StatusCode::NOT_FOUND, format!("no such endpoint {}", uri.path())) })
         .with_state(state);
-    tracing::info!(addr = ?listener.local_addr().ok(), data = %cfg.data.display(), "cloud-sink serving");
+    tracing::info!(addr = ?listener.local_addr().ok(), "cloud-sink serving");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -144,7 +161,7 @@ pub async fn serve(
     // the redb file is unlocked when `serve` returns and a new sink or
     // `rebuild` can open it at once.
     let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
-    while Arc::strong_count(&held) > 1 {
+    while Arc::strong_count(&held) > callers {
         if tokio::time::Instant::now() >= deadline {
             return Err(Error::Task(format!(
                 "catalog still in use {} s after shutdown",
@@ -257,6 +274,7 @@ async fn sync(
     let name = peer_name(&headers, addr);
     let kind = msg.kind();
     let mut guard = st.sync.lock_owned().await;
+    let now = st.catalog.clock().now_ms();
     // The store blocks on disk and object writes: run it off the async workers.
     let replies = tokio::task::spawn_blocking(move || {
         let Sync { server, store } = &mut *guard;
@@ -264,7 +282,7 @@ async fn sync(
             name: &name,
             device: None,
         };
-        server.handle(crate::now_ms(), &peer, msg, store)
+        server.handle(now, &peer, msg, store)
     })
     .await?
     .map_err(Error::from)?;
@@ -317,7 +335,7 @@ async fn devices(State(st): State<AppState>) -> ApiResult<Response> {
 
 /// `POST /v1/presence`: a JSON array of presence updates from an aggregator.
 async fn presence(State(st): State<AppState>, body: Bytes) -> ApiResult<Response> {
-    let updates = crate::fleet::parse_updates(&body, crate::now_ms())?;
+    let updates = crate::fleet::parse_updates(&body, st.catalog.clock().now_ms())?;
     let cat = st.catalog.clone();
     let ack = tokio::task::spawn_blocking(move || cat.put_presence(&updates)).await??;
     Ok(Json(ack).into_response())
@@ -326,7 +344,11 @@ async fn presence(State(st): State<AppState>, body: Bytes) -> ApiResult<Response
 /// `GET /v1/fleet`: one row per device.
 async fn fleet(State(st): State<AppState>) -> ApiResult<Response> {
     let cat = st.catalog.clone();
-    let rows = tokio::task::spawn_blocking(move || cat.fleet(crate::now_ms())).await??;
+    let rows = tokio::task::spawn_blocking(move || {
+        let now = cat.clock().now_ms();
+        cat.fleet(now)
+    })
+    .await??;
     Ok(Json(rows).into_response())
 }
 

@@ -25,7 +25,8 @@ pub mod store;
 pub use catalog::{Catalog, DeviceInfo, FileEntry, FileQuery};
 pub use client::SinkClient;
 pub use fleet::{FleetRow, PresenceUpdate};
-pub use http::{serve, ServeConfig};
+pub use http::{serve, serve_with, ServeConfig};
+pub use objects::Objects;
 pub use restore::{restore, restore_shared, RestoreReport, RestoreRequest, SharedRestoreRequest};
 pub use store::{rebuild, RebuildReport, SinkStore};
 
@@ -88,6 +89,52 @@ impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {
         Error::Task(e.to_string())
     }
+}
+
+/// The catalog's clock: the wall clock by default ([`SinkClock::system`]);
+/// a simulator supplies its virtual time ([`SinkClock::from_ms`]). It times
+/// receive stamps (`last_seen`) of changes a [`SinkStore`] applies, operator
+/// ops, and the gseqs of server changes (`max(last + 1, now in µs)`).
+#[derive(Clone)]
+pub struct SinkClock(std::sync::Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl SinkClock {
+    /// The wall clock, in microseconds.
+    pub fn system() -> SinkClock {
+        SinkClock(std::sync::Arc::new(now_us))
+    }
+    /// A clock in Unix milliseconds (e.g. a simulator's virtual time).
+    pub fn from_ms(f: impl Fn() -> u64 + Send + Sync + 'static) -> SinkClock {
+        SinkClock(std::sync::Arc::new(move || f().saturating_mul(1000)))
+    }
+    /// Unix microseconds.
+    pub fn now_us(&self) -> u64 {
+        (self.0)()
+    }
+    /// Unix milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.now_us() / 1000
+    }
+}
+
+impl Default for SinkClock {
+    fn default() -> Self {
+        SinkClock::system()
+    }
+}
+
+impl std::fmt::Debug for SinkClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SinkClock")
+    }
+}
+
+/// Microseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).

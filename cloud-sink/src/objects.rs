@@ -1,11 +1,17 @@
-//! The object store and Ferry's object layout. The local-directory backend
-//! does not fsync, so `put_durable` syncs files and their directories itself:
-//! an object must be durable before the catalog may point at it.
+//! The object store and Ferry's object layout. `Objects` works over any
+//! `object_store::ObjectStore`: the daemon's local directory
+//! ([`Objects::open_local`]), memory ([`Objects::in_memory`], for tests and
+//! the simulator) or a caller's store ([`Objects::with_store`], e.g. one that
+//! injects errors). The local-directory backend does not fsync, so
+//! `put_durable` syncs its files and their directories itself: an object
+//! must be durable before the catalog may point at it. Other stores are
+//! taken to be durable once `put` returns.
 
 use crate::{Error, Result};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectMeta, ObjectStore};
 use protocol::{Hash32, ReplicaId};
@@ -18,9 +24,25 @@ const PUT_CONCURRENCY: usize = 16;
 
 #[derive(Clone)]
 pub struct Objects {
-    store: Arc<LocalFileSystem>,
+    store: Arc<dyn ObjectStore>,
+    /// Set for the local-directory backend: its files are fsynced after writes.
+    local: Option<Local>,
+}
+
+#[derive(Clone)]
+struct Local {
+    fs: Arc<LocalFileSystem>,
     /// Canonical local root: directories up to here are fsynced after writes.
     root: PathBuf,
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.local {
+            Some(l) => write!(f, "Objects(local {})", l.root.display()),
+            None => write!(f, "Objects({})", self.store),
+        }
+    }
 }
 
 pub fn pack_key(id: &Hash32) -> String {
@@ -38,24 +60,52 @@ impl Objects {
     pub fn open_local(dir: &Path) -> Result<Objects> {
         std::fs::create_dir_all(dir)?;
         let root = std::fs::canonicalize(dir)?;
+        let fs = Arc::new(LocalFileSystem::new_with_prefix(&root)?);
         Ok(Objects {
-            store: Arc::new(LocalFileSystem::new_with_prefix(&root)?),
-            root,
+            store: fs.clone(),
+            local: Some(Local { fs, root }),
         })
+    }
+
+    /// An empty store in memory (`object_store::memory::InMemory`).
+    pub fn in_memory() -> Objects {
+        Objects::with_store(Arc::new(InMemory::new()))
+    }
+
+    /// Objects on any store. `put_durable` trusts the store: an object is
+    /// taken to be durable once its `put` returned Ok.
+    pub fn with_store(store: Arc<dyn ObjectStore>) -> Objects {
+        Objects { store, local: None }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
     }
 
     /// Writes objects and returns once all of them are durable.
     pub async fn put_durable(&self, items: Vec<(String, Bytes)>) -> Result<()> {
+        let Some(local) = &self.local else {
+            return futures::stream::iter(items)
+                .map(|(key, bytes)| async move {
+                    self.store.put(&ObjPath::from(key.as_str()), bytes.into()).await?;
+                    Ok::<_, Error>(())
+                })
+                .buffer_unordered(PUT_CONCURRENCY)
+                .try_collect::<Vec<()>>()
+                .await
+                .map(|_| ());
+        };
         let files: Vec<PathBuf> = futures::stream::iter(items)
             .map(|(key, bytes)| async move {
                 let loc = ObjPath::from(key.as_str());
-                self.store.put(&loc, bytes.into()).await?;
-                Ok::<_, Error>(self.store.path_to_filesystem(&loc)?)
+                local.fs.put(&loc, bytes.into()).await?;
+                Ok::<_, Error>(local.fs.path_to_filesystem(&loc)?)
             })
             .buffer_unordered(PUT_CONCURRENCY)
             .try_collect()
             .await?;
-        let root = self.root.clone();
+        let root = local.root.clone();
         tokio::task::spawn_blocking(move || sync_all(&files, &root)).await?
     }
 

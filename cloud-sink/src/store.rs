@@ -26,8 +26,10 @@ const REBUILD_BATCH: usize = 256;
 /// Storage of the sans-IO `protocol::server::Server` at the sink.
 ///
 /// Its methods block (object writes run on `rt` via `Handle::block_on`), so
-/// it must be driven from a blocking thread (`spawn_blocking`), never from
-/// inside an async task.
+/// it must be driven from a blocking thread (`spawn_blocking`) or, as the
+/// simulator does, from outside any runtime with `rt` a current-thread
+/// runtime's handle; never from inside an async task. Receive times come
+/// from the catalog's clock ([`Catalog::with_clock`]).
 pub struct SinkStore {
     catalog: Arc<Catalog>,
     objects: Objects,
@@ -41,6 +43,28 @@ fn store_err(e: Error) -> protocol::Error {
 impl SinkStore {
     pub fn new(catalog: Arc<Catalog>, objects: Objects, rt: Handle) -> SinkStore {
         SinkStore { catalog, objects, rt }
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+
+    /// [`put_pack`] (`PUT /v1/packs/{id}`) without the blocking pool: checks
+    /// and indexes on the calling thread, writes the object with
+    /// `rt.block_on`. Blocks like the other methods.
+    pub fn put_pack(&self, id: Hash32, bytes: Bytes) -> Result<usize> {
+        let entries = check_pack(&id, &bytes)?;
+        if self.catalog.has_pack(&id)? {
+            return Ok(0);
+        }
+        let size = bytes.len() as u64;
+        self.rt
+            .block_on(self.objects.put_durable(vec![(pack_key(&id), bytes)]))?;
+        self.catalog.add_pack(&id, size, &entries)
     }
 
     fn apply_inner(&mut self, changes: &[Change]) -> Result<()> {
@@ -77,7 +101,7 @@ impl SinkStore {
             .map(|c| (manifest_key(&c.replica, c.seq), Bytes::from(protocol::to_cbor(c))))
             .collect();
         self.rt.block_on(self.objects.put_durable(items))?;
-        let out = self.catalog.apply(&fresh, Some(crate::now_ms()))?;
+        let out = self.catalog.apply(&fresh, Some(self.catalog.clock().now_ms()))?;
         for r in &out.rejected {
             tracing::warn!(change = %r, "refused: signed by a key other than the pinned one");
         }
@@ -122,15 +146,8 @@ impl ServerStore for SinkStore {
 /// structure and chunk ids, writes the object durably, then indexes it.
 /// Idempotent. Returns the number of newly indexed chunks.
 pub async fn put_pack(catalog: &Arc<Catalog>, objects: &Objects, id: Hash32, bytes: Bytes) -> Result<usize> {
-    let (entries, bytes) = tokio::task::spawn_blocking(move || {
-        if Hash32::of(&bytes) != id {
-            return Err(Error::BadRequest(format!(
-                "pack id {id} is not the SHA-256 of the body"
-            )));
-        }
-        Ok((protocol::pack::parse(&bytes)?, bytes))
-    })
-    .await??;
+    let (entries, bytes) =
+        tokio::task::spawn_blocking(move || Ok::<_, Error>((check_pack(&id, &bytes)?, bytes))).await??;
     let cat = catalog.clone();
     if tokio::task::spawn_blocking(move || cat.has_pack(&id)).await?? {
         return Ok(0);
@@ -139,6 +156,16 @@ pub async fn put_pack(catalog: &Arc<Catalog>, objects: &Objects, id: Hash32, byt
     objects.put_durable(vec![(pack_key(&id), bytes)]).await?;
     let cat = catalog.clone();
     tokio::task::spawn_blocking(move || cat.add_pack(&id, size, &entries)).await?
+}
+
+/// Checks `id == SHA-256(bytes)` and parses the pack's index.
+fn check_pack(id: &Hash32, bytes: &[u8]) -> Result<Vec<PackEntry>> {
+    if Hash32::of(bytes) != *id {
+        return Err(Error::BadRequest(format!(
+            "pack id {id} is not the SHA-256 of the body"
+        )));
+    }
+    Ok(protocol::pack::parse(bytes)?)
 }
 
 /// What `rebuild` found.
@@ -171,14 +198,22 @@ pub async fn rebuild(data: &Path) -> Result<RebuildReport> {
     let t = tmp.clone();
     let catalog = Arc::new(tokio::task::spawn_blocking(move || Catalog::open(&t)).await??);
     let objects = Objects::open_local(&data.join(OBJECTS_DIR))?;
-    let mut rep = RebuildReport::default();
-    rebuild_packs(&catalog, &objects, &mut rep).await?;
-    rebuild_manifests(&catalog, &objects, &mut rep).await?;
-    rebuild_meta(&catalog, &objects, &mut rep).await?;
+    let rep = rebuild_into(&catalog, &objects).await?;
     drop(catalog);
     drop(old);
     std::fs::rename(&tmp, &live)?;
     std::fs::File::open(data)?.sync_all()?;
+    Ok(rep)
+}
+
+/// Indexes every object of `objects` into `catalog` (normally a new, empty
+/// one): packs, then manifests in (epoch, seq) order per device, then
+/// operator ops. [`rebuild`] on a catalog and store the caller opened.
+pub async fn rebuild_into(catalog: &Arc<Catalog>, objects: &Objects) -> Result<RebuildReport> {
+    let mut rep = RebuildReport::default();
+    rebuild_packs(catalog, objects, &mut rep).await?;
+    rebuild_manifests(catalog, objects, &mut rep).await?;
+    rebuild_meta(catalog, objects, &mut rep).await?;
     Ok(rep)
 }
 
