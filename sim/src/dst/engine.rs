@@ -26,6 +26,9 @@ use std::path::{Path, PathBuf};
 /// A path's newest version in the catalog: (hlc, seq, (sha, size) unless deleted).
 type Latest = (protocol::hlc::Hlc, u64, Option<(Hash32, u64)>);
 
+/// A catalog's conflicts and its latest (replica, seq) per device and shared path.
+type SharedView = (Vec<cloud_sink::shared::ConflictInfo>, Vec<(String, u64)>);
+
 /// How a run ended.
 #[derive(Clone, Debug)]
 pub struct Violation {
@@ -1422,6 +1425,95 @@ impl Sim {
         for a in 0..self.agents.len() {
             if let Some(v) = self.check_replica(a)? {
                 return Ok(Some(Violation { at: now, ..v }));
+            }
+        }
+        if let Some(v) = self.check_shared_order()? {
+            return Ok(Some(Violation { at: now, ..v }));
+        }
+        Ok(None)
+    }
+
+    /// `conflict-order`: the cloud's conflicts and shared view are a
+    /// function of the *set* of shared versions. A fresh catalog that
+    /// receives the same versions reversed, and in a seeded shuffle (one
+    /// change per transaction), must list the same conflicts (with the same
+    /// resolution and winner) and the same latest version per device and path.
+    fn check_shared_order(&mut self) -> Result<Option<Violation>> {
+        use cloud_sink::catalog::{Catalog, FileQuery};
+        use cloud_sink::shared::{ConflictQuery, SharedQuery};
+        let all: Vec<protocol::Change> = self
+            .cloud
+            .catalog
+            .select(&FileQuery {
+                versions: true,
+                ..FileQuery::default()
+            })?
+            .into_iter()
+            .filter(|c| c.shared.is_some())
+            .collect();
+        self.metrics.shared_versions = all.len() as u64;
+        if all.is_empty() {
+            return Ok(None);
+        }
+        let sites: std::collections::BTreeSet<(String, String)> = all
+            .iter()
+            .map(|c| (c.replica.device.tenant.to_string(), c.replica.device.site.to_string()))
+            .collect();
+        let view = |cat: &Catalog| -> Result<SharedView> {
+            let conflicts = cat.conflicts(&ConflictQuery::default())?;
+            let mut latest = Vec::new();
+            for (tenant, site) in &sites {
+                let q = SharedQuery {
+                    tenant: Some(tenant.clone()),
+                    site: site.clone(),
+                    ..SharedQuery::default()
+                };
+                latest.extend(cat.shared_set(&q)?.iter().map(|c| (c.replica.key(), c.seq)));
+            }
+            Ok((conflicts, latest))
+        };
+        let want = view(&self.cloud.catalog)?;
+        self.metrics.shared_conflicts = want.0.len() as u64;
+        let mut shuffled = all.clone();
+        let mut rng = stream(self.seed, "order", 0);
+        for i in (1..shuffled.len()).rev() {
+            let j = rng.gen_range(0..=i);
+            shuffled.swap(i, j);
+        }
+        let reversed: Vec<protocol::Change> = all.iter().rev().cloned().collect();
+        for (name, order) in [("reversed", reversed), ("shuffled", shuffled)] {
+            let dir = self.work.join(format!("order-{name}"));
+            std::fs::create_dir_all(&dir)?;
+            let cat = Catalog::open(&cloud_sink::store::catalog_path(&dir))?;
+            for c in &order {
+                cat.apply(std::slice::from_ref(c), None)?;
+            }
+            let got = view(&cat)?;
+            drop(cat);
+            let _ = std::fs::remove_dir_all(&dir);
+            if got.0 != want.0 {
+                let diff: Vec<_> = got.0.iter().filter(|c| !want.0.contains(c)).take(2).collect();
+                let miss: Vec<_> = want.0.iter().filter(|c| !got.0.contains(c)).take(2).collect();
+                return Ok(Some(violation_v(
+                    "conflict-order",
+                    format!(
+                        "{} shared versions applied {name}: {} conflicts instead of {}; only in {name}: {diff:?}; only in the cloud: {miss:?}",
+                        all.len(),
+                        got.0.len(),
+                        want.0.len()
+                    ),
+                )));
+            }
+            if got.1 != want.1 {
+                return Ok(Some(violation_v(
+                    "conflict-order",
+                    format!(
+                        "{} shared versions applied {name}: the shared view differs ({:?} vs the cloud's {:?})",
+                        all.len(),
+                        got.1.iter().filter(|x| !want.1.contains(x)).take(3).collect::<Vec<_>>(),
+                        want.1.iter().filter(|x| !got.1.contains(x)).take(3).collect::<Vec<_>>()
+                    ),
+                )));
             }
         }
         Ok(None)

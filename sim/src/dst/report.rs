@@ -28,6 +28,9 @@ pub struct Metrics {
     pub session_losses: u64,
     pub events: u64,
     pub end_ms: Ms,
+    /// Versions of shared paths in the cloud, and conflicts among them.
+    pub shared_versions: u64,
+    pub shared_conflicts: u64,
 }
 
 fn kind_name(k: LinkKind) -> &'static str {
@@ -100,6 +103,11 @@ impl Metrics {
             s,
             "  faults: {} agent crashes, {} aggregator crashes, {} broker session losses",
             self.crashes, self.agg_crashes, self.session_losses
+        );
+        let _ = writeln!(
+            s,
+            "  shared paths: {} versions in the cloud, {} conflicts (same in any arrival order)",
+            self.shared_versions, self.shared_conflicts
         );
         let peak = self.backlog.iter().map(|b| b.1).max().unwrap_or(0);
         let _ = writeln!(s, "  backlog peak {peak} changes");
