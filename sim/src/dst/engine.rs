@@ -320,7 +320,7 @@ impl Sim {
                 acked: Knowledge::default(),
             });
         }
-        let cloud = CloudNode::open(&work.join("cloud"))?;
+        let cloud = CloudNode::open(clock.clone())?;
         let end = sc.duration.0;
         let metrics = Metrics::new(&sc);
         Ok(Sim {
@@ -863,8 +863,19 @@ impl Sim {
         match node.core.poll_request(wnow, &node.store) {
             Ok(Some(req)) => {
                 let req_id = req.req_id();
+                // A sink outage: the request does not reach the cloud. A
+                // sink error: one time in three the same; otherwise the
+                // cloud's object store fails after 0-2 writes (the request
+                // dies half-way inside the real sink).
                 let fail = down || (error_p > 0.0 && self.rng_sink.gen_bool(error_p));
-                let outcome = if fail {
+                let store_fault = fail && !down && self.rng_sink.gen_range(0..3) > 0;
+                if store_fault {
+                    let k = self.rng_sink.gen_range(0..3);
+                    self.cloud.objects.fail_after(k);
+                    self.log
+                        .log(now, Kind::SinkError, 1000 + g as u64, req_id, 1 + u64::from(k));
+                }
+                let outcome = if fail && !store_fault {
                     self.log.log(now, Kind::SinkError, 1000 + g as u64, req_id, 0);
                     Err("simulated sink error".to_string())
                 } else {
@@ -886,6 +897,9 @@ impl Sim {
                         }
                     }
                 };
+                if store_fault {
+                    self.cloud.objects.heal();
+                }
                 let gen = slot.gen;
                 slot.fwd_timer = None;
                 self.q.push(
@@ -1482,15 +1496,12 @@ impl Sim {
         }
         let reversed: Vec<protocol::Change> = all.iter().rev().cloned().collect();
         for (name, order) in [("reversed", reversed), ("shuffled", shuffled)] {
-            let dir = self.work.join(format!("order-{name}"));
-            std::fs::create_dir_all(&dir)?;
-            let cat = Catalog::open(&cloud_sink::store::catalog_path(&dir))?;
+            let cat = Catalog::open_with_backend(Box::new(redb::backends::InMemoryBackend::new()))?;
             for c in &order {
                 cat.apply(std::slice::from_ref(c), None)?;
             }
             let got = view(&cat)?;
             drop(cat);
-            let _ = std::fs::remove_dir_all(&dir);
             if got.0 != want.0 {
                 let diff: Vec<_> = got.0.iter().filter(|c| !want.0.contains(c)).take(2).collect();
                 let miss: Vec<_> = want.0.iter().filter(|c| !got.0.contains(c)).take(2).collect();

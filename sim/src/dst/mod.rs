@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod core;
 pub mod engine;
+pub mod faultstore;
 pub mod net;
 pub mod nodes;
 pub mod report;

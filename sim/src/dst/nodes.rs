@@ -8,10 +8,12 @@
 //!   `aggregator::store::AggStore` (redb on a [`CrashBackend`]) and the
 //!   real sans-IO forwarder `aggregator::forward::ForwardCore`.
 //! - [`CloudNode`]: `protocol::server::Server` on the real
-//!   `cloud_sink::store::SinkStore`, catalog and object store, driven on a
-//!   current-thread tokio runtime with `block_on` (no I/O races).
+//!   `cloud_sink::store::SinkStore` and catalog (redb in memory, virtual
+//!   clock) over `cloud_sink::objects::Objects` on an in-memory object store
+//!   that injects errors during sink faults.
 
 use super::core::{Ms, EPOCH_UNIX_MS};
+use super::faultstore::FaultStore;
 use aggregator::forward::ForwardCore;
 use aggregator::store::{AggStore, StoreClock, StoreConfig};
 use aggregator::{AggConfig, AggStats};
@@ -19,6 +21,7 @@ use anyhow::{anyhow, Context, Result};
 use cloud_sink::catalog::Catalog;
 use cloud_sink::objects::Objects;
 use cloud_sink::store::SinkStore;
+use cloud_sink::SinkClock;
 use edge_agent::{Agent, AgentConfig, ClassSpec};
 use protocol::client::{ClientConfig, ClientSession};
 use protocol::msg::Message;
@@ -157,28 +160,34 @@ impl AggNode {
 }
 
 pub struct CloudNode {
-    rt: tokio::runtime::Runtime,
+    /// Kept alive for the store's handle (`SinkStore` blocks on it).
+    _rt: tokio::runtime::Runtime,
     pub catalog: Arc<Catalog>,
-    objects: Objects,
+    /// The object store (in memory), which fails writes on demand.
+    pub objects: Arc<FaultStore>,
     server: Server,
     store: SinkStore,
-    pub dir: PathBuf,
 }
 
 impl CloudNode {
-    pub fn open(dir: &Path) -> Result<CloudNode> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        std::fs::create_dir_all(dir)?;
-        let catalog = Arc::new(Catalog::open(&cloud_sink::store::catalog_path(dir))?);
-        let objects = Objects::open_local(&dir.join(cloud_sink::store::OBJECTS_DIR))?;
-        let store = SinkStore::new(catalog.clone(), objects.clone(), rt.handle().clone());
+    /// The catalog on redb's `InMemoryBackend` with its clock on virtual
+    /// time, objects in memory behind a [`FaultStore`]. The tokio runtime
+    /// has no I/O or timer driver: the in-memory store's futures complete
+    /// at once under `block_on`.
+    pub fn open(clock: VClock) -> Result<CloudNode> {
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let catalog = Catalog::open_with_backend(Box::new(redb::backends::InMemoryBackend::new()))?
+            .with_clock(SinkClock::from_ms(move || wall(clock.now(), 0)));
+        let catalog = Arc::new(catalog);
+        let faults = Arc::new(FaultStore::new());
+        let objects = Objects::with_store(faults.clone());
+        let store = SinkStore::new(catalog.clone(), objects, rt.handle().clone());
         Ok(CloudNode {
-            rt,
+            _rt: rt,
             catalog,
-            objects,
+            objects: faults,
             server: Server::new(ServerConfig::default()),
             store,
-            dir: dir.to_path_buf(),
         })
     }
 
@@ -198,9 +207,7 @@ impl CloudNode {
 
     /// `PUT /v1/packs/{id}`.
     pub fn put_pack(&mut self, id: Hash32, bytes: Vec<u8>) -> Result<()> {
-        let (cat, obj) = (self.catalog.clone(), self.objects.clone());
-        self.rt
-            .block_on(async move { cloud_sink::store::put_pack(&cat, &obj, id, bytes.into()).await })?;
+        self.store.put_pack(id, bytes.into())?;
         Ok(())
     }
 }
