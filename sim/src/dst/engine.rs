@@ -1449,8 +1449,8 @@ impl Sim {
 
     /// `conflict-order`: the cloud's conflicts and shared view are a
     /// function of the *set* of shared versions. A fresh catalog that
-    /// receives the same versions reversed, and in a seeded shuffle (one
-    /// change per transaction), must list the same conflicts (with the same
+    /// receives the same versions reversed, and in a seeded shuffle (in
+    /// seeded batches), must list the same conflicts (with the same
     /// resolution and winner) and the same latest version per device and path.
     fn check_shared_order(&mut self) -> Result<Option<Violation>> {
         use cloud_sink::catalog::{Catalog, FileQuery};
@@ -1497,8 +1497,17 @@ impl Sim {
         let reversed: Vec<protocol::Change> = all.iter().rev().cloned().collect();
         for (name, order) in [("reversed", reversed), ("shuffled", shuffled)] {
             let cat = Catalog::open_with_backend(Box::new(redb::backends::InMemoryBackend::new()))?;
-            for c in &order {
-                cat.apply(std::slice::from_ref(c), None)?;
+            // Reversed: one transaction (the catalog indexes its changes
+            // one after another). Shuffled: seeded batches of 1-32.
+            if name == "reversed" {
+                cat.apply(&order, None)?;
+            } else {
+                let mut rest = &order[..];
+                while !rest.is_empty() {
+                    let k = rng.gen_range(1..=32usize).min(rest.len());
+                    cat.apply(&rest[..k], None)?;
+                    rest = &rest[k..];
+                }
             }
             let got = view(&cat)?;
             drop(cat);
