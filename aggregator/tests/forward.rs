@@ -9,53 +9,12 @@ use anyhow::{bail, Result};
 use common::*;
 use protocol::knowledge::Knowledge;
 use protocol::msg::*;
-use protocol::server::{Peer, Server, ServerConfig, ServerStore};
-use protocol::{Change, DeviceRef, Hash32};
-use std::collections::{HashMap, HashSet};
+use protocol::server::{Peer, Server, ServerConfig};
+use protocol::{DeviceRef, Hash32};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
-
-#[derive(Default)]
-struct MemSink {
-    chunks: HashSet<Hash32>,
-    known: Knowledge,
-    keys: HashMap<DeviceRef, Vec<u8>>,
-    changes: Vec<Change>,
-    packs: usize,
-}
-
-impl ServerStore for MemSink {
-    fn knowledge(&mut self, devices: &[DeviceRef]) -> protocol::Result<(Knowledge, Knowledge)> {
-        let mut k = Knowledge::default();
-        for d in devices {
-            k.union_with(&self.known.for_device(d));
-        }
-        Ok((k.clone(), k))
-    }
-    fn has_chunk(&mut self, id: &Hash32) -> protocol::Result<bool> {
-        Ok(self.chunks.contains(id))
-    }
-    fn put_chunks(&mut self, chunks: &[ChunkData]) -> protocol::Result<()> {
-        self.chunks.extend(chunks.iter().map(|c| c.id));
-        Ok(())
-    }
-    fn device_key(&mut self, d: &DeviceRef) -> protocol::Result<Option<Vec<u8>>> {
-        Ok(self.keys.get(d).cloned())
-    }
-    fn apply(&mut self, changes: &[Change]) -> protocol::Result<()> {
-        for c in changes {
-            self.keys.entry(c.replica.device.clone()).or_insert(c.pubkey.clone());
-            self.known.insert(&c.replica, c.seq);
-            self.changes.push(c.clone());
-        }
-        Ok(())
-    }
-    fn backpressure(&mut self) -> Option<u64> {
-        None
-    }
-}
 
 type Shared = Arc<Mutex<(Server, MemSink)>>;
 

@@ -11,55 +11,13 @@ use aggregator::forward::{AgentNotice, ForwardCore, SinkRequest, SinkResponse};
 use aggregator::mqtt::handle_publish_at;
 use aggregator::store::{AggStore, StoreClock, StoreConfig};
 use aggregator::{AggConfig, AggStats};
-use common::{chunk, file_change, key, replica};
-use protocol::knowledge::Knowledge;
+use common::{chunk, file_change, key, replica, MemSink};
 use protocol::msg::*;
-use protocol::server::{Peer, Server, ServerConfig, ServerStore};
+use protocol::server::{Peer, Server, ServerConfig};
 use protocol::{topic, Change, DeviceRef, Hash32};
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-#[derive(Default)]
-struct MemSink {
-    chunks: BTreeSet<Hash32>,
-    known: Knowledge,
-    keys: BTreeMap<DeviceRef, Vec<u8>>,
-    changes: Vec<Change>,
-    busy: Option<u64>,
-}
-
-impl ServerStore for MemSink {
-    fn knowledge(&mut self, devices: &[DeviceRef]) -> protocol::Result<(Knowledge, Knowledge)> {
-        let mut k = Knowledge::default();
-        for d in devices {
-            k.union_with(&self.known.for_device(d));
-        }
-        Ok((k.clone(), k))
-    }
-    fn has_chunk(&mut self, id: &Hash32) -> protocol::Result<bool> {
-        Ok(self.chunks.contains(id))
-    }
-    fn put_chunks(&mut self, chunks: &[ChunkData]) -> protocol::Result<()> {
-        self.chunks.extend(chunks.iter().map(|c| c.id));
-        Ok(())
-    }
-    fn device_key(&mut self, d: &DeviceRef) -> protocol::Result<Option<Vec<u8>>> {
-        Ok(self.keys.get(d).cloned())
-    }
-    fn apply(&mut self, changes: &[Change]) -> protocol::Result<()> {
-        for c in changes {
-            self.keys.entry(c.replica.device.clone()).or_insert(c.pubkey.clone());
-            self.known.insert(&c.replica, c.seq);
-            self.changes.push(c.clone());
-        }
-        Ok(())
-    }
-    fn backpressure(&mut self) -> Option<u64> {
-        self.busy
-    }
-}
 
 /// The cloud-sink as the forwarder sees it: real server logic, memory
 /// storage, and requests that fail while `down` is set.

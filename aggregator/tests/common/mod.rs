@@ -290,3 +290,47 @@ pub async fn commit(dev: &mut Device, batch_id: u64) -> Result<Committed> {
         other => bail!("expected Committed, got {other:?}"),
     }
 }
+
+/// The sink's storage as the forwarder tests need it: the real
+/// `protocol::server::Server` logic runs on top, only storage is in memory.
+#[derive(Default)]
+pub struct MemSink {
+    pub chunks: std::collections::BTreeSet<Hash32>,
+    pub known: protocol::Knowledge,
+    pub keys: std::collections::BTreeMap<DeviceRef, Vec<u8>>,
+    pub changes: Vec<Change>,
+    pub packs: usize,
+    /// `Some(ms)`: answer Prepare with back-pressure.
+    pub busy: Option<u64>,
+}
+
+impl protocol::server::ServerStore for MemSink {
+    fn knowledge(&mut self, devices: &[DeviceRef]) -> protocol::Result<(protocol::Knowledge, protocol::Knowledge)> {
+        let mut k = protocol::Knowledge::default();
+        for d in devices {
+            k.union_with(&self.known.for_device(d));
+        }
+        Ok((k.clone(), k))
+    }
+    fn has_chunk(&mut self, id: &Hash32) -> protocol::Result<bool> {
+        Ok(self.chunks.contains(id))
+    }
+    fn put_chunks(&mut self, chunks: &[ChunkData]) -> protocol::Result<()> {
+        self.chunks.extend(chunks.iter().map(|c| c.id));
+        Ok(())
+    }
+    fn device_key(&mut self, d: &DeviceRef) -> protocol::Result<Option<Vec<u8>>> {
+        Ok(self.keys.get(d).cloned())
+    }
+    fn apply(&mut self, changes: &[Change]) -> protocol::Result<()> {
+        for c in changes {
+            self.keys.entry(c.replica.device.clone()).or_insert(c.pubkey.clone());
+            self.known.insert(&c.replica, c.seq);
+            self.changes.push(c.clone());
+        }
+        Ok(())
+    }
+    fn backpressure(&mut self) -> Option<u64> {
+        self.busy
+    }
+}
