@@ -306,7 +306,13 @@ fn read_presence(b: &[u8]) -> Result<crate::fleet::PresenceRecord> {
 }
 
 fn decode<'b, T: minicbor::Decode<'b, ()>>(b: &'b [u8], what: &str) -> Result<T> {
-    protocol::from_cbor(b, MAX_CHANGE).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
+    decode_within(b, MAX_CHANGE, what)
+}
+
+/// Decodes a catalog record of at most `limit` bytes; anything else is
+/// `Corrupt` naming `what`. Every table of the catalog reads through this.
+pub(crate) fn decode_within<'b, T: minicbor::Decode<'b, ()>>(b: &'b [u8], limit: usize, what: &str) -> Result<T> {
+    protocol::from_cbor(b, limit).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
 }
 
 impl Catalog {

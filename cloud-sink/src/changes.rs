@@ -22,6 +22,7 @@
 //! counters       "gseq"                 → last gseq allocated
 //! ```
 
+use crate::catalog::decode_within;
 use crate::{Error, Result};
 use globset::GlobBuilder;
 use minicbor::{Decode, Encode};
@@ -48,10 +49,6 @@ pub const MAX_META_OBJECT: usize = 1 << 20;
 const CHANGES_BUDGET: usize = protocol::msg::MAX_MESSAGE / 2;
 /// Largest state record read back.
 const MAX_STATE: usize = protocol::msg::MAX_MESSAGE;
-
-fn decode<'b, T: Decode<'b, ()>>(b: &'b [u8], what: &str) -> Result<T> {
-    protocol::from_cbor(b, MAX_STATE).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
-}
 
 fn state_key(dkey: &str, target: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(dkey.len() + target.len() + 1);
@@ -111,7 +108,7 @@ impl<'t> StateTables<'t> {
 
     pub fn get(&self, dkey: &str, target: &str) -> Result<Option<ServerChange>> {
         match self.states.get(&state_key(dkey, target)[..])? {
-            Some(v) => Ok(Some(decode(v.value(), "server state")?)),
+            Some(v) => Ok(Some(decode_within(v.value(), MAX_STATE, "server state")?)),
             None => Ok(None),
         }
     }
@@ -121,7 +118,7 @@ impl<'t> StateTables<'t> {
     pub fn put(&mut self, dkey: &str, body: ServerBody) -> Result<Option<u64>> {
         let key = state_key(dkey, &body.target());
         let old: Option<ServerChange> = match self.states.get(&key[..])? {
-            Some(v) => Some(decode(v.value(), "server state")?),
+            Some(v) => Some(decode_within(v.value(), MAX_STATE, "server state")?),
             None => None,
         };
         if old.as_ref().is_some_and(|o| o.body == body) {
@@ -156,7 +153,7 @@ pub(crate) fn device_changes(tx: &redb::ReadTransaction, d: &DeviceRef, after: u
     let mut items = Vec::new();
     for e in t.range(&lo[..]..&hi[..])? {
         let (_, v) = e?;
-        let c: ServerChange = decode(v.value(), "server state")?;
+        let c: ServerChange = decode_within(v.value(), MAX_STATE, "server state")?;
         if c.gseq > after {
             items.push(c);
         }
@@ -199,7 +196,7 @@ pub(crate) fn fleet_changes(tx: &redb::ReadTransaction, after: u64, limit: usize
         let Some(v) = states.get(k.value())? else {
             return Err(Error::Corrupt(format!("gseq {} names a missing state", g.value())));
         };
-        let change: ServerChange = decode(v.value(), "server state")?;
+        let change: ServerChange = decode_within(v.value(), MAX_STATE, "server state")?;
         size += v.value().len();
         items.push(DeviceChange { device, change });
     }
@@ -539,7 +536,7 @@ pub(crate) fn list_meta(tx: &redb::ReadTransaction, q: &MetaQuery) -> Result<Vec
         if !(want(&q.tenant, &d.tenant) && want(&q.site, &d.site) && want(&q.device, &d.device)) {
             continue;
         }
-        let c: ServerChange = decode(v.value(), "server state")?;
+        let c: ServerChange = decode_within(v.value(), MAX_STATE, "server state")?;
         if let ServerBody::Meta { path, state } = &c.body {
             out.push(MetaView::new(&d, path, c.gseq, state));
         }

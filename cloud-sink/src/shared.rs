@@ -29,6 +29,7 @@
 //! being symmetric it keeps the result independent of arrival order even
 //! for ill-formed vectors.
 
+use crate::catalog::decode_within;
 use crate::changes::StateTables;
 use crate::{Error, Result};
 use minicbor::{Decode, Encode};
@@ -210,10 +211,6 @@ pub struct SharedQuery {
     pub at: Option<String>,
 }
 
-fn decode<'b, T: Decode<'b, ()>>(b: &'b [u8], what: &str) -> Result<T> {
-    protocol::from_cbor(b, MAX_REC).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
-}
-
 fn path_prefix(site: &str, path: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(site.len() + path.len() + 2);
     k.extend_from_slice(site.as_bytes());
@@ -284,7 +281,7 @@ impl<'t> SharedTables<'t> {
         let concurrent = self.concurrent_with(&prefix, &rec)?;
         self.shared.insert(&key[..], &protocol::to_cbor(&rec)[..])?;
         let mut sum: PathSummary = match self.paths.get(&prefix[..])? {
-            Some(v) => decode(v.value(), "shared path summary")?,
+            Some(v) => decode_within(v.value(), MAX_REC, "shared path summary")?,
             None => PathSummary::default(),
         };
         sum.vv.merge(&rec.vv);
@@ -346,7 +343,7 @@ impl<'t> SharedTables<'t> {
                 lo.extend_from_slice(&rec.vv.get(&dev).saturating_add(1).to_be_bytes());
                 for e in self.shared.range(&lo[..]..&dhi[..])? {
                     let (_, v) = e?;
-                    let w: SharedRec = decode(v.value(), "shared version")?;
+                    let w: SharedRec = decode_within(v.value(), MAX_REC, "shared version")?;
                     if w.vv.get(&rec.device) < rec.hlc && w.vv.concurrent(&rec.vv) {
                         out.push(w);
                     }
@@ -365,7 +362,7 @@ impl<'t> SharedTables<'t> {
         let Some(v) = self.paths.get(&prefix[..])? else {
             return Ok(());
         };
-        let sum: PathSummary = decode(v.value(), "shared path summary")?;
+        let sum: PathSummary = decode_within(v.value(), MAX_REC, "shared path summary")?;
         let Some(latest) = &sum.latest else { return Ok(()) };
         let body = ServerBody::SharedHead {
             path: path.to_string(),
@@ -419,7 +416,7 @@ pub(crate) fn list_conflicts(tx: &redb::ReadTransaction, q: &ConflictQuery) -> R
         if !want(&q.tenant, tenant) || !want(&q.site, site) || !crate::catalog::glob_matches(glob.as_ref(), path) {
             continue;
         }
-        let r: ConflictRecord = decode(v.value(), "conflict")?;
+        let r: ConflictRecord = decode_within(v.value(), MAX_REC, "conflict")?;
         if q.device.as_deref().is_some_and(|d| d != r.a.device && d != r.b.device) {
             continue;
         }
