@@ -14,7 +14,7 @@ mod common;
 
 use common::*;
 use edge_agent::policy::{ClassSpec, Prune, Quantity};
-use edge_agent::{Agent, AgentConfig, DiskStat, DiskWatermarks, Watermark};
+use edge_agent::{Agent, AgentConfig, DiskWatermarks, Watermark};
 use protocol::client::ClientStore;
 use protocol::manifest::{Change, ChangeBody};
 use protocol::msg::{ChunkData, Message, MQTT_MAX_PACKET};
@@ -24,7 +24,7 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -466,39 +466,6 @@ async fn bandwidth_cap_holds_on_the_wire() {
 }
 
 // ---------------------------------------------------------------- disk
-
-/// A disk of `total` bytes holding `base` bytes plus the files under `dir`.
-fn fake_disk(dir: PathBuf, total: u64, base: Arc<AtomicU64>) -> edge_agent::DiskProbe {
-    fn size(p: &Path) -> u64 {
-        let mut n = 0;
-        if let Ok(rd) = std::fs::read_dir(p) {
-            for e in rd.flatten() {
-                let m = e.metadata().unwrap();
-                n += if m.is_dir() { size(&e.path()) } else { m.len() };
-            }
-        }
-        n
-    }
-    Arc::new(move |_p: &Path| {
-        let used = base.load(Ordering::SeqCst) + size(&dir);
-        Ok(DiskStat {
-            total,
-            free: total.saturating_sub(used),
-        })
-    })
-}
-
-/// Files f0..f{n-1} of `size` bytes, f0 the oldest (mtime `n - i` hours ago).
-fn aged_files(dir: &Path, sub: &str, n: u64, size: usize, seed: u64) {
-    for i in 0..n {
-        let p = dir.join(sub).join(format!("f{i}.bin"));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, pseudo_random(size, seed + i)).unwrap();
-        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600 * (n - i + 1)))
-            .unwrap();
-    }
-}
 
 fn disk_agent(t: &Path, watch: &Path, base: Arc<AtomicU64>, high: &str, low: &str) -> AgentConfig {
     let mut cfg = config("gw1", &[watch.to_path_buf()], &t.join("s.redb"));

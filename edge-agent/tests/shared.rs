@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use edge_agent::policy::{ClassSpec, FileConfig, Prune};
-use edge_agent::{read_status, Agent, AgentConfig, DiskStat, DiskWatermarks, Watermark};
+use edge_agent::{read_status, Agent, AgentConfig, DiskWatermarks, Watermark};
 use protocol::client::{ClientConfig, ClientSession, ClientStore};
 use protocol::hlc::Hlc;
 use protocol::manifest::{Change, ChangeBody};
@@ -21,7 +21,6 @@ use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering as AtOrd};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// 2025-03-03 00:00:00 UTC in ms.
 const DAY0: u64 = 1_740_960_000_000;
@@ -387,39 +386,6 @@ fn status_json_shows_cursor_metadata_holds_and_shared_paths() {
 }
 
 // ---------------------------------------------------------------- holds
-
-/// A disk of `total` bytes holding `base` bytes plus the files under `dir`.
-fn fake_disk(dir: PathBuf, total: u64, base: Arc<AtomicU64>) -> edge_agent::DiskProbe {
-    fn size(p: &Path) -> u64 {
-        let mut n = 0;
-        if let Ok(rd) = std::fs::read_dir(p) {
-            for e in rd.flatten() {
-                let m = e.metadata().unwrap();
-                n += if m.is_dir() { size(&e.path()) } else { m.len() };
-            }
-        }
-        n
-    }
-    Arc::new(move |_p: &Path| {
-        let used = base.load(AtOrd::SeqCst) + size(&dir);
-        Ok(DiskStat {
-            total,
-            free: total.saturating_sub(used),
-        })
-    })
-}
-
-/// Files f0..f{n-1} of `size` bytes, hours old.
-fn aged_files(dir: &Path, sub: &str, n: u64, size: usize, seed: u64) {
-    for i in 0..n {
-        let p = dir.join(sub).join(format!("f{i}.bin"));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, pseudo_random(size, seed + i)).unwrap();
-        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600 * (n - i + 1)))
-            .unwrap();
-    }
-}
 
 fn hold(gseq: u64, path: &str, reason: &str, dot: u64) -> (ServerChange, MetaState) {
     let mut s = MetaState::default();

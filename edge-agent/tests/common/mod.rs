@@ -184,3 +184,40 @@ next_connection_delay_ms = 1
     }
     panic!("broker did not start on port {port}");
 }
+
+/// A disk of `total` bytes holding `base` bytes plus the files under `dir`.
+pub fn fake_disk(
+    dir: PathBuf,
+    total: u64,
+    base: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> edge_agent::DiskProbe {
+    fn size(p: &Path) -> u64 {
+        let mut n = 0;
+        if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                let m = e.metadata().unwrap();
+                n += if m.is_dir() { size(&e.path()) } else { m.len() };
+            }
+        }
+        n
+    }
+    std::sync::Arc::new(move |_p: &Path| {
+        let used = base.load(std::sync::atomic::Ordering::SeqCst) + size(&dir);
+        Ok(edge_agent::DiskStat {
+            total,
+            free: total.saturating_sub(used),
+        })
+    })
+}
+
+/// Files f0..f{n-1} of `size` bytes, f0 the oldest (mtime `n - i + 1` hours ago).
+pub fn aged_files(dir: &Path, sub: &str, n: u64, size: usize, seed: u64) {
+    for i in 0..n {
+        let p = dir.join(sub).join(format!("f{i}.bin"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, pseudo_random(size, seed + i)).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(3600 * (n - i + 1)))
+            .unwrap();
+    }
+}
