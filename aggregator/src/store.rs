@@ -1124,12 +1124,9 @@ impl ServerStore for &AggStore {
         self.backpressure_ms()
     }
     fn server_changes(&mut self, device: &DeviceRef, _after: u64) -> protocol::Result<Option<Changes>> {
-        // Always an answer, empty when the sink could not be asked: the
-        // agent then knows the exchange is over and keeps its cursor.
-        Ok(Some(self.take_changes(device).unwrap_or(Changes {
-            items: Vec::new(),
-            upto: None,
-        })))
+        // None (the sink could not be asked): the server logic answers an
+        // empty Changes, so the agent keeps its cursor.
+        Ok(self.take_changes(device))
     }
 }
 

@@ -235,15 +235,8 @@ impl ClientSession {
             (State::Idle, _) if self.dirty && self.idle_until > 0 => Some(self.idle_until),
             (_, d) => d,
         };
-        let t = match (t, self.refresh_due()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
         let changes = self.changes_wait_until.filter(|_| !self.exchanged);
-        match (t, changes) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.refresh_due(), changes].into_iter().flatten().chain(t).min()
     }
 
     pub fn handle_timeout(&mut self, now: u64, store: &dyn ClientStore) {

@@ -12,8 +12,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Most entries a version vector may hold (devices writing one shared path).
 pub const MAX_VV_ENTRIES: usize = 1024;
-/// Largest shared file `merge_lines` takes apart (per part).
-pub const MAX_MERGE_LINE: usize = 1 << 20;
 
 /// Device name (within the site) → the HLC of that device's latest version of
 /// the path that the writer had seen. A device's own entry is the HLC of the
