@@ -68,6 +68,16 @@ fn sink_cli(f: &Fleet, args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
+/// `cloud-sink restore --shared` of the test's site into `out`.
+fn restore_shared(f: &Fleet, out: &Path) -> Result<()> {
+    let (key, out) = (s(&f.key), s(out));
+    sink_cli(
+        f,
+        &["restore", "--shared", "--site", "plant-1", "--key", &key, "--out", &out],
+    )?;
+    Ok(())
+}
+
 fn conflicts(f: &Fleet) -> Result<Vec<serde_json::Value>> {
     let out = sink_cli(f, &["conflicts", "--json"])?;
     let v: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("conflicts JSON: {out}"))?;
@@ -117,19 +127,7 @@ fn concurrent_shared_writes_reconcile_and_metadata_flows_down() -> Result<()> {
 
     // The shared view restores each resolution.
     let out = f.dir().join("shared-restore");
-    sink_cli(
-        &f,
-        &[
-            "restore",
-            "--shared",
-            "--site",
-            "plant-1",
-            "--key",
-            &s(&f.key),
-            "--out",
-            &s(&out),
-        ],
-    )?;
+    restore_shared(&f, &out)?;
     let read = |rel: &str| std::fs::read_to_string(out.join(rel)).with_context(|| format!("restored {rel}"));
     ensure!(
         read("archive/line/counts.csv")? == "ts,value\n1000,a1\n2000,b2\n3000,both\n4000,b4\n",
@@ -164,19 +162,7 @@ fn concurrent_shared_writes_reconcile_and_metadata_flows_down() -> Result<()> {
         "a write after reconnecting is no conflict: {cs2:?}"
     );
     let out2 = f.dir().join("shared-restore-2");
-    sink_cli(
-        &f,
-        &[
-            "restore",
-            "--shared",
-            "--site",
-            "plant-1",
-            "--key",
-            &s(&f.key),
-            "--out",
-            &s(&out2),
-        ],
-    )?;
+    restore_shared(&f, &out2)?;
     ensure!(std::fs::read_to_string(out2.join("archive/line/setpoint.json"))? == "{\"sp\": 3}\n");
 
     // Central metadata set while A is offline reaches it at its next connect.
