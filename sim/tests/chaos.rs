@@ -49,7 +49,7 @@ impl Chaos {
     }
 
     fn agent_args() -> [&'static str; 4] {
-        ["--keepalive", "5", "--response-timeout", "5s"]
+        ["--keepalive", "5", "--response-timeout", "5"]
     }
 
     fn fault(&mut self, round: u32) -> Result<()> {
@@ -129,11 +129,15 @@ impl Chaos {
             _ => {
                 self.note(format!("round {round}: {dev} loses its state file"));
                 self.agents[i].2.kill();
+                // The state file and its status snapshot; the device key stays.
                 let st = self.f.state(&dev);
-                for suffix in ["", ".snapshot", ".status.json"] {
-                    let p = std::path::PathBuf::from(format!("{}{suffix}", st.display()));
-                    let _ = std::fs::remove_file(p);
-                }
+                std::fs::remove_file(&st).with_context(|| {
+                    let dir: Vec<_> = std::fs::read_dir(st.parent().unwrap_or(&st))
+                        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                        .unwrap_or_default();
+                    format!("removing {} (beside it: {dir:?})", st.display())
+                })?;
+                let _ = std::fs::remove_file(edge_agent::snapshot_path(&st));
                 self.agents[i].2.restart()?;
             }
         }
@@ -161,6 +165,11 @@ fn seeded_chaos_over_real_processes_loses_nothing() -> Result<()> {
         let p = f.run_agent_with(&dev, &Chaos::agent_args())?;
         agents.push((dev, g, p));
     }
+    for (dev, _, p) in &mut agents {
+        let st = f.state(dev);
+        wait_until(secs(30), &format!("{dev} opened its state"), || st.exists())
+            .with_context(|| tail(&p.log_text(), 20))?;
+    }
     let mut c = Chaos {
         f,
         rng: StdRng::seed_from_u64(seed),
@@ -171,6 +180,15 @@ fn seeded_chaos_over_real_processes_loses_nothing() -> Result<()> {
     };
     let run = (|| -> Result<()> {
         for round in 1..=rounds {
+            // Faults must hit running daemons: a daemon that died on its own
+            // (a bad flag, a crash) fails the run.
+            for (dev, _, p) in &mut c.agents {
+                ensure!(
+                    p.alive(),
+                    "agent {dev} is not running before round {round}:\n{}",
+                    tail(&p.log_text(), 20)
+                );
+            }
             for k in 0..AGENTS {
                 let (dev, g) = (c.agents[k].0.clone(), c.agents[k].1.clone());
                 gen::apply_step(&c.f.archive(&dev), &g, round)?;
