@@ -269,6 +269,29 @@ pub fn read_status(state: &Path) -> Result<Status> {
     }
 }
 
+/// How long an agent waits for a state file another process holds when it
+/// opens it. `edge-agent status` opens the file read-only for a few
+/// milliseconds (a shared lock): an agent starting in that instant must wait
+/// for it, not exit with "in use by another process". A running agent holds
+/// the file for good, so a second agent still fails, after this wait.
+pub const OPEN_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs `open` until it returns something other than [`Error::Locked`], for
+/// at most `wait` (pausing 10 ms, doubling to 200 ms, between tries).
+pub fn open_waiting<T>(wait: Duration, mut open: impl FnMut() -> Result<T>) -> Result<T> {
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match open() {
+            Err(Error::Locked { .. }) if start.elapsed() < wait => {
+                std::thread::sleep(pause.min(wait.saturating_sub(start.elapsed())));
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// One device's agent: state, sealing, scanning, and the sync store.
 pub struct Agent {
     cfg: AgentConfig,
@@ -328,15 +351,15 @@ impl Agent {
             .iter()
             .map(|c| chunker::Chunker::new(c.chunking))
             .collect::<Result<Vec<_>>>()?;
-        let store = Store::open_with(
-            &cfg.state,
-            &device,
-            store::StoreOptions {
-                backend,
-                clock: cfg.clock.clone(),
-                entropy: cfg.entropy.clone(),
-            },
-        )?;
+        let opts = |backend| store::StoreOptions {
+            backend,
+            clock: cfg.clock.clone(),
+            entropy: cfg.entropy.clone(),
+        };
+        let store = match backend {
+            Some(b) => Store::open_with(&cfg.state, &device, opts(Some(b)))?,
+            None => open_waiting(OPEN_LOCK_WAIT, || Store::open_with(&cfg.state, &device, opts(None)))?,
+        };
         let sched = sched::Sched::new(&policy, (cfg.clock)());
         let sealer = Sealer::new(&cfg.key, cfg.cipher)?;
         tracing::info!(replica = %store.replica(), next_seq = store.next_seq(), "state opened");

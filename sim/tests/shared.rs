@@ -88,26 +88,41 @@ fn of_path<'a>(cs: &'a [serde_json::Value], path: &str) -> Vec<&'a serde_json::V
     cs.iter().filter(|c| c["path"] == path).collect()
 }
 
+/// On failure, prints the tails of every process log and keeps the work
+/// dir (its path is printed) so a flaky run can be examined afterwards.
 #[test]
 fn concurrent_shared_writes_reconcile_and_metadata_flows_down() -> Result<()> {
     let f = Fleet::start(true)?;
+    let r = scenario(&f);
+    if r.is_err() {
+        for log in ["agg.log", "agent-gw-b.log", "sink.log"] {
+            let text = std::fs::read_to_string(f.dir().join(log)).unwrap_or_default();
+            eprintln!("--- {log} (tail):\n{}", tail(&text, 60));
+        }
+        let Fleet { work, .. } = f;
+        eprintln!("--- work dir kept: {}", work.keep().display());
+    }
+    r
+}
+
+fn scenario(f: &Fleet) -> Result<()> {
     let cfg = f.dir().join("shared.toml");
     std::fs::write(&cfg, CONFIG)?;
     let (a, b) = ("gw-a", "gw-b");
 
     // Both gateways capture the same line while neither knows the other's
     // versions: every shared path gets concurrent versions.
-    write(&f, a, "line/counts.csv", "ts,value\n1000,a1\n3000,both\n")?;
-    write(&f, a, "line/setpoint.json", "{\"sp\": 1}\n")?;
-    write(&f, a, "line/recipe.txt", "recipe from A\n")?;
-    write(&f, a, "own/notes.txt", "not shared\n")?;
-    sync(&f, a, &cfg)?;
-    write(&f, b, "line/counts.csv", "ts,value\n2000,b2\n3000,both\n4000,b4\n")?;
-    write(&f, b, "line/setpoint.json", "{\"sp\": 2}\n")?;
-    write(&f, b, "line/recipe.txt", "recipe from B\n")?;
-    sync(&f, b, &cfg)?;
+    write(f, a, "line/counts.csv", "ts,value\n1000,a1\n3000,both\n")?;
+    write(f, a, "line/setpoint.json", "{\"sp\": 1}\n")?;
+    write(f, a, "line/recipe.txt", "recipe from A\n")?;
+    write(f, a, "own/notes.txt", "not shared\n")?;
+    sync(f, a, &cfg)?;
+    write(f, b, "line/counts.csv", "ts,value\n2000,b2\n3000,both\n4000,b4\n")?;
+    write(f, b, "line/setpoint.json", "{\"sp\": 2}\n")?;
+    write(f, b, "line/recipe.txt", "recipe from B\n")?;
+    sync(f, b, &cfg)?;
 
-    let cs = conflicts(&f)?;
+    let cs = conflicts(f)?;
     for (path, policy) in [
         ("archive/line/counts.csv", "append-merge"),
         ("archive/line/setpoint.json", "last-writer-wins"),
@@ -127,7 +142,7 @@ fn concurrent_shared_writes_reconcile_and_metadata_flows_down() -> Result<()> {
 
     // The shared view restores each resolution.
     let out = f.dir().join("shared-restore");
-    restore_shared(&f, &out)?;
+    restore_shared(f, &out)?;
     let read = |rel: &str| std::fs::read_to_string(out.join(rel)).with_context(|| format!("restored {rel}"));
     ensure!(
         read("archive/line/counts.csv")? == "ts,value\n1000,a1\n2000,b2\n3000,both\n4000,b4\n",
@@ -143,7 +158,7 @@ fn concurrent_shared_writes_reconcile_and_metadata_flows_down() -> Result<()> {
 
     // A reconnects and learns the cloud's vector of each shared path; its
     // next write then follows B's and is no new conflict.
-    sync(&f, a, &cfg)?;
+    sync(f, a, &cfg)?;
     let st = f.status(a)?;
     let shared = st["shared"].as_array().cloned().unwrap_or_default();
     let counts = shared
@@ -154,24 +169,24 @@ fn concurrent_shared_writes_reconcile_and_metadata_flows_down() -> Result<()> {
         counts["vv"][b].as_u64().unwrap_or(0) > 0,
         "A knows B's version: {counts}"
     );
-    write(&f, a, "line/setpoint.json", "{\"sp\": 3}\n")?;
-    sync(&f, a, &cfg)?;
-    let cs2 = conflicts(&f)?;
+    write(f, a, "line/setpoint.json", "{\"sp\": 3}\n")?;
+    sync(f, a, &cfg)?;
+    let cs2 = conflicts(f)?;
     ensure!(
         cs2.len() == cs.len(),
         "a write after reconnecting is no conflict: {cs2:?}"
     );
     let out2 = f.dir().join("shared-restore-2");
-    restore_shared(&f, &out2)?;
+    restore_shared(f, &out2)?;
     ensure!(std::fs::read_to_string(out2.join("archive/line/setpoint.json"))? == "{\"sp\": 3}\n");
 
     // Central metadata set while A is offline reaches it at its next connect.
     sink_cli(
-        &f,
+        f,
         &["tag", "--device", a, "--path", "archive/line/**", "--add", "critical"],
     )?;
     sink_cli(
-        &f,
+        f,
         &[
             "hold",
             "--device",
@@ -183,10 +198,10 @@ fn concurrent_shared_writes_reconcile_and_metadata_flows_down() -> Result<()> {
         ],
     )?;
     sink_cli(
-        &f,
+        f,
         &["retain", "--device", a, "--path", "archive/line/**", "--days", "400"],
     )?;
-    sync(&f, a, &cfg)?;
+    sync(f, a, &cfg)?;
     let st = f.status(a)?;
     let meta = st["metadata"].as_array().cloned().unwrap_or_default();
     let m = meta
@@ -200,12 +215,20 @@ fn concurrent_shared_writes_reconcile_and_metadata_flows_down() -> Result<()> {
     ensure!(m["held"] == true && m["retain_days"] == 400, "{m}");
 
     // Online agents get it pushed without reconnecting.
+    // The state file still says what B's last sync left: the daemon is up
+    // once its snapshot answers (it holds the file) with the cursor its
+    // Hello moved (A's syncs and the ops above allocated newer gseqs).
+    let before = u(&f.status(b)?, "server_cursor");
     let mut agent = f.run_agent_with(b, &["--config", &s(&cfg)])?;
+    let mut died = false;
     wait_until(secs(30), "B's daemon connected", || {
-        f.status(b)
-            .is_ok_and(|st| st["server_cursor"].as_u64().unwrap_or(0) > 0)
+        died = died || !agent.alive();
+        died || f
+            .status(b)
+            .is_ok_and(|st| st["from_snapshot"] == true && st["server_cursor"].as_u64().is_some_and(|c| c > before))
     })?;
-    sink_cli(&f, &["tag", "--device", b, "--add", "line-3"])?;
+    ensure!(!died, "B's daemon exited: {}", tail(&agent.log_text(), 20));
+    sink_cli(f, &["tag", "--device", b, "--add", "line-3"])?;
     wait_until(secs(60), "tag pushed to the online agent", || {
         f.status(b).is_ok_and(|st| {
             st["metadata"].as_array().is_some_and(|ms| {
