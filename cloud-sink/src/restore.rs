@@ -9,7 +9,7 @@ use crate::catalog::FileQuery;
 use crate::client::SinkClient;
 use crate::{Error, Result};
 use futures::StreamExt;
-use protocol::seal::{Cipher, Sealer, TenantKey};
+use protocol::seal::{base_of, Cipher, Sealer, TenantKey, MAX_DEPTH};
 use protocol::sha::ResumableSha256;
 use protocol::{Change, ChangeBody, ChunkRef, DeviceRef, FileVersion};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -157,7 +157,7 @@ async fn write_items(client: &SinkClient, sealer: &mut Sealer, out: &Path, items
                 return Err(Error::Task("chunk stream ended early".into()));
             };
             let (r, stored) = next?;
-            let plain = sealer.open(&stored, r.len as usize)?;
+            let plain = open_chunk(client, sealer, &stored, r.len as usize).await?;
             if plain.len() != r.len as usize {
                 return Err(Error::Verify(format!(
                     "{}: chunk {} opened to {} bytes, manifest says {}",
@@ -253,6 +253,43 @@ fn plan(
     Ok(items)
 }
 
+/// Opens one chunk's stored bytes. An extension chunk (`protocol::seal`)
+/// first needs its base chain: fetched (each verified by its id), at most
+/// `MAX_DEPTH` deep, each base strictly shallower than what extends it.
+async fn open_chunk(client: &SinkClient, sealer: &mut Sealer, stored: &[u8], len: usize) -> Result<Vec<u8>> {
+    let Some(mut base) = base_of(stored)? else {
+        return Ok(sealer.open(stored, len)?);
+    };
+    // (stored bytes, plaintext length) from this chunk down to a full one.
+    let mut chain: Vec<(Vec<u8>, usize)> = Vec::new();
+    let mut depth = base.depth;
+    let mut plain = loop {
+        if chain.len() >= usize::from(MAX_DEPTH) {
+            return Err(Error::Verify(format!("chunk {}: extension chain too deep", base.id)));
+        }
+        let bytes = client.chunk(&base.id).await?;
+        let want = base.len as usize;
+        match base_of(&bytes)? {
+            None => break sealer.open(&bytes, want)?,
+            Some(next) if next.depth < depth => {
+                chain.push((bytes, want));
+                depth = next.depth;
+                base = next;
+            }
+            Some(_) => {
+                return Err(Error::Verify(format!(
+                    "chunk {}: extension base is not shallower than its extension",
+                    base.id
+                )))
+            }
+        }
+    };
+    while let Some((bytes, want)) = chain.pop() {
+        plain = sealer.open_with_base(&bytes, want, Some(&plain))?;
+    }
+    Ok(sealer.open_with_base(stored, len, Some(&plain))?)
+}
+
 /// Fetches one whole file version, verifying every chunk, the length and
 /// the SHA-256. Refuses versions over `MAX_MERGE_PART`.
 async fn fetch_whole(client: &SinkClient, sealer: &mut Sealer, f: &FileVersion) -> Result<Vec<u8>> {
@@ -270,7 +307,7 @@ async fn fetch_whole(client: &SinkClient, sealer: &mut Sealer, f: &FileVersion) 
         .buffered(FETCH_CONCURRENCY);
     while let Some(next) = chunks.next().await {
         let (r, stored) = next?;
-        let plain = sealer.open(&stored, r.len as usize)?;
+        let plain = open_chunk(client, sealer, &stored, r.len as usize).await?;
         if plain.len() != r.len as usize {
             return Err(Error::Verify(format!(
                 "{}: chunk {} has the wrong length",

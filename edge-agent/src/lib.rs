@@ -538,11 +538,15 @@ impl Agent {
         }
         self.store.counters.bytes_read += u64::from(len);
         let tag = self.sealer.index_tag(&self.read_buf);
-        let (level, cipher) = match self.store.known_reader()?.get(&tag)? {
-            Some(k) if k.id == *id => (k.level, k.cipher),
+        let (level, cipher, base) = match self.store.known_reader()?.get(&tag)? {
+            Some(k) if k.id == *id => (k.level, k.cipher, k.base),
             Some(_) => return Ok(None), // these bytes were sealed as another chunk
-            None => (self.policy.level(&f.class), self.sealer.cipher() as u8),
+            None => (self.policy.level(&f.class), self.sealer.cipher() as u8, None),
         };
+        // An extension's base is its own prefix; a shorter read cannot hold it.
+        if base.is_some_and(|b| b.len as usize >= self.read_buf.len()) {
+            return Ok(None);
+        }
         let sealer = if cipher == self.sealer.cipher() as u8 {
             &mut self.sealer
         } else {
@@ -556,7 +560,7 @@ impl Agent {
                 slot => slot.insert(Sealer::new(&self.cfg.key, c)?),
             }
         };
-        let got = sealer.seal(&self.read_buf, level, &mut self.seal_buf)?;
+        let got = sealer.seal_with_base(&self.read_buf, level, base, &mut self.seal_buf)?;
         if got != *id {
             return Ok(None);
         }

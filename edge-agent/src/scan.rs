@@ -15,6 +15,7 @@ use crate::policy::Root;
 use crate::store::{FileChunks, FileMeta, KnownChunk, StoredChunk};
 use crate::Agent;
 use protocol::manifest::{ChangeBody, ChunkRef, FileVersion};
+use protocol::seal::{BaseRef, MAX_DEPTH};
 use protocol::sha::ResumableSha256;
 use protocol::Hash32;
 use serde::Serialize;
@@ -69,6 +70,8 @@ pub struct ScanReport {
     pub bytes_chunked: u64,
     pub chunks_new: u64,
     pub chunks_known: u64,
+    /// New chunks stored as extensions of the file's old last chunk.
+    pub chunks_extension: u64,
     pub secs: f64,
 }
 
@@ -405,14 +408,41 @@ impl Agent {
         let mut sha = ResumableSha256::new();
         let mut bytes_read = 0u64;
 
-        // Append fast path: the file grew and its last stable chunk is unchanged.
-        let appendable = old
+        // The file grew in place: its last chunk may be the base of an
+        // extension (below), and with an append class the fast path may skip
+        // to it.
+        let grew = old
             .as_ref()
-            .is_some_and(|o| append_class && !is_link && !o.dirty && o.inode == st.inode && st.size > o.size);
-        if appendable {
-            if let Some(fc) = self.store.file_chunks(path)? {
+            .is_some_and(|o| !is_link && !o.dirty && o.inode == st.inode && st.size > o.size);
+        let old_fc = match grew {
+            true => self.store.file_chunks(path)?.filter(|fc| fc.class == class),
+            false => None,
+        };
+        let known = self.store.known_reader()?;
+        // The old last chunk, as an extension base: only when the server
+        // holds the version that sent it (so the base is stored wherever
+        // this chunk goes) and its chain is not already at the depth bound.
+        let mut tail: Option<(u64, StoredChunk, u8)> = None;
+        if let (Some(o), Some(fc)) = (&old, &old_fc) {
+            if let Some((last, before)) = fc.chunks.split_last() {
+                if self.store.regional().contains(&self.store.replica(), o.seq) {
+                    let depth = known
+                        .get(&last.tag)?
+                        .filter(|k| k.id == last.id)
+                        .map(|k| k.base.map_or(0, |b| b.depth));
+                    if let Some(d) = depth.filter(|d| *d < MAX_DEPTH) {
+                        let start: u64 = before.iter().map(|c| u64::from(c.len)).sum();
+                        tail = Some((start, *last, d + 1));
+                    }
+                }
+            }
+        }
+
+        // Append fast path: the file grew and its last stable chunk is unchanged.
+        if append_class {
+            if let Some(fc) = &old_fc {
                 let n = fc.chunks.len();
-                if n >= 2 && fc.class == class {
+                if n >= 2 {
                     let last_start: u64 = fc.chunks[..n - 1].iter().map(|c| u64::from(c.len)).sum();
                     let stable = fc.chunks[n - 2];
                     let stable_start = last_start - u64::from(stable.len);
@@ -435,11 +465,11 @@ impl Agent {
         }
         file.seek(SeekFrom::Start(start)).map_err(|e| Error::io(fs_path, e))?;
 
-        let known = self.store.known_reader()?;
         let mut new_known: Vec<(Hash32, KnownChunk)> = Vec::new();
         let mut local: HashMap<Hash32, Hash32> = HashMap::new();
         let mut sha_before_last = sha.clone();
-        let (mut n_new, mut n_known) = (0u64, 0u64);
+        let (mut n_new, mut n_known, mut n_ext) = (0u64, 0u64, 0u64);
+        let mut off = start;
         let Agent {
             chunkers,
             sealer,
@@ -453,6 +483,8 @@ impl Agent {
         let read = chunker.run(&mut file, fs_path, |plain| {
             sha_before_last = sha.clone();
             sha.update(plain);
+            let at = off;
+            off += plain.len() as u64;
             let tag = sealer.index_tag(plain);
             let id = if let Some(id) = local.get(&tag) {
                 n_known += 1;
@@ -461,10 +493,34 @@ impl Agent {
                 n_known += 1;
                 k.id
             } else {
-                let id = sealer.seal(plain, level, seal_buf)?;
-                new_known.push((tag, KnownChunk { id, level, cipher }));
+                // The old tail grown in place: store only what was appended.
+                let base = match tail {
+                    Some((s, l, depth))
+                        if s == at
+                            && plain.len() > l.len as usize
+                            && sealer.index_tag(&plain[..l.len as usize]) == l.tag =>
+                    {
+                        Some(BaseRef {
+                            id: l.id,
+                            len: l.len,
+                            depth,
+                        })
+                    }
+                    _ => None,
+                };
+                let id = sealer.seal_with_base(plain, level, base, seal_buf)?;
+                new_known.push((
+                    tag,
+                    KnownChunk {
+                        id,
+                        level,
+                        cipher,
+                        base,
+                    },
+                ));
                 local.insert(tag, id);
                 n_new += 1;
+                n_ext += u64::from(base.is_some());
                 id
             };
             chunks.push(StoredChunk {
@@ -493,8 +549,10 @@ impl Agent {
         }
         let c = &mut self.store.counters;
         c.chunks_new += n_new;
+        c.chunks_extension += n_ext;
         c.chunks_skipped_known += n_known;
         rep.chunks_new += n_new;
+        rep.chunks_extension += n_ext;
         rep.chunks_known += n_known;
         let fv = FileVersion {
             path: path.to_string(),

@@ -42,6 +42,7 @@ use minicbor::{Decode, Encode};
 use protocol::hlc::Hlc;
 use protocol::manifest::{Change, ChangeBody};
 use protocol::meta::{MetaState, ServerBody, ServerChange};
+use protocol::seal::BaseRef;
 use protocol::shared::{ConflictPolicy, Shared};
 use protocol::{DeviceRef, Hash32, Knowledge, ReplicaId};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -191,22 +192,41 @@ pub struct KnownChunk {
     pub id: Hash32,
     pub level: i32,
     pub cipher: u8,
+    /// Set for an extension chunk (`protocol::seal`): the base is the
+    /// chunk's own first `base.len` bytes, so it can be resealed from them.
+    pub base: Option<BaseRef>,
 }
 
 impl KnownChunk {
-    fn to_bytes(self) -> [u8; 34] {
-        let mut b = [0u8; 34];
-        b[..32].copy_from_slice(&self.id.0);
-        b[32] = self.level.clamp(-128, 127) as i8 as u8;
-        b[33] = self.cipher;
+    /// 34 bytes; 71 with a base (id, length u32 big-endian, depth).
+    fn to_bytes(self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(71);
+        b.extend_from_slice(&self.id.0);
+        b.push(self.level.clamp(-128, 127) as i8 as u8);
+        b.push(self.cipher);
+        if let Some(base) = self.base {
+            b.extend_from_slice(&base.id.0);
+            b.extend_from_slice(&base.len.to_be_bytes());
+            b.push(base.depth);
+        }
         b
     }
     fn from_bytes(b: &[u8]) -> Option<KnownChunk> {
         let id: [u8; 32] = b.get(..32)?.try_into().ok()?;
+        let base = match b.len() {
+            34 => None,
+            71 => Some(BaseRef {
+                id: Hash32(b.get(34..66)?.try_into().ok()?),
+                len: u32::from_be_bytes(b.get(66..70)?.try_into().ok()?),
+                depth: *b.get(70)?,
+            }),
+            _ => return None,
+        };
         Some(KnownChunk {
             id: Hash32(id),
             level: i32::from(*b.get(32)? as i8),
             cipher: *b.get(33)?,
+            base,
         })
     }
 }
@@ -229,6 +249,8 @@ pub struct Counters {
     pub bytes_chunked: u64,
     pub chunks_new: u64,
     pub chunks_skipped_known: u64,
+    /// Of `chunks_new`, stored as extensions of a grown file's old tail.
+    pub chunks_extension: u64,
     pub changed_during_read: u64,
     pub wire_bytes_sent: u64,
     pub messages_sent: u64,
@@ -287,6 +309,7 @@ pub struct Status {
     pub chunk_bytes_sent: u64,
     pub chunks_new: u64,
     pub chunks_skipped_known: u64,
+    pub chunks_extension: u64,
     pub bytes_read: u64,
     pub bytes_chunked: u64,
     pub bad_messages: u64,
@@ -902,7 +925,7 @@ impl Store {
             txn.open_table(DURABLE)?.remove(path)?;
             let mut known = txn.open_table(KNOWN)?;
             for (tag, k) in new_known {
-                known.insert(tag.0, &k.to_bytes()[..])?;
+                known.insert(tag.0, k.to_bytes().as_slice())?;
             }
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut v = Vec::with_capacity(OUTBOX_HEADER + 256);
@@ -1838,6 +1861,7 @@ fn status_of(db: &impl ReadableDatabase, now: u64) -> Result<Status> {
         chunk_bytes_sent: counters.chunk_bytes_sent,
         chunks_new: counters.chunks_new,
         chunks_skipped_known: counters.chunks_skipped_known,
+        chunks_extension: counters.chunks_extension,
         bytes_read: counters.bytes_read,
         bytes_chunked: counters.bytes_chunked,
         bad_messages: counters.bad_messages,
@@ -2057,8 +2081,20 @@ mod tests {
             id: Hash32([3; 32]),
             level: -5,
             cipher: 2,
+            base: None,
         };
         assert_eq!(KnownChunk::from_bytes(&k.to_bytes()), Some(k));
+        let e = KnownChunk {
+            base: Some(BaseRef {
+                id: Hash32([4; 32]),
+                len: 70_000,
+                depth: 3,
+            }),
+            ..k
+        };
+        assert_eq!(e.to_bytes().len(), 71);
+        assert_eq!(KnownChunk::from_bytes(&e.to_bytes()), Some(e));
         assert_eq!(KnownChunk::from_bytes(&[0u8; 10]), None);
+        assert_eq!(KnownChunk::from_bytes(&[0u8; 50]), None);
     }
 }

@@ -8,7 +8,17 @@
 //! 0      1        2          6            7        19
 //! | ver=1 | cipher | key_id u32 | compression | nonce[12] | ciphertext ... | tag[16] |
 //! ```
-//! The 7-byte header is authenticated as AAD. The nonce is
+//! compression: 0 = stored, 1 = zstd, 2 = extension. An extension chunk's
+//! plaintext is the plaintext of an earlier chunk (its base) followed by a
+//! suffix, and only the suffix is stored, zstd-compressed with the base as
+//! reference prefix: a growing file's tail costs the appended bytes, not
+//! the whole re-cut chunk. Its header is 44 bytes:
+//! ```text
+//! 0 .. 7 as above (compression = 2) | base_id[32] | base_len u32 | depth u8 |
+//! ```
+//! `depth` is 1 + the base's depth (a full chunk has depth 0), at most
+//! [`MAX_DEPTH`], so decoding any chunk needs at most `MAX_DEPTH` other
+//! objects. The header (7 or 44 bytes) is authenticated as AAD. The nonce is
 //! `HMAC(k_nonce, header || payload)[..12]`, where payload is the (possibly
 //! compressed) plaintext: a nonce repeats only for an identical payload,
 //! which is the deterministic-AEAD (SIV-style) construction — never two
@@ -22,11 +32,55 @@ use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
 pub const HEADER_LEN: usize = 7;
+/// Header of an extension chunk: the base reference follows the 7 bytes.
+pub const EXT_HEADER_LEN: usize = HEADER_LEN + 32 + 4 + 1;
 pub const NONCE_LEN: usize = 12;
 pub const TAG_LEN: usize = 16;
 /// Bytes a sealed chunk adds to its payload.
 pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
 const VERSION: u8 = 1;
+const C_STORED: u8 = 0;
+const C_ZSTD: u8 = 1;
+const C_EXTENSION: u8 = 2;
+/// Longest chain of extension chunks: bounds what one restore must fetch.
+pub const MAX_DEPTH: u8 = 8;
+
+/// The base an extension chunk extends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct BaseRef {
+    pub id: Hash32,
+    /// Plaintext length of the base: the first `len` bytes of this chunk.
+    pub len: u32,
+    /// This chunk's depth: 1 + the base's depth.
+    pub depth: u8,
+}
+
+/// The base of stored bytes, from their (not yet authenticated) header; None
+/// for a full chunk. [`Sealer::open_with_base`] authenticates it.
+pub fn base_of(stored: &[u8]) -> Result<Option<BaseRef>> {
+    let bad = |why| Error::CorruptChunk(Hash32::of(stored).to_hex(), why);
+    if stored.len() < OVERHEAD || stored[0] != VERSION {
+        return Err(bad("too short or unknown version"));
+    }
+    if stored[6] != C_EXTENSION {
+        return Ok(None);
+    }
+    if stored.len() < EXT_HEADER_LEN + NONCE_LEN + TAG_LEN {
+        return Err(bad("extension header cut short"));
+    }
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&stored[HEADER_LEN..HEADER_LEN + 32]);
+    let len = u32::from_be_bytes([stored[39], stored[40], stored[41], stored[42]]);
+    let depth = stored[43];
+    if depth == 0 || depth > MAX_DEPTH || len == 0 {
+        return Err(bad("bad extension depth or base length"));
+    }
+    Ok(Some(BaseRef {
+        id: Hash32(id),
+        len,
+        depth,
+    }))
+}
 
 /// AEAD algorithm, recorded in every sealed object so it can change per gateway.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -159,8 +213,8 @@ pub struct Sealer {
     k_nonce: hmac::Key,
     aes: LessSafeKey,
     chacha: LessSafeKey,
-    compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
-    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    compressor: Option<(i32, zstd::zstd_safe::CCtx<'static>)>,
+    decompressor: Option<zstd::zstd_safe::DCtx<'static>>,
     scratch: Vec<u8>,
 }
 
@@ -199,39 +253,79 @@ impl Sealer {
     /// Seals `plain` at zstd `level` (0 = store uncompressed) into `out`
     /// (cleared first). Returns the chunk id, SHA-256 of the stored bytes.
     pub fn seal(&mut self, plain: &[u8], level: i32, out: &mut Vec<u8>) -> Result<Hash32> {
-        let mut compressed = false;
+        self.seal_with_base(plain, level, None, out)
+    }
+
+    /// Like [`Sealer::seal`]; with `base`, seals an extension chunk: the
+    /// first `base.len` bytes of `plain` must be the base's plaintext, and
+    /// only the rest is stored, compressed against them. Deterministic like
+    /// `seal`: the same plaintext, level and base give the same bytes.
+    pub fn seal_with_base(
+        &mut self,
+        plain: &[u8],
+        level: i32,
+        base: Option<BaseRef>,
+        out: &mut Vec<u8>,
+    ) -> Result<Hash32> {
+        let mut kind = C_STORED;
         self.scratch.clear();
-        if level > 0 && plain.len() > 64 {
-            let c = match &mut self.compressor {
-                Some((l, c)) if *l == level => c,
-                slot => {
-                    let c = zstd::bulk::Compressor::new(level).map_err(|e| Error::Compress(e.to_string()))?;
-                    &mut slot.insert((level, c)).1
+        let (prefix, body) = match base {
+            Some(b) => {
+                let n = b.len as usize;
+                if b.depth == 0 || b.depth > MAX_DEPTH || n == 0 || n >= plain.len() {
+                    return Err(Error::Invalid(
+                        "extension base must be a proper prefix, depth 1..=MAX_DEPTH".into(),
+                    ));
                 }
-            };
+                (&plain[..n], &plain[n..])
+            }
+            None => (&plain[..0], plain),
+        };
+        if base.is_some() {
+            // Always compressed: the reference prefix is what makes it small.
+            // A fresh context: a referenced prefix must outlive the context.
+            use zstd::zstd_safe::{CCtx, CParameter};
+            let mut c = CCtx::try_create().ok_or_else(|| Error::Compress("zstd context".into()))?;
+            c.set_parameter(CParameter::CompressionLevel(level.max(1)))
+                .map_err(|e| Error::Compress(zstd_err(e)))?;
+            c.ref_prefix(prefix).map_err(|e| Error::Compress(zstd_err(e)))?;
+            self.scratch.reserve(zstd::zstd_safe::compress_bound(body.len()));
+            c.compress2(&mut self.scratch, body)
+                .map_err(|e| Error::Compress(zstd_err(e)))?;
+            kind = C_EXTENSION;
+        } else if level > 0 && plain.len() > 64 {
+            let c = cctx_for(&mut self.compressor, level)?;
             self.scratch.reserve(zstd::zstd_safe::compress_bound(plain.len()));
             let n = c
-                .compress_to_buffer(plain, &mut self.scratch)
-                .map_err(|e| Error::Compress(e.to_string()))?;
+                .compress2(&mut self.scratch, plain)
+                .map_err(|e| Error::Compress(zstd_err(e)))?;
             // Keep the compressed form only when it saves something.
-            compressed = n < plain.len();
+            if n < plain.len() {
+                kind = C_ZSTD;
+            }
         }
-        let payload: &[u8] = if compressed { &self.scratch } else { plain };
+        let payload: &[u8] = if kind == C_STORED { plain } else { &self.scratch };
         out.clear();
-        out.reserve(OVERHEAD + payload.len());
+        out.reserve(OVERHEAD + 37 + payload.len());
         out.push(VERSION);
         out.push(self.cipher as u8);
         out.extend_from_slice(&self.key_id.to_be_bytes());
-        out.push(u8::from(compressed));
+        out.push(kind);
+        if let Some(b) = base {
+            out.extend_from_slice(&b.id.0);
+            out.extend_from_slice(&b.len.to_be_bytes());
+            out.push(b.depth);
+        }
+        let hlen = out.len();
         let mut ctx = hmac::Context::with_key(&self.k_nonce);
-        ctx.update(&out[..HEADER_LEN]);
+        ctx.update(&out[..hlen]);
         ctx.update(payload);
         let tag = ctx.sign();
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&tag.as_ref()[..NONCE_LEN]);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(payload);
-        let header: [u8; HEADER_LEN] = out[..HEADER_LEN].try_into().map_err(|_| Error::Crypto("header"))?;
+        let header = out[..hlen].to_vec();
         let key = match self.cipher {
             Cipher::Aes256Gcm => &self.aes,
             Cipher::ChaCha20Poly1305 => &self.chacha,
@@ -239,21 +333,27 @@ impl Sealer {
         let aead_tag = key
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(header),
-                &mut out[HEADER_LEN + NONCE_LEN..],
+                Aad::from(&header[..]),
+                &mut out[hlen + NONCE_LEN..],
             )
             .map_err(|_| Error::Crypto("seal"))?;
         out.extend_from_slice(aead_tag.as_ref());
         Ok(Hash32::of(out))
     }
 
-    /// Opens stored bytes (any cipher this key knows), refusing plaintext
-    /// larger than `max_plain`. Callers check `chunk_id` separately.
+    /// Opens stored bytes of a full chunk (any cipher this key knows),
+    /// refusing plaintext larger than `max_plain`. Callers check `chunk_id`
+    /// separately. An extension chunk needs [`Sealer::open_with_base`].
     pub fn open(&mut self, stored: &[u8], max_plain: usize) -> Result<Vec<u8>> {
+        self.open_with_base(stored, max_plain, None)
+    }
+
+    /// Opens stored bytes; an extension chunk (see [`base_of`]) needs its
+    /// base's plaintext, which must be exactly `base.len` bytes.
+    pub fn open_with_base(&mut self, stored: &[u8], max_plain: usize, base: Option<&[u8]>) -> Result<Vec<u8>> {
         let id = || Hash32::of(stored).to_hex();
-        if stored.len() < OVERHEAD || stored[0] != VERSION {
-            return Err(Error::CorruptChunk(id(), "too short or unknown version"));
-        }
+        let ext = base_of(stored)?;
+        let hlen = if ext.is_some() { EXT_HEADER_LEN } else { HEADER_LEN };
         let key_id = u32::from_be_bytes([stored[2], stored[3], stored[4], stored[5]]);
         if key_id != self.key_id {
             return Err(Error::CorruptChunk(id(), "sealed with another tenant key"));
@@ -263,30 +363,84 @@ impl Sealer {
             2 => &self.chacha,
             _ => return Err(Error::CorruptChunk(id(), "unknown cipher")),
         };
-        let header: [u8; HEADER_LEN] = stored[..HEADER_LEN].try_into().map_err(|_| Error::Crypto("header"))?;
-        let nonce: [u8; NONCE_LEN] = stored[HEADER_LEN..HEADER_LEN + NONCE_LEN]
+        if stored.len() < hlen + NONCE_LEN + TAG_LEN {
+            return Err(Error::CorruptChunk(id(), "too short"));
+        }
+        let header = &stored[..hlen];
+        let nonce: [u8; NONCE_LEN] = stored[hlen..hlen + NONCE_LEN]
             .try_into()
             .map_err(|_| Error::Crypto("nonce"))?;
-        let mut buf = stored[HEADER_LEN + NONCE_LEN..].to_vec();
+        let mut buf = stored[hlen + NONCE_LEN..].to_vec();
         let plain_len = key
             .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(header), &mut buf)
             .map_err(|_| Error::CorruptChunk(id(), "authentication failed"))?
             .len();
         buf.truncate(plain_len);
-        match header[6] {
-            0 if buf.len() <= max_plain => Ok(buf),
-            0 => Err(Error::CorruptChunk(id(), "larger than its manifest says")),
-            1 => {
-                let d = match &mut self.decompressor {
-                    Some(d) => d,
-                    slot => slot.insert(zstd::bulk::Decompressor::new().map_err(|e| Error::Compress(e.to_string()))?),
+        match (header[6], ext) {
+            (C_STORED, _) if buf.len() <= max_plain => Ok(buf),
+            (C_STORED, _) => Err(Error::CorruptChunk(id(), "larger than its manifest says")),
+            (C_ZSTD, _) => {
+                let mut out = Vec::with_capacity(max_plain);
+                self.dctx()?
+                    .decompress(&mut out, &buf)
+                    .map_err(|_| Error::CorruptChunk(id(), "bad or oversized zstd payload"))?;
+                Ok(out)
+            }
+            (C_EXTENSION, Some(b)) => {
+                let Some(base) = base.filter(|p| p.len() == b.len as usize) else {
+                    return Err(Error::CorruptChunk(id(), "extension chunk opened without its base"));
                 };
-                d.decompress(&buf, max_plain)
-                    .map_err(|_| Error::CorruptChunk(id(), "bad or oversized zstd payload"))
+                let room = max_plain
+                    .checked_sub(base.len())
+                    .ok_or(Error::CorruptChunk(id(), "base larger than its manifest says"))?;
+                let mut suffix = Vec::with_capacity(room);
+                // A fresh context: the referenced prefix must outlive it.
+                let mut d =
+                    zstd::zstd_safe::DCtx::try_create().ok_or_else(|| Error::Compress("zstd context".into()))?;
+                d.ref_prefix(base)
+                    .map_err(|_| Error::CorruptChunk(id(), "zstd reference prefix"))?;
+                d.decompress(&mut suffix, &buf)
+                    .map_err(|_| Error::CorruptChunk(id(), "bad or oversized zstd payload"))?;
+                let mut out = Vec::with_capacity(base.len() + suffix.len());
+                out.extend_from_slice(base);
+                out.extend_from_slice(&suffix);
+                Ok(out)
             }
             _ => Err(Error::CorruptChunk(id(), "unknown compression")),
         }
     }
+
+    fn dctx(&mut self) -> Result<&mut zstd::zstd_safe::DCtx<'static>> {
+        if self.decompressor.is_none() {
+            let d = zstd::zstd_safe::DCtx::try_create().ok_or_else(|| Error::Compress("zstd context".into()))?;
+            self.decompressor = Some(d);
+        }
+        match &mut self.decompressor {
+            Some(d) => Ok(d),
+            None => Err(Error::Compress("zstd context".into())),
+        }
+    }
+}
+
+/// A compression context at `level`, kept across calls.
+type Cctx = zstd::zstd_safe::CCtx<'static>;
+
+fn cctx_for(slot: &mut Option<(i32, Cctx)>, level: i32) -> Result<&mut Cctx> {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+        let mut c = CCtx::try_create().ok_or_else(|| Error::Compress("zstd context".into()))?;
+        c.set_parameter(CParameter::CompressionLevel(level))
+            .map_err(|e| Error::Compress(zstd_err(e)))?;
+        *slot = Some((level, c));
+    }
+    match slot {
+        Some((_, c)) => Ok(c),
+        None => Err(Error::Compress("zstd context".into())),
+    }
+}
+
+fn zstd_err(code: usize) -> String {
+    zstd::zstd_safe::get_error_name(code).to_string()
 }
 
 #[cfg(test)]
@@ -336,6 +490,89 @@ mod tests {
         let mut other = Sealer::new(&TenantKey::from_bytes(7, [1; 32]), Cipher::Aes256Gcm).expect("sealer");
         assert!(other.open(&x, 100).is_err());
         assert!(a.open(&x[..10], 100).is_err());
+    }
+
+    #[test]
+    fn extension_chunks_store_only_the_suffix_and_need_their_base() {
+        let rows: Vec<u8> = (0..3000u32)
+            .flat_map(|i| {
+                format!(
+                    "2026-11-29T10:{:02}:{:02}Z,line1,{}.{}\n",
+                    i / 60 % 60,
+                    i % 60,
+                    20 + i % 7,
+                    i % 10
+                )
+                .into_bytes()
+            })
+            .collect();
+        let (old, new) = (&rows[..40_000], &rows[..46_000]);
+        for c in [Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305] {
+            let mut s = sealer(c);
+            let mut b = Vec::new();
+            let base_id = s.seal(old, 3, &mut b).expect("seal base");
+            let base = BaseRef {
+                id: base_id,
+                len: old.len() as u32,
+                depth: 1,
+            };
+            let (mut x, mut y, mut full) = (Vec::new(), Vec::new(), Vec::new());
+            let id = s.seal_with_base(new, 3, Some(base), &mut x).expect("seal ext");
+            assert_eq!(id, s.seal_with_base(new, 3, Some(base), &mut y).expect("again"));
+            assert_eq!(x, y, "deterministic");
+            assert_eq!(id, Hash32::of(&x));
+            assert_eq!(base_of(&x).expect("header"), Some(base));
+            assert_eq!(base_of(&b).expect("header"), None);
+            s.seal(new, 3, &mut full).expect("full");
+            // 6,000 appended bytes cost far less than the whole chunk again.
+            assert!(x.len() * 4 < full.len(), "extension {} vs full {}", x.len(), full.len());
+            assert_eq!(s.open_with_base(&x, new.len(), Some(old)).expect("open"), new);
+            assert!(s.open(&x, new.len()).is_err(), "needs its base");
+            assert!(
+                s.open_with_base(&x, new.len(), Some(&old[1..])).is_err(),
+                "base of the wrong length"
+            );
+            let mut wrong = old.to_vec();
+            wrong[100] ^= 1;
+            // A wrong base of the right length yields wrong bytes, which the
+            // caller's SHA-256 of the file catches; it must not panic.
+            if let Ok(p) = s.open_with_base(&x, new.len(), Some(&wrong)) {
+                assert_ne!(p, new);
+            }
+            assert!(
+                s.open_with_base(&x, new.len() - 1, Some(old)).is_err(),
+                "plaintext bound"
+            );
+            // The base reference is authenticated.
+            let mut bad = x.clone();
+            bad[HEADER_LEN] ^= 1;
+            assert!(s.open_with_base(&bad, new.len(), Some(old)).is_err());
+            let mut deep = x.clone();
+            deep[EXT_HEADER_LEN - 1] = MAX_DEPTH + 1;
+            assert!(base_of(&deep).is_err());
+            assert!(base_of(&x[..20]).is_err());
+        }
+    }
+
+    #[test]
+    fn extension_base_must_be_a_proper_prefix_within_depth() {
+        let mut s = sealer(Cipher::Aes256Gcm);
+        let mut out = Vec::new();
+        let base = |len, depth| {
+            Some(BaseRef {
+                id: Hash32([1; 32]),
+                len,
+                depth,
+            })
+        };
+        assert!(s.seal_with_base(b"abcdef", 3, base(6, 1), &mut out).is_err());
+        assert!(s.seal_with_base(b"abcdef", 3, base(0, 1), &mut out).is_err());
+        assert!(s.seal_with_base(b"abcdef", 3, base(3, 0), &mut out).is_err());
+        assert!(s
+            .seal_with_base(b"abcdef", 3, base(3, MAX_DEPTH + 1), &mut out)
+            .is_err());
+        assert!(s.seal_with_base(b"abcdef", 0, base(3, MAX_DEPTH), &mut out).is_ok());
+        assert_eq!(s.open_with_base(&out, 6, Some(b"abc")).expect("open"), b"abcdef");
     }
 
     #[test]
