@@ -61,6 +61,21 @@ pub struct Chunker {
     mask_s: u64,
     mask_l: u64,
     buf: Vec<u8>,
+    /// Cut SQLite databases at their page boundaries (see [`sqlite_page_size`]).
+    sqlite_pages: bool,
+}
+
+/// The page size of a SQLite database from its 100-byte header (bytes
+/// 16..18, big-endian; 1 means 65536), or None if `head` is not one.
+pub fn sqlite_page_size(head: &[u8]) -> Option<usize> {
+    if head.len() < 18 || &head[..16] != b"SQLite format 3\0" {
+        return None;
+    }
+    let n = match u16::from_be_bytes([head[16], head[17]]) {
+        1 => 65536,
+        n => usize::from(n),
+    };
+    (n.is_power_of_two() && (512..=65536).contains(&n)).then_some(n)
 }
 
 impl Chunker {
@@ -72,7 +87,17 @@ impl Chunker {
             mask_s,
             mask_l,
             buf: vec![0; 2 * p.max],
+            sqlite_pages: false,
         })
+    }
+
+    /// With `on`, a source that starts with a SQLite header is cut at every
+    /// page boundary instead of by content: an edit to a page changes
+    /// exactly one chunk, and a page does not move when rows change. Pages
+    /// larger than `max` (and other files) are cut by content as usual.
+    pub fn with_sqlite_pages(mut self, on: bool) -> Chunker {
+        self.sqlite_pages = on;
+        self
     }
 
     pub fn params(&self) -> ChunkParams {
@@ -104,6 +129,8 @@ impl Chunker {
         mut f: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<u64> {
         let (mut start, mut end, mut eof, mut total) = (0usize, 0usize, false, 0u64);
+        // Decided after the first fill, from the source's first bytes.
+        let mut page: Option<Option<usize>> = (!self.sqlite_pages).then_some(None);
         loop {
             if end - start < self.p.max && !eof {
                 // Refill: move the tail to the front, then read until full or EOF.
@@ -128,7 +155,12 @@ impl Chunker {
             if start == end {
                 return Ok(total);
             }
-            let n = self.cut(&self.buf[start..end]).max(1);
+            let page =
+                *page.get_or_insert_with(|| sqlite_page_size(&self.buf[start..end]).filter(|n| *n <= self.p.max));
+            let n = match page {
+                Some(size) => size.min(end - start),
+                None => self.cut(&self.buf[start..end]).max(1),
+            };
             f(&self.buf[start..start + n])?;
             start += n;
         }
@@ -221,6 +253,51 @@ mod tests {
         ] {
             assert_eq!(cuts(&data, p, 65536), reference(&data, p), "len {}", data.len());
         }
+    }
+
+    #[test]
+    fn sqlite_databases_are_cut_at_page_boundaries() {
+        let mut db = pseudo_random(10 * 4096 + 100, 9);
+        db[..16].copy_from_slice(b"SQLite format 3\0");
+        db[16..18].copy_from_slice(&4096u16.to_be_bytes());
+        let run = |data: &[u8]| {
+            let mut c = Chunker::new(ChunkParams::DB).unwrap().with_sqlite_pages(true);
+            let mut out = Vec::new();
+            let mut off = 0;
+            c.run(&mut std::io::Cursor::new(data), std::path::Path::new("mem"), |ch| {
+                off += ch.len();
+                out.push(off);
+                Ok(())
+            })
+            .unwrap();
+            out
+        };
+        let want: Vec<usize> = (1..=10).map(|i| i * 4096).chain([10 * 4096 + 100]).collect();
+        assert_eq!(run(&db), want);
+        // Not a database (or pages off): content-defined as before.
+        let mut plain = db.clone();
+        plain[0] = b'X';
+        assert_eq!(run(&plain), reference(&plain, ChunkParams::DB));
+        let mut c = Chunker::new(ChunkParams::DB).unwrap();
+        let mut n = 0;
+        c.run(&db[..], std::path::Path::new("mem"), |_| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, reference(&db, ChunkParams::DB).len());
+        // Page sizes: 1 means 65536; others must be powers of two >= 512.
+        let mut h = db[..18].to_vec();
+        h[16..18].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(sqlite_page_size(&h), Some(65536));
+        h[16..18].copy_from_slice(&1000u16.to_be_bytes());
+        assert_eq!(sqlite_page_size(&h), None);
+        assert_eq!(sqlite_page_size(b"SQLite"), None);
+        // 64 KiB pages exceed the db class's 32 KiB maximum: content-defined.
+        let mut big = pseudo_random(200_000, 3);
+        big[..18].copy_from_slice(&h[..18]);
+        big[16..18].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(run(&big), reference(&big, ChunkParams::DB));
     }
 
     const GOLDEN_DEFAULT: &[usize] = &[

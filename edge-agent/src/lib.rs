@@ -349,7 +349,7 @@ impl Agent {
         let chunkers = policy
             .classes
             .iter()
-            .map(|c| chunker::Chunker::new(c.chunking))
+            .map(|c| chunker::Chunker::new(c.chunking).map(|k| k.with_sqlite_pages(c.sqlite_pages)))
             .collect::<Result<Vec<_>>>()?;
         let opts = |backend| store::StoreOptions {
             backend,

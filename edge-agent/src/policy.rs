@@ -294,6 +294,8 @@ pub struct ClassSpec {
     pub zstd_level: Option<i32>,
     /// Use the append fast path (files that only grow at the end).
     pub append: Option<bool>,
+    /// Cut SQLite databases at page boundaries (on for the `db` class).
+    pub sqlite_pages: Option<bool>,
     pub schedule: Option<Vec<String>>,
     pub timezone: Option<String>,
     /// Bytes per second of chunk data, e.g. `"200KiB"`.
@@ -506,6 +508,8 @@ pub struct Class {
     pub chunking: ChunkParams,
     pub zstd_level: i32,
     pub append: bool,
+    /// Chunk SQLite databases page by page (`chunker::sqlite_page_size`).
+    pub sqlite_pages: bool,
     pub schedule: Vec<Window>,
     pub tz: Tz,
     pub bandwidth: Option<u64>,
@@ -580,6 +584,7 @@ impl Policy {
             chunking,
             zstd_level: level,
             append,
+            sqlite_pages: name == DB_CLASS,
             schedule: Vec::new(),
             tz: Tz::Utc,
             bandwidth: None,
@@ -643,6 +648,9 @@ impl Policy {
             }
             if let Some(a) = spec.append {
                 class.append = a;
+            }
+            if let Some(p) = spec.sqlite_pages {
+                class.sqlite_pages = p;
             }
             if let Some(s) = &spec.schedule {
                 class.schedule = s.iter().map(|w| Window::parse(w)).collect::<Result<_>>().map_err(ctx)?;
