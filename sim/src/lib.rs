@@ -2,6 +2,7 @@
 //! factory archives, and the end-to-end demo.
 
 pub mod broker;
+pub mod compare;
 pub mod demo;
 pub mod dst;
 pub mod gen;
