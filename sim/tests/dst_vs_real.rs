@@ -171,6 +171,12 @@ fn shared_mtime(dir: &Path) -> Option<std::time::SystemTime> {
 #[test]
 fn simulation_and_real_processes_agree_on_one_scenario() -> Result<()> {
     let sc = Scenario::parse(SCENARIO)?;
+    // Another seed of the same scenario (exploration; the shape checks
+    // below say when it does not fit).
+    let seed = match std::env::var("FERRY_DST_VS_REAL_SEED") {
+        Ok(v) => v.parse().with_context(|| format!("FERRY_DST_VS_REAL_SEED={v}"))?,
+        Err(_) => SEED,
+    };
     let f = Fleet::start(true)?;
     let cfg = f.dir().join("agent.toml");
     std::fs::write(&cfg, AGENT_CONFIG)?;
@@ -197,10 +203,10 @@ fn simulation_and_real_processes_agree_on_one_scenario() -> Result<()> {
     let mut last = None;
     for (k, minutes) in CHECKPOINTS.iter().enumerate() {
         let work = f.dir().join(format!("dst-{minutes}m"));
-        let (r, trees) = compare::dst_checkpoint(&sc, SEED, minutes * 60_000, &work)?;
+        let (r, trees) = compare::dst_checkpoint(&sc, seed, minutes * 60_000, &work)?;
         ensure!(
             r.violation.is_none(),
-            "simulation to {minutes} min (seed {SEED}): {:?}\n{}",
+            "simulation to {minutes} min (seed {seed}): {:?}\n{}",
             r.violation,
             r.tail.join("\n")
         );
@@ -236,7 +242,7 @@ fn simulation_and_real_processes_agree_on_one_scenario() -> Result<()> {
     let writers = finals.iter().filter(|t| !shared_only(t).is_empty()).count();
     ensure!(
         writers >= 2 && finals.iter().all(|t| !t.is_empty()),
-        "seed {SEED} no longer gives every gateway files and >= 2 shared writers: {finals:?}"
+        "seed {seed} no longer gives every gateway files and >= 2 shared writers: {finals:?}"
     );
 
     for (i, g) in gws.iter().enumerate() {
@@ -313,9 +319,16 @@ fn simulation_and_real_processes_agree_on_one_scenario() -> Result<()> {
     ensure!(ok, "cloud-sink conflicts: {err}");
     let conflicts: serde_json::Value = serde_json::from_str(&out)?;
     let conflicts = conflicts.as_array().cloned().unwrap_or_default();
+    let pairs: Vec<String> = conflicts
+        .iter()
+        .map(|c| {
+            let v = |k: usize| format!("{}:{}", c["versions"][k]["device"], c["versions"][k]["seq"]);
+            format!("{} {} vs {}", c["path"], v(0), v(1))
+        })
+        .collect();
     ensure!(
         conflicts.len() as u64 == r.metrics.shared_conflicts && !conflicts.is_empty(),
-        "conflicts: real {}, simulation {}: {conflicts:?}",
+        "conflicts: real {}, simulation {}; real: {pairs:?}",
         conflicts.len(),
         r.metrics.shared_conflicts
     );
@@ -331,7 +344,7 @@ fn simulation_and_real_processes_agree_on_one_scenario() -> Result<()> {
         "versions: real {versions:?} (sum), simulation {dst_changes} changes durable"
     );
     eprintln!(
-        "dst vs real, seed {SEED}, checkpoints {CHECKPOINTS:?} min: files per gateway {:?}, versions {versions:?}, \
+        "dst vs real, seed {seed}, checkpoints {CHECKPOINTS:?} min: files per gateway {:?}, versions {versions:?}, \
          shared versions {observed}, conflicts {}; simulation: {} events",
         finals.iter().map(|t| t.len()).collect::<Vec<_>>(),
         conflicts.len(),
