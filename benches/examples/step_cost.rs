@@ -1,10 +1,14 @@
 //! Where the bytes of one change step go, per file: the ideal lower bound
 //! (zstd -3 of exactly the new and changed bytes: appended tails, or the
-//! differing 4 KiB blocks) next to what content-defined chunking must send
-//! (zstd of the chunks whose plaintext is new), before sealing overhead.
+//! differing 4 KiB blocks) next to what the agent's chunking must send
+//! (zstd of the chunks whose plaintext is new), before sealing overhead and
+//! manifests. Chunking as in the agent: SQLite files one chunk per page,
+//! others content-defined; a new chunk that starts with the file's old last
+//! chunk costs only its suffix, compressed against it (an extension chunk).
 //!
 //! `cargo run --release -p benches --example step_cost -- [SCALE] [STEP]`
-//! (env `AVG` / `DB_AVG`: average chunk bytes to try instead of the defaults)
+//! (env `AVG` / `DB_AVG`: average chunk bytes to try instead of the defaults;
+//! `NO_PAGES=1`: content-defined SQLite chunks; `NO_EXT=1`: no extensions)
 
 use edge_agent::chunker::Chunker;
 use edge_agent::ChunkParams;
@@ -25,11 +29,15 @@ fn params(path: &str) -> ChunkParams {
     }
 }
 
-fn chunks(data: &[u8], p: ChunkParams) -> Vec<Vec<u8>> {
-    let mut c = Chunker::new(p).expect("params");
+/// (offset, bytes) of each chunk, as the agent cuts `path`.
+fn chunks(data: &[u8], path: &str) -> Vec<(usize, Vec<u8>)> {
+    let pages = path.ends_with(".sqlite") && std::env::var_os("NO_PAGES").is_none();
+    let mut c = Chunker::new(params(path)).expect("params").with_sqlite_pages(pages);
     let mut out = Vec::new();
+    let mut off = 0;
     c.run(data, Path::new("mem"), |ch| {
-        out.push(ch.to_vec());
+        out.push((off, ch.to_vec()));
+        off += ch.len();
         Ok(())
     })
     .expect("chunk");
@@ -44,6 +52,17 @@ fn zlen(b: &[u8], level: i32) -> usize {
     }
 }
 
+/// zstd of `suffix` with `prefix` as reference, as an extension chunk stores it.
+fn zlen_ext(prefix: &[u8], suffix: &[u8], level: i32) -> usize {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    let mut c = CCtx::create();
+    c.set_parameter(CParameter::CompressionLevel(level)).expect("level");
+    c.ref_prefix(prefix).expect("prefix");
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(suffix.len()));
+    c.compress2(&mut out, suffix).expect("zstd");
+    out.len()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scale: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1.0);
@@ -56,7 +75,10 @@ fn main() {
         sim::gen::apply_step(&dir, &g, s).expect("step");
     }
     let before = sim::ideal::snapshot(&dir).expect("snapshot");
-    let known: HashSet<Vec<u8>> = before.iter().flat_map(|(p, d)| chunks(d, params(p))).collect();
+    let known: HashSet<Vec<u8>> = before
+        .iter()
+        .flat_map(|(p, d)| chunks(d, p).into_iter().map(|c| c.1))
+        .collect();
     sim::gen::apply_step(&dir, &g, step).expect("step");
     let after = sim::ideal::snapshot(&dir).expect("snapshot");
     let (mut t_raw, mut t_ideal, mut t_cdc) = (0, 0, 0);
@@ -75,10 +97,20 @@ fn main() {
             3
         };
         let ideal = zlen(&ch, 3);
-        let cdc: usize = chunks(data, params(path))
+        // The old last chunk, if the file grew in place: the extension base.
+        let tail = before
+            .get(path)
+            .filter(|_| std::env::var_os("NO_EXT").is_none())
+            .and_then(|o| chunks(o, path).pop());
+        let cdc: usize = chunks(data, path)
             .iter()
-            .filter(|c| !known.contains(*c))
-            .map(|c| zlen(c, level).min(c.len()))
+            .filter(|(_, c)| !known.contains(c))
+            .map(|(off, c)| match &tail {
+                Some((t_off, t)) if t_off == off && c.len() > t.len() && c.starts_with(t) => {
+                    zlen_ext(t, &c[t.len()..], level)
+                }
+                _ => zlen(c, level).min(c.len()),
+            })
             .sum();
         t_raw += ch.len();
         t_ideal += ideal;
