@@ -321,6 +321,11 @@ fn account(stats: &AggStats, now: &ServerStats, seen: &mut ServerStats) {
     let d = |a: u64, b: u64| a.saturating_sub(b);
     AggStats::add(&stats.chunks_received, d(now.chunks_received, seen.chunks_received));
     AggStats::add(&stats.chunks_duplicate, d(now.chunks_duplicate, seen.chunks_duplicate));
+    let missing = d(now.chunks_base_missing, seen.chunks_base_missing);
+    if missing > 0 {
+        tracing::warn!(missing, "extension chunks arrived before their base");
+        AggStats::add(&stats.chunks_base_missing, missing);
+    }
     AggStats::add(
         &stats.bytes_received,
         d(now.chunk_bytes_received, seen.chunk_bytes_received),

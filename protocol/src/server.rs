@@ -67,6 +67,11 @@ pub struct ServerStats {
     pub chunks_bad: u64,
     /// Verified chunks kept although their batch was unknown (after a restart).
     pub chunks_orphan: u64,
+    /// Extension chunks (`seal::base_of`) whose base this server did not
+    /// hold when they arrived. Agents only extend a base the server has
+    /// acknowledged, so this stays 0 unless that rule broke; kept anyway
+    /// (the base may still come) and counted.
+    pub chunks_base_missing: u64,
     pub backpressure: u64,
 }
 
@@ -291,6 +296,11 @@ impl Server {
                 self.stats.chunks_duplicate += 1;
                 continue;
             }
+            if let Ok(Some(b)) = crate::seal::base_of(&c.bytes) {
+                if !good.iter().any(|g: &ChunkData| g.id == b.id) && !store.has_chunk(&b.id)? {
+                    self.stats.chunks_base_missing += 1;
+                }
+            }
             self.stats.chunks_received += 1;
             self.stats.chunk_bytes_received += c.bytes.len() as u64;
             if wanted.is_none() {
@@ -417,16 +427,20 @@ mod tests {
     struct Mem {
         keys: HashMap<DeviceRef, Vec<u8>>,
         know: Knowledge,
+        /// Chunks held; `all_chunks` makes every chunk count as held.
+        chunks: HashSet<Hash32>,
+        all_chunks: bool,
     }
 
     impl ServerStore for Mem {
         fn knowledge(&mut self, _: &[DeviceRef]) -> Result<(Knowledge, Knowledge)> {
             Ok((self.know.clone(), Knowledge::default()))
         }
-        fn has_chunk(&mut self, _: &Hash32) -> Result<bool> {
-            Ok(true)
+        fn has_chunk(&mut self, id: &Hash32) -> Result<bool> {
+            Ok(self.all_chunks || self.chunks.contains(id))
         }
-        fn put_chunks(&mut self, _: &[ChunkData]) -> Result<()> {
+        fn put_chunks(&mut self, c: &[ChunkData]) -> Result<()> {
+            self.chunks.extend(c.iter().map(|c| c.id));
             Ok(())
         }
         fn device_key(&mut self, d: &DeviceRef) -> Result<Option<Vec<u8>>> {
@@ -472,7 +486,10 @@ mod tests {
     fn first_key_pins_a_new_device_within_a_batch_and_across_batches() {
         let (good, bad) = (key(), key());
         let mut srv = Server::new(ServerConfig::default());
-        let mut st = Mem::default();
+        let mut st = Mem {
+            all_chunks: true,
+            ..Mem::default()
+        };
         let peer = Peer {
             name: "agg",
             device: None,
@@ -506,5 +523,51 @@ mod tests {
         assert_eq!(statuses(&c2), vec![(3, Status::Rejected)]);
         assert!(st.know.contains(&change(1, &good).replica, 1));
         assert!(!st.know.contains(&change(3, &bad).replica, 3));
+    }
+
+    #[test]
+    fn extension_chunks_arriving_before_their_base_are_counted() {
+        use crate::seal::{BaseRef, Cipher, Sealer, TenantKey};
+        let mut sealer = Sealer::new(&TenantKey::from_bytes(1, [7; 32]), Cipher::Aes256Gcm).expect("sealer");
+        let text = b"2026-11-29T10:00:00Z,line1,41.5\n".repeat(200);
+        let (mut base, mut ext) = (Vec::new(), Vec::new());
+        let base_id = sealer.seal(&text[..3000], 3, &mut base).expect("seal");
+        let b = BaseRef {
+            id: base_id,
+            len: 3000,
+            depth: 1,
+        };
+        let ext_id = sealer.seal_with_base(&text, 3, Some(b), &mut ext).expect("seal");
+        let data = |chunks: Vec<(Hash32, &Vec<u8>)>| {
+            Message::Data(Data {
+                batch_id: 9,
+                chunks: chunks
+                    .into_iter()
+                    .map(|(id, bytes)| ChunkData {
+                        id,
+                        bytes: bytes.clone(),
+                    })
+                    .collect(),
+            })
+        };
+        let peer = Peer {
+            name: "agg",
+            device: None,
+        };
+        // Base first in the same message: fine.
+        let (mut srv, mut st) = (Server::new(ServerConfig::default()), Mem::default());
+        srv.handle(0, &peer, data(vec![(base_id, &base), (ext_id, &ext)]), &mut st)
+            .expect("data");
+        assert_eq!((srv.stats.chunks_received, srv.stats.chunks_base_missing), (2, 0));
+        // Base already held: fine.
+        let (mut srv, mut st) = (Server::new(ServerConfig::default()), Mem::default());
+        st.chunks.insert(base_id);
+        srv.handle(0, &peer, data(vec![(ext_id, &ext)]), &mut st).expect("data");
+        assert_eq!(srv.stats.chunks_base_missing, 0);
+        // Base missing: kept (it may still come) and counted.
+        let (mut srv, mut st) = (Server::new(ServerConfig::default()), Mem::default());
+        srv.handle(0, &peer, data(vec![(ext_id, &ext)]), &mut st).expect("data");
+        assert_eq!(srv.stats.chunks_base_missing, 1);
+        assert!(st.chunks.contains(&ext_id));
     }
 }
