@@ -9,7 +9,8 @@
 # camera-like blobs, syncs it with a real edge-agent through Mosquitto and an
 # aggregator into a cloud-sink on 127.0.0.1, then times RUNS runs of
 # `cloud-sink restore` into fresh folders (/usr/bin/time: wall, CPU, peak
-# RSS) and checks the first restore byte for byte (diff -r, not timed).
+# RSS; and the sink server's CPU seconds) and checks the first restore
+# byte for byte (diff -r, not timed).
 # Throughput = logical bytes restored / wall time. The sink's objects are in
 # the page cache (warm) after the first run. NO_BUILD=1 skips the cargo
 # build. Installs mosquitto from Debian's packages when missing.
@@ -34,7 +35,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 MP=$(free_port); SP=$(free_port)
 printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_packet_size 8455168\n' "$MP" > "$W/m.conf"
 "$MOSQ" -c "$W/m.conf" 2>"$W/mosquitto.log" & pids+=($!)
-"$B/cloud-sink" serve --data "$W/cloud" --listen "127.0.0.1:$SP" 2>"$W/sink.log" & pids+=($!)
+"$B/cloud-sink" serve --data "$W/cloud" --listen "127.0.0.1:$SP" 2>"$W/sink.log" & SINK_PID=$!; pids+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$SP/v1/health" >/dev/null 2>&1 && break; sleep 0.1; done
 "$B/aggregator" run --broker "mqtt://127.0.0.1:$MP" --sink "http://127.0.0.1:$SP" --data "$W/region" \
   --pack-max-delay 200ms 2>"$W/agg.log" & pids+=($!)
@@ -52,14 +53,17 @@ t=$(date +%s.%N)
 echo "archive: $FILES files, $BYTES bytes; synced to cloud-durable in $(echo "$(date +%s.%N) - $t" | bc -l | cut -c1-5) s" >&2
 echo "sink objects: $(du -sb "$W/cloud" | cut -f1) bytes" >&2
 
-echo "| run | logical bytes | wall s | user s | sys s | peak RSS MiB | MB/s | MiB/s |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+# CPU seconds (user + system) of the sink server so far.
+sink_cpu() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / t}' "/proc/$SINK_PID/stat"; }
+echo "| run | logical bytes | wall s | user s | sys s | peak RSS MiB | sink server CPU s | MB/s | MiB/s |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for r in $(seq 1 "$RUNS"); do
   rm -rf "$W/out"
-  sync; /usr/bin/time -o "$W/t" -f '%e %U %S %M' "$B/cloud-sink" restore --sink "http://127.0.0.1:$SP" \
+  sync; c0=$(sink_cpu); /usr/bin/time -o "$W/t" -f '%e %U %S %M' "$B/cloud-sink" restore --sink "http://127.0.0.1:$SP" \
     --device gw-r --key "$W/tenant.key" --out "$W/out" 2>"$W/restore.log"
   read -r wall user sys rss < "$W/t"
-  printf '| %s | %s | %s | %s | %s | %d | %.0f | %.0f |\n' "$r" "$BYTES" "$wall" "$user" "$sys" "$((rss / 1024))" \
+  printf '| %s | %s | %s | %s | %s | %d | %.2f | %.0f | %.0f |\n' "$r" "$BYTES" "$wall" "$user" "$sys" "$((rss / 1024))" \
+    "$(echo "$(sink_cpu) - $c0" | bc -l)" \
     "$(echo "$BYTES / $wall / 1000000" | bc -l)" "$(echo "$BYTES / $wall / 1048576" | bc -l)"
   if [ "$r" = 1 ]; then
     diff -r --no-dereference "$SRC" "$W/out/archive" >/dev/null && echo "restore 1: byte-identical" >&2 \

@@ -78,7 +78,7 @@ fanin)
     kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true
     perf report -i "$W/perf.data" --no-children --sort dso,sym --stdio 2>/dev/null | grep -v '^$' | grep '%' | head -40
   fi
-  grep -ciE "warn|error" "$W/agg.log" | sed 's/^/aggregator log warnings+errors: /' >&2
+  echo "aggregator log warnings+errors: $(grep -ciE "warn|error" "$W/agg.log" || true)" >&2
   ;;
 edge)
   N=${2:-100000}
