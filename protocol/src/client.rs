@@ -75,6 +75,22 @@ impl Default for ClientConfig {
     }
 }
 
+/// What a session holds in memory right now (for a driver's bounds
+/// checks): the batch it is offering or sending, messages queued for
+/// transmission, and the ranges of the knowledge it tracks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Changes of the batch in flight (at most `max_batch`).
+    pub batch_changes: usize,
+    /// Their CBOR bytes (at most `max_batch_bytes` beyond the first change).
+    pub batch_bytes: usize,
+    /// Messages waiting for `poll_transmit`, and their encoded bytes.
+    pub out_messages: usize,
+    pub out_bytes: usize,
+    /// Seq ranges in the regional and cloud knowledge.
+    pub knowledge_ranges: usize,
+}
+
 /// Things the driver may want to log or count.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -177,6 +193,22 @@ impl ClientSession {
     }
     pub fn cloud(&self) -> &Knowledge {
         &self.cloud
+    }
+    /// What the session holds in memory (encodes the batch and the queued
+    /// messages to count their bytes: for occasional checks, not hot paths).
+    pub fn held(&self) -> Held {
+        let batch: &[Change] = match &self.state {
+            State::AwaitPrepare { batch, .. } | State::Sending { batch, .. } | State::Backoff { batch, .. } => batch,
+            _ => &[],
+        };
+        let ranges = |k: &Knowledge| k.map.values().map(|s| s.ranges().len()).sum::<usize>();
+        Held {
+            batch_changes: batch.len(),
+            batch_bytes: batch.iter().map(|c| crate::to_cbor(c).len()).sum(),
+            out_messages: self.out.len(),
+            out_bytes: self.out.iter().map(|m| m.encode().map_or(0, |b| b.len())).sum(),
+            knowledge_ranges: ranges(&self.regional) + ranges(&self.cloud),
+        }
     }
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()

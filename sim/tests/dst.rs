@@ -12,6 +12,7 @@ fn scenarios_dir() -> PathBuf {
 /// Small enough for hundreds of seeds in a test, with every fault on.
 const TINY: &str = r#"
 name = "tiny"
+verify_scan_skips = true
 agents = 3
 aggregators = 2
 duration = "3h"
@@ -68,6 +69,8 @@ disk_full_len = "20m"
 clock_jump_per_day = 4
 agg_crash_per_day = 4
 agg_down_for = "10m"
+cloud_crash_per_day = 4
+cloud_down_for = "5m"
 "#;
 
 #[test]
@@ -240,4 +243,20 @@ fn shared_paths_conflict_the_same_in_any_order() {
         conflicts += r.metrics.shared_conflicts;
     }
     assert!(conflicts > 0, "the shared workload produced no concurrent versions");
+}
+
+/// Found by the sweep: a full disk made redb fail a write, after which the
+/// agent's state database refused every write ("Previous I/O error
+/// occurred") and the agent never synced again. The simulator now restarts
+/// such an agent process (as a supervisor would after it exits); this seed
+/// must take that path and still converge.
+#[test]
+fn poisoned_state_database_restarts_the_agent_seed_21() {
+    let sc = Scenario::parse(TINY).unwrap();
+    let r = run(&sc, &Options { seed: 21, work: None }).unwrap();
+    assert!(r.violation.is_none(), "{:?}", r.violation);
+    assert!(
+        r.metrics.process_exits >= 1,
+        "seed 21 no longer poisons a state database"
+    );
 }

@@ -13,19 +13,25 @@
 //! node (and its `Database`) was dropped, then reopen a new node on it.
 //! A capacity makes writes past it fail with `StorageFull` (full disk).
 
-use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 const PAGE: u64 = 4096;
+const PAGE_US: usize = PAGE as usize;
 
 #[derive(Debug, Default)]
 struct Inner {
     data: Vec<u8>,
     synced_len: u64,
-    /// Page number → its content at the last sync (only pages below
-    /// `synced_len`, saved before the first change after that sync).
-    undo: BTreeMap<u64, Vec<u8>>,
+    /// Pages below `synced_len` changed since the last sync, in the order
+    /// they were first changed: (page number, bytes saved).
+    undo: Vec<(u64, usize)>,
+    /// Their content at the last sync: slot `i` of `undo` at `i * PAGE`.
+    /// Kept (with its capacity) across syncs, so saving a page allocates
+    /// nothing in the steady state.
+    undo_data: Vec<u8>,
+    /// Per page below `synced_len`: already saved since the last sync.
+    saved: Vec<bool>,
     capacity: Option<u64>,
     syncs: u64,
     writes: u64,
@@ -43,14 +49,32 @@ impl Inner {
             return;
         }
         for p in from / PAGE..to.div_ceil(PAGE) {
-            if self.undo.contains_key(&p) {
+            let pi = p as usize;
+            if self.saved.get(pi).copied().unwrap_or(true) {
                 continue;
             }
-            let s = (p * PAGE) as usize;
+            self.saved[pi] = true;
+            let s = pi * PAGE_US;
             let e = (((p + 1) * PAGE).min(self.synced_len) as usize).min(self.data.len());
-            let old = self.data.get(s..e).map(|b| b.to_vec()).unwrap_or_default();
-            self.undo.insert(p, old);
+            let old = self.data.get(s..e).unwrap_or_default();
+            self.undo.push((p, old.len()));
+            let at = self.undo_data.len();
+            self.undo_data.resize(at + PAGE_US, 0);
+            self.undo_data[at..at + old.len()].copy_from_slice(old);
         }
+    }
+
+    /// Forgets the undo log (after a sync or a crash) and sizes `saved`
+    /// for the new synced length.
+    fn reset_undo(&mut self) {
+        for &(p, _) in &self.undo {
+            if let Some(x) = self.saved.get_mut(p as usize) {
+                *x = false;
+            }
+        }
+        self.undo.clear();
+        self.undo_data.clear();
+        self.saved.resize(self.synced_len.div_ceil(PAGE) as usize, false);
     }
 }
 
@@ -135,18 +159,22 @@ impl CrashBackend {
         if g.data.len() < synced {
             g.data.resize(synced, 0);
         }
-        let undo = std::mem::take(&mut g.undo);
-        for (p, old) in undo {
+        // Page order, so a torn crash's draws do not depend on write order.
+        let mut undo: Vec<(usize, u64, usize)> = g.undo.iter().enumerate().map(|(i, &(p, n))| (i, p, n)).collect();
+        undo.sort_unstable_by_key(|u| u.1);
+        let Inner { data, undo_data, .. } = &mut *g;
+        for (i, p, n) in undo {
             if keep(p) {
                 continue;
             }
             let s = (p * PAGE) as usize;
-            let e = (s + old.len()).min(g.data.len());
-            if let Some(dst) = g.data.get_mut(s..e) {
-                dst.copy_from_slice(&old[..e - s]);
+            let e = (s + n).min(data.len());
+            if let (Some(dst), Some(src)) = (data.get_mut(s..e), undo_data.get(i * PAGE_US..i * PAGE_US + (e - s))) {
+                dst.copy_from_slice(src);
             }
         }
         g.data.truncate(synced);
+        g.reset_undo();
     }
 }
 
@@ -185,7 +213,7 @@ impl redb::StorageBackend for CrashBackend {
     fn sync_data(&self) -> Result<(), io::Error> {
         let mut g = self.live()?;
         g.synced_len = g.data.len() as u64;
-        g.undo.clear();
+        g.reset_undo();
         g.syncs += 1;
         Ok(())
     }
@@ -244,6 +272,38 @@ mod tests {
         let mut out = vec![0u8; 3 * PAGE as usize];
         b.read(0, &mut out).unwrap();
         assert!(out.iter().all(|x| *x == 7));
+    }
+
+    #[test]
+    fn torn_crash_keeps_exactly_the_chosen_pages() {
+        let b = CrashBackend::new();
+        b.set_len(4 * PAGE).unwrap();
+        b.write(0, &vec![1; 4 * PAGE as usize]).unwrap();
+        b.sync_data().unwrap();
+        // Pages change in reverse order, one of them twice.
+        for p in (0..4).rev() {
+            b.write(p * PAGE, &vec![2; PAGE as usize]).unwrap();
+        }
+        b.write(PAGE, &[3; 10]).unwrap();
+        let mut asked = Vec::new();
+        b.crash_keeping(|p| {
+            asked.push(p);
+            p % 2 == 0
+        });
+        assert_eq!(asked, vec![0, 1, 2, 3], "each changed page once, in page order");
+        let b = b.reopen();
+        let mut out = vec![0u8; 4 * PAGE as usize];
+        b.read(0, &mut out).unwrap();
+        for (p, page) in out.chunks(PAGE as usize).enumerate() {
+            let want = if p % 2 == 0 { 2 } else { 1 };
+            assert!(page.iter().all(|x| *x == want), "page {p}");
+        }
+        // The undo log starts afresh: a new sync and crash keep the data.
+        b.sync_data().unwrap();
+        b.crash();
+        let b = b.reopen();
+        b.read(0, &mut out).unwrap();
+        assert!(out[..PAGE as usize].iter().all(|x| *x == 2));
     }
 
     #[test]

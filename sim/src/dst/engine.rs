@@ -88,6 +88,7 @@ enum Ev {
     SessionLoss,
     AggCrash(usize),
     AggRestart(usize),
+    CloudCrash,
     DiskFull(usize, bool),
     ClockJump(usize),
     Sample,
@@ -119,6 +120,19 @@ struct AgentSlot {
     scanned_after_heal: bool,
     restarts: u64,
     batch_base: u64,
+    /// The last scan succeeded completely (nothing skipped, no rescan
+    /// asked for) and nothing that could change its outcome happened since:
+    /// no workload write, restart, clock jump, disk-full toggle, prune or
+    /// heal. A scan of a clean agent that asks for no rescan would record
+    /// nothing, so it is skipped (`verify_scan_skips` runs it anyway and
+    /// checks that).
+    clean: bool,
+    /// Shared workload: the group of gateways (of this site and workload)
+    /// that writes the same paths as this one.
+    group: usize,
+    /// Every file the workload wrote (it never deletes one): a file missing
+    /// from the watch folder was pruned.
+    written: std::collections::BTreeSet<PathBuf>,
 }
 
 struct AggSlot {
@@ -187,6 +201,10 @@ pub struct Sim {
     agents: Vec<AgentSlot>,
     aggs: Vec<AggSlot>,
     cloud: CloudNode,
+    /// The cloud catalog's disk (survives cloud crashes as far as synced).
+    cloud_disk: CrashBackend,
+    /// No request reaches the cloud before this (it is restarting).
+    cloud_down_until: Ms,
     healing: bool,
     end: Ms,
     rng_net: ChaCha8Rng,
@@ -278,6 +296,11 @@ impl Sim {
                     clock: clock.clone(),
                     skew: Skew::default(),
                     shared_globs: shared_globs.clone(),
+                    edge_disk: (sc.edge_disk.capacity > 0).then_some((
+                        sc.edge_disk.capacity,
+                        sc.edge_disk.high_pct,
+                        sc.edge_disk.low_pct,
+                    )),
                 },
                 node: None,
                 link: Link::new(sc.link[li].clone()),
@@ -298,7 +321,22 @@ impl Sim {
                 scanned_after_heal: false,
                 restarts: 0,
                 batch_base: 0,
+                clean: false,
+                group: 0,
+                written: Default::default(),
             });
+        }
+        // `group` gateways of a site with the same shared workload write the
+        // same paths: the k-th such gateway of a site (by index) is in group
+        // k / group.
+        let mut rank: BTreeMap<(String, usize), usize> = BTreeMap::new();
+        for s in agents.iter_mut() {
+            let w = &sc.workload[s.wl];
+            if w.kind == WorkloadKind::Shared {
+                let r = rank.entry((s.setup.device.site.to_string(), s.wl)).or_insert(0);
+                s.group = *r / w.group.max(1);
+                *r += 1;
+            }
         }
         let mut aggs = Vec::new();
         for g in 0..sc.aggregators {
@@ -320,7 +358,12 @@ impl Sim {
                 acked: Knowledge::default(),
             });
         }
-        let cloud = CloudNode::open(clock.clone())?;
+        let cloud_disk = CrashBackend::new();
+        let cloud = CloudNode::open(
+            clock.clone(),
+            &cloud_disk,
+            std::sync::Arc::new(super::faultstore::FaultStore::new()),
+        )?;
         let end = sc.duration.0;
         let metrics = Metrics::new(&sc);
         Ok(Sim {
@@ -332,6 +375,8 @@ impl Sim {
             agents,
             aggs,
             cloud,
+            cloud_disk,
+            cloud_down_until: 0,
             healing: false,
             end,
             rng_net: stream(seed, "net", 0),
@@ -405,6 +450,8 @@ impl Sim {
         }
         let r = self.sc.faults.session_loss_per_day;
         self.schedule_rate(r, 0, Ev::SessionLoss);
+        let r = self.sc.faults.cloud_crash_per_day;
+        self.schedule_rate(r, 0, Ev::CloudCrash);
         self.q.push(0, Ev::Sample);
         self.q.push(self.end, Ev::Heal);
         Ok(())
@@ -444,6 +491,7 @@ impl Sim {
         s.next_seq = next_seq;
         s.node = Some(node);
         s.timer = None;
+        s.clean = false;
         Ok(())
     }
 
@@ -548,6 +596,7 @@ impl Sim {
         };
         let mut out = Vec::new();
         let mut store_error = false;
+        let mut poisoned = false;
         {
             let Some(n) = &mut self.agents[a].node else {
                 return Ok(());
@@ -569,12 +618,16 @@ impl Sim {
                         // drop the connection and try again 5 s later.
                         self.log.log(now, Kind::Error, a as u64, 1, 0);
                         tracing::debug!(agent = a, "poll_transmit: {e}");
+                        poisoned |= needs_reopen(&e);
                         store_error = true;
                         break;
                     }
                 }
             }
             while n.session.poll_event().is_some() {}
+        }
+        if poisoned {
+            return self.process_exit(a);
         }
         if store_error {
             let s = &mut self.agents[a];
@@ -693,6 +746,9 @@ impl Sim {
             if let Err(e) = n.session.handle(now, msg, &mut n.agent) {
                 self.log.log(now, Kind::Error, a as u64, 2, 0);
                 tracing::debug!(agent = a, "handle: {e}");
+                if needs_reopen(&e) {
+                    return self.process_exit(a);
+                }
             }
         }
         self.after_knowledge(a)?;
@@ -747,6 +803,7 @@ impl Sim {
         let scale = self.sc.data_scale;
         let s = &mut self.agents[a];
         s.writes += 1;
+        s.clean = false;
         let len = ((w.bytes as f64) * scale).max(1.0) as usize;
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_millis(super::nodes::wall(now, 0));
         let mut written = Vec::new();
@@ -783,7 +840,16 @@ impl Sim {
                 let dir = s.setup.watch.join("shared");
                 std::fs::create_dir_all(&dir)?;
                 let i = s.wrng.gen_range(0..w.files);
-                let p = dir.join(format!("line{i}.log"));
+                // Paths of the workload and group: the group's gateways write
+                // the same ones (concurrent versions of one shared path).
+                // Group 0 of the first shared workload keeps the plain names.
+                let first = self.sc.workload.iter().position(|w| w.kind == WorkloadKind::Shared) == Some(s.wl);
+                let name = match (first, s.group) {
+                    (true, 0) => format!("line{i}.log"),
+                    (true, k) => format!("line{i}-g{k}.log"),
+                    (false, k) => format!("line{i}-w{}-g{k}.log", s.wl),
+                };
+                let p = dir.join(name);
                 let data = content(&mut s.wrng, len, now);
                 std::fs::write(&p, &data)?;
                 let f = std::fs::OpenOptions::new().write(true).open(&p)?;
@@ -791,6 +857,11 @@ impl Sim {
             }
         }
         let mut bytes = 0u64;
+        for (p, _) in &written {
+            if !s.written.contains(p) {
+                s.written.insert(p.clone());
+            }
+        }
         for (_, f) in &written {
             f.set_modified(mtime)?;
             bytes += f.metadata()?.len();
@@ -809,27 +880,72 @@ impl Sim {
     fn on_scan(&mut self, a: usize) -> Result<()> {
         let now = self.now();
         let interval = self.sc.scan_interval.0;
+        let verify = self.sc.verify_scan_skips;
+        let healing = self.healing;
         let s = &mut self.agents[a];
+        // The first scan after the heal always runs (it is what says that
+        // everything on disk is recorded).
+        // A supersede or a new epoch since the last scan asks for a rescan.
+        let skip =
+            s.clean && (!healing || s.scanned_after_heal) && s.node.as_ref().is_some_and(|n| !n.agent.rescan_needed());
         if let Some(n) = &mut s.node {
-            match n.agent.scan_once() {
-                Ok(rep) => {
-                    let next = n.agent.next_seq();
-                    if next > s.next_seq {
-                        s.recorded.push_back((s.next_seq, next - 1, now));
+            if skip {
+                self.metrics.scans_skipped += 1;
+            }
+            if skip && !verify {
+                self.log.log(now, Kind::Scan, a as u64, 0, 0);
+            } else {
+                match n.agent.scan_once() {
+                    Ok(rep) => {
+                        // Re-reading a racy file (mtime too close to the scan's
+                        // clock) that turns out unchanged records nothing.
+                        if skip && rep.changes_recorded > 0 {
+                            return Err(violation(
+                                "scan-skip",
+                                format!(
+                                    "agent {a}: a scan the simulator would have skipped recorded {} changes",
+                                    rep.changes_recorded
+                                ),
+                            ));
+                        }
+                        let next = n.agent.next_seq();
+                        if next > s.next_seq {
+                            s.recorded.push_back((s.next_seq, next - 1, now));
+                        }
+                        s.next_seq = next;
+                        if rep.changes_recorded > 0 {
+                            n.session.wake();
+                        }
+                        if healing {
+                            s.scanned_after_heal = true;
+                        }
+                        s.clean = rep.files_skipped == 0 && !n.agent.rescan_needed();
+                        self.log
+                            .log(now, Kind::Scan, a as u64, rep.changes_recorded, rep.bytes_chunked);
+                        // The disk watermarks, after each scan as the daemon does.
+                        match n.agent.enforce_disk() {
+                            Ok(Some(st)) if st.pruned_files > 0 => {
+                                s.clean = false;
+                                self.metrics.pruned_files += st.pruned_files;
+                                self.log
+                                    .log(now, Kind::Prune, a as u64, st.pruned_files, st.pruned_bytes);
+                                self.check_pruned(a)?;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                self.log.log(now, Kind::Error, a as u64, 4, 0);
+                                tracing::debug!(agent = a, "enforce_disk: {e}");
+                            }
+                        }
                     }
-                    s.next_seq = next;
-                    if rep.changes_recorded > 0 {
-                        n.session.wake();
+                    Err(e) => {
+                        s.clean = false;
+                        self.log.log(now, Kind::Error, a as u64, 3, 0);
+                        tracing::debug!(agent = a, "scan: {e}");
+                        if needs_reopen(&e) {
+                            return self.process_exit(a);
+                        }
                     }
-                    if self.healing {
-                        s.scanned_after_heal = true;
-                    }
-                    self.log
-                        .log(now, Kind::Scan, a as u64, rep.changes_recorded, rep.bytes_chunked);
-                }
-                Err(e) => {
-                    self.log.log(now, Kind::Error, a as u64, 3, 0);
-                    tracing::debug!(agent = a, "scan: {e}");
                 }
             }
         }
@@ -839,14 +955,51 @@ impl Sim {
         self.pump(a)
     }
 
+    /// `pruned-only-durable`: every written file gone from the watch folder
+    /// was pruned by the agent, and the pruned version is in the catalog.
+    fn check_pruned(&mut self, a: usize) -> Result<()> {
+        let s = &self.agents[a];
+        let Some(n) = &s.node else { return Ok(()) };
+        let dev = &s.setup.device;
+        let have = self.cloud.catalog.knowledge(std::slice::from_ref(dev))?;
+        for p in &s.written {
+            if p.exists() {
+                continue;
+            }
+            let rel = p.strip_prefix(&s.setup.watch)?.to_string_lossy().replace('\\', "/");
+            let path = format!("data/{rel}");
+            let Some(pf) = n.agent.pruned(&path)? else {
+                return Err(violation(
+                    "pruned-only-durable",
+                    format!("{dev}: {path} is gone from the gateway but not recorded as pruned"),
+                ));
+            };
+            let rep = ReplicaId {
+                device: dev.clone(),
+                epoch: pf.epoch,
+            };
+            if !have.get(&rep).contains(pf.seq) {
+                return Err(violation(
+                    "pruned-only-durable",
+                    format!(
+                        "{dev}: {path} was pruned at version {} seq {} which the catalog does not hold",
+                        pf.epoch, pf.seq
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn sink_down(&self, now: Ms) -> bool {
-        !self.healing
-            && self
-                .sc
-                .faults
-                .sink_outages
-                .iter()
-                .any(|w| now >= w.start.0 && now < w.start.0 + w.len.0)
+        now < self.cloud_down_until
+            || (!self.healing
+                && self
+                    .sc
+                    .faults
+                    .sink_outages
+                    .iter()
+                    .any(|w| now >= w.start.0 && now < w.start.0 + w.len.0))
     }
 
     /// Asks aggregator `g`'s forward core for its next request; the cloud
@@ -1009,6 +1162,22 @@ impl Sim {
         Ok(())
     }
 
+    /// The agent's redb refuses every write after a failed write (a full
+    /// disk): "Previous I/O error occurred. Please close and re-open the
+    /// database". The process exits and its supervisor starts it again 5 s
+    /// later: no power cut, so the storage keeps what was written.
+    fn process_exit(&mut self, a: usize) -> Result<()> {
+        let now = self.now();
+        self.disconnect(a);
+        if let Some(node) = self.agents[a].node.take() {
+            node.agent.crash();
+            self.metrics.process_exits += 1;
+            self.log.log(now, Kind::Crash, a as u64, 1, 0);
+            self.q.push(now + 5 * SECOND, Ev::Restart(a));
+        }
+        Ok(())
+    }
+
     fn on_restart(&mut self, a: usize) -> Result<()> {
         let now = self.now();
         if self.agents[a].node.is_some() {
@@ -1077,6 +1246,45 @@ impl Sim {
         Ok(())
     }
 
+    /// Power cut in the cloud: the catalog loses what it had not synced (the
+    /// disk crashes before the old node is dropped, so nothing is flushed
+    /// on the way down), a new node opens on what survived, and no request
+    /// reaches it for `cloud_down_for`. Everything an agent was told is
+    /// cloud-durable must still be in the catalog.
+    fn on_cloud_crash(&mut self) -> Result<()> {
+        let now = self.now();
+        self.cloud_disk.crash();
+        let objects = self.cloud.objects.clone();
+        let node = CloudNode::open(self.clock.clone(), &self.cloud_disk, objects)?;
+        drop(std::mem::replace(&mut self.cloud, node));
+        self.cloud_down_until = now + self.sc.faults.cloud_down_for.0;
+        self.metrics.cloud_crashes += 1;
+        self.log.log(now, Kind::Crash, 2000, 0, 0);
+        let devices: Vec<DeviceRef> = self
+            .agents
+            .iter()
+            .filter(|s| s.cloud_acked > 0)
+            .map(|s| s.setup.device.clone())
+            .collect();
+        let have = self.cloud.catalog.knowledge(&devices)?;
+        for s in &self.agents {
+            let Some(rep) = &s.replica else { continue };
+            let set = have.get(rep);
+            if let Some(seq) = (1..=s.cloud_acked).find(|q| !set.contains(*q)) {
+                return Err(violation(
+                    "acknowledged-not-lost",
+                    format!(
+                        "{} seq {seq} was acknowledged as cloud-durable and a cloud crash lost it",
+                        rep.key()
+                    ),
+                ));
+            }
+        }
+        let r = self.sc.faults.cloud_crash_per_day;
+        self.schedule_rate(r, now, Ev::CloudCrash);
+        Ok(())
+    }
+
     fn on_agg_restart(&mut self, g: usize) -> Result<()> {
         let now = self.now();
         let slot = &mut self.aggs[g];
@@ -1141,6 +1349,21 @@ impl Sim {
             }
             let m = &mut self.metrics.edge_peak[a];
             *m = (*m).max(disk);
+            if let Some(n) = &s.node {
+                let mem = agent_memory(n);
+                if mem > self.sc.bounds.edge_memory_bytes {
+                    return Err(violation(
+                        "edge-bounds",
+                        format!(
+                            "agent {a} holds {mem} bytes in memory ({:?}), over the bound {}",
+                            n.session.held(),
+                            self.sc.bounds.edge_memory_bytes
+                        ),
+                    ));
+                }
+                let m = &mut self.metrics.edge_mem_peak[a];
+                *m = (*m).max(mem);
+            }
             let q = s.session.queue.len();
             if q > self.sc.bounds.session_queue {
                 return Err(violation("edge-bounds", format!("agent {a} session queue {q}")));
@@ -1157,6 +1380,7 @@ impl Sim {
     fn on_heal(&mut self) -> Result<()> {
         let now = self.now();
         self.healing = true;
+        self.cloud_down_until = 0;
         self.log.log(now, Kind::Heal, 0, 0, 0);
         for a in 0..self.agents.len() {
             let s = &mut self.agents[a];
@@ -1165,6 +1389,7 @@ impl Sim {
             s.setup.skew.0.store(0, std::sync::atomic::Ordering::Relaxed);
             s.setup.disk.set_capacity(None);
             s.disk_full = false;
+            s.clean = false;
             if s.node.is_none() {
                 self.open_agent(a)?;
             }
@@ -1263,11 +1488,18 @@ impl Sim {
                 self.on_agg_crash(g)
             }
             Ev::AggRestart(g) => self.on_agg_restart(g),
+            Ev::CloudCrash => {
+                if self.healing {
+                    return Ok(());
+                }
+                self.on_cloud_crash()
+            }
             Ev::DiskFull(a, on) => {
                 // The state file cannot grow: redb commits that need room fail.
                 let now = self.now();
                 let full = on && !self.healing;
                 self.agents[a].disk_full = full;
+                self.agents[a].clean = false;
                 let d = &self.agents[a].setup.disk;
                 d.set_capacity(full.then(|| d.size()));
                 self.log.log(now, Kind::DiskFull, a as u64, on as u64, 0);
@@ -1287,6 +1519,7 @@ impl Sim {
                 let max = self.sc.faults.clock_jump_max.0 as i64;
                 let d = self.rng_fault.gen_range(-max..=max);
                 self.agents[a].setup.skew.add(d);
+                self.agents[a].clean = false;
                 self.log.log(now, Kind::ClockJump, a as u64, d as u64, 0);
                 let r = self.sc.faults.clock_jump_per_day;
                 self.schedule_rate(r, now, Ev::ClockJump(a));
@@ -1386,7 +1619,14 @@ impl Sim {
                 .agents
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.next_seq.saturating_sub(1) > s.cloud_acked || s.conn.is_none())
+                .filter(|(_, s)| {
+                    s.next_seq.saturating_sub(1) > s.cloud_acked
+                        || s.conn.is_none()
+                        || !s.scanned_after_heal
+                        || s.node
+                            .as_ref()
+                            .is_none_or(|n| n.agent.rescan_needed() || !n.session.is_idle())
+                })
                 .take(5)
                 .map(|(i, s)| {
                     let st = s.node.as_ref().map(|n| {
@@ -1406,8 +1646,10 @@ impl Sim {
                         )
                     });
                     format!(
-                        "agent {i} (aggregator {}): recorded {} acked {}; {}",
+                        "agent {i} (aggregator {}): scanned after heal {} rescan {}; recorded {} acked {}; {}",
                         s.agg,
+                        s.scanned_after_heal,
+                        s.node.as_ref().is_some_and(|n| n.agent.rescan_needed()),
                         s.next_seq - 1,
                         s.cloud_acked,
                         st.unwrap_or_default()
@@ -1630,6 +1872,22 @@ fn violation_v(invariant: &'static str, detail: String) -> Violation {
         detail,
         at: 0,
     }
+}
+
+/// A redb database poisoned by an earlier I/O error (it must be reopened).
+fn needs_reopen(e: &dyn std::fmt::Display) -> bool {
+    e.to_string().contains("Previous I/O error")
+}
+
+/// An agent's memory as the simulator can measure it in-process (see
+/// `Bounds::edge_memory_bytes`): redb's page cache at its configured bound,
+/// what the client session holds, and the knowledge ranges kept.
+fn agent_memory(n: &AgentNode) -> u64 {
+    let h = n.session.held();
+    let (r, c) = n.agent.knowledge();
+    let ranges = |k: &Knowledge| k.map.values().map(|s| s.ranges().len()).sum::<usize>();
+    let ranges = h.knowledge_ranges + ranges(r) + ranges(c);
+    (edge_agent::store::CACHE_BYTES + h.batch_bytes + h.out_bytes + 16 * ranges) as u64
 }
 
 /// Runs one seed of a scenario.

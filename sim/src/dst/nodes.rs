@@ -8,8 +8,8 @@
 //!   `aggregator::store::AggStore` (redb on a [`CrashBackend`]) and the
 //!   real sans-IO forwarder `aggregator::forward::ForwardCore`.
 //! - [`CloudNode`]: `protocol::server::Server` on the real
-//!   `cloud_sink::store::SinkStore` and catalog (redb in memory, virtual
-//!   clock) over `cloud_sink::objects::Objects` on an in-memory object store
+//!   `cloud_sink::store::SinkStore` and catalog (redb on a [`CrashBackend`],
+//!   virtual clock) over `cloud_sink::objects::Objects` on an in-memory object store
 //!   that injects errors during sink faults.
 
 use super::core::{Ms, EPOCH_UNIX_MS};
@@ -22,7 +22,7 @@ use cloud_sink::catalog::Catalog;
 use cloud_sink::objects::Objects;
 use cloud_sink::store::SinkStore;
 use cloud_sink::SinkClock;
-use edge_agent::{Agent, AgentConfig, ClassSpec};
+use edge_agent::{Agent, AgentConfig, ClassSpec, DiskStat, DiskWatermarks, Watermark};
 use protocol::client::{ClientConfig, ClientSession};
 use protocol::msg::Message;
 use protocol::seal::{Cipher, TenantKey};
@@ -73,6 +73,9 @@ pub struct AgentSetup {
     pub clock: VClock,
     pub skew: Skew,
     pub shared_globs: Vec<String>,
+    /// (capacity bytes, high % used, low % used): disk watermarks and a
+    /// probe measuring the watch folder plus the state file.
+    pub edge_disk: Option<(u64, f64, f64)>,
 }
 
 impl AgentNode {
@@ -90,6 +93,23 @@ impl AgentNode {
                 shared: Some(true),
                 conflict: Some("last-writer-wins".into()),
                 ..ClassSpec::default()
+            });
+        }
+        if let Some((cap, high, low)) = s.edge_disk {
+            cfg.disk = Some(DiskWatermarks::new(Watermark::UsedPct(high), Watermark::UsedPct(low))?);
+            let (watch, disk) = (s.watch.clone(), s.disk.clone());
+            cfg.disk_probe = Arc::new(move |_: &Path| {
+                let files: u64 = walkdir::WalkDir::new(&watch)
+                    .into_iter()
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum();
+                Ok(DiskStat {
+                    total: cap,
+                    free: cap.saturating_sub(files + disk.size()),
+                })
             });
         }
         let ent = s.entropy.clone();
@@ -170,22 +190,26 @@ pub struct CloudNode {
 }
 
 impl CloudNode {
-    /// The catalog on redb's `InMemoryBackend` with its clock on virtual
-    /// time, objects in memory behind a [`FaultStore`]. The tokio runtime
-    /// has no I/O or timer driver: the in-memory store's futures complete
-    /// at once under `block_on`.
-    pub fn open(clock: VClock) -> Result<CloudNode> {
+    /// The catalog on `disk` (a [`CrashBackend`]: a cloud crash loses what
+    /// the catalog did not sync) with its clock on virtual time, objects in
+    /// `objects` (in memory, a separate durable service that survives the
+    /// node's crashes). The tokio runtime has no I/O or timer driver: the
+    /// in-memory store's futures complete at once under `block_on`.
+    pub fn open(clock: VClock, disk: &CrashBackend, objects: Arc<FaultStore>) -> Result<CloudNode> {
         let rt = tokio::runtime::Builder::new_current_thread().build()?;
-        let catalog = Catalog::open_with_backend(Box::new(redb::backends::InMemoryBackend::new()))?
+        let catalog = Catalog::open_with_backend(Box::new(disk.reopen()))
+            .context("opening the cloud catalog")?
             .with_clock(SinkClock::from_ms(move || wall(clock.now(), 0)));
         let catalog = Arc::new(catalog);
-        let faults = Arc::new(FaultStore::new());
-        let objects = Objects::with_store(faults.clone());
-        let store = SinkStore::new(catalog.clone(), objects, rt.handle().clone());
+        let store = SinkStore::new(
+            catalog.clone(),
+            Objects::with_store(objects.clone()),
+            rt.handle().clone(),
+        );
         Ok(CloudNode {
             _rt: rt,
             catalog,
-            objects: faults,
+            objects,
             server: Server::new(ServerConfig::default()),
             store,
         })

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub durable_ms: Vec<(Ms, u64)>,
     /// Peak edge state file size per agent.
     pub edge_peak: Vec<u64>,
+    /// Peak measured agent memory per agent (`Bounds::edge_memory_bytes`).
+    pub edge_mem_peak: Vec<u64>,
     /// Link kind name → (bytes up, bytes down, agents).
     pub link_bytes: BTreeMap<String, (u64, u64, u64)>,
     pub cloud_bytes: u64,
@@ -24,7 +26,14 @@ pub struct Metrics {
     pub msgs_up: u64,
     pub msgs_down: u64,
     pub crashes: u64,
+    /// Scans of clean agents skipped (they would have recorded nothing).
+    pub scans_skipped: u64,
+    /// Files the agents' disk watermarks pruned.
+    pub pruned_files: u64,
     pub agg_crashes: u64,
+    pub cloud_crashes: u64,
+    /// Agent processes that exited on a poisoned state database.
+    pub process_exits: u64,
     pub session_losses: u64,
     pub events: u64,
     pub end_ms: Ms,
@@ -65,6 +74,7 @@ impl Metrics {
     pub fn new(sc: &Scenario) -> Metrics {
         Metrics {
             edge_peak: vec![0; sc.agents],
+            edge_mem_peak: vec![0; sc.agents],
             ..Metrics::default()
         }
     }
@@ -101,9 +111,15 @@ impl Metrics {
         );
         let _ = writeln!(
             s,
-            "  faults: {} agent crashes, {} aggregator crashes, {} broker session losses",
-            self.crashes, self.agg_crashes, self.session_losses
+            "  faults: {} agent crashes, {} aggregator crashes, {} cloud crashes, {} broker session losses",
+            self.crashes, self.agg_crashes, self.cloud_crashes, self.session_losses
         );
+        let _ = writeln!(
+            s,
+            "  agent exits on a poisoned state database: {}; scans of unchanged agents skipped: {}",
+            self.process_exits, self.scans_skipped
+        );
+        let _ = writeln!(s, "  files pruned under disk pressure: {}", self.pruned_files);
         let _ = writeln!(
             s,
             "  shared paths: {} versions in the cloud, {} conflicts (same in any arrival order)",
@@ -129,6 +145,14 @@ impl Metrics {
             dq(0.9),
             dq(0.99),
             dq(1.0)
+        );
+        let mem: Vec<(u64, u64)> = self.edge_mem_peak.iter().map(|d| (*d, 1)).collect();
+        let mq = |p| quantile(&mem, p).map_or("-".to_string(), fmt_bytes);
+        let _ = writeln!(
+            s,
+            "  edge memory peak (redb cache bound + session + knowledge): p50 {} max {}",
+            mq(0.5),
+            mq(1.0)
         );
         for (k, (up, down, n)) in &self.link_bytes {
             let _ = writeln!(

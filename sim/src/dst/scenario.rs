@@ -80,6 +80,11 @@ pub struct Scenario {
     pub sample_interval: Dur,
     /// Deliberately injected bugs (the simulator's self-test).
     pub bugs: Bugs,
+    /// Edge disks and pruning (`Agent::enforce_disk`).
+    pub edge_disk: EdgeDisk,
+    /// Run the scans the simulator skips for clean agents anyway, and
+    /// report `scan-skip` if one records a change (checks the skip rule).
+    pub verify_scan_skips: bool,
 }
 
 /// Bugs injected into the real code, to check that the simulator finds them.
@@ -112,6 +117,8 @@ impl Default for Scenario {
             faults: Faults::default(),
             sample_interval: Dur(10 * MINUTE),
             bugs: Bugs::default(),
+            verify_scan_skips: false,
+            edge_disk: EdgeDisk::default(),
         }
     }
 }
@@ -125,6 +132,13 @@ pub struct Bounds {
     pub session_queue: usize,
     /// Most messages in flight on one link.
     pub link_in_flight: usize,
+    /// Largest agent memory allowed, bytes, as the simulator measures it:
+    /// the agent's redb page cache at its configured size
+    /// (`edge_agent::store::CACHE_BYTES`; redb reports no usage), plus what
+    /// its `ClientSession` holds (the batch in flight in CBOR bytes, queued
+    /// messages encoded), plus 16 bytes per seq range of the knowledge the
+    /// session and the agent keep.
+    pub edge_memory_bytes: u64,
 }
 
 impl Default for Bounds {
@@ -133,6 +147,30 @@ impl Default for Bounds {
             edge_state_bytes: 64 << 20,
             session_queue: 1000,
             link_in_flight: 10_000,
+            edge_memory_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Each gateway's disk holds `capacity` bytes, used by its watch folder and
+/// its state file (the agent's disk probe measures both). After every scan
+/// the agent runs its real `enforce_disk`: over `high_pct` used it deletes
+/// its oldest cloud-durable files until under `low_pct`. `capacity = 0`:
+/// no watermarks, no pruning.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeDisk {
+    pub capacity: u64,
+    pub high_pct: f64,
+    pub low_pct: f64,
+}
+
+impl Default for EdgeDisk {
+    fn default() -> Self {
+        EdgeDisk {
+            capacity: 0,
+            high_pct: 90.0,
+            low_pct: 70.0,
         }
     }
 }
@@ -164,7 +202,10 @@ pub struct Workload {
     pub bytes: u64,
     /// Burst: files per burst.
     pub burst_files: usize,
-    /// Shared: gateways per group writing the same paths.
+    /// Shared: gateways per group writing the same paths. The gateways of
+    /// a site with this workload are taken in index order, `group` at a
+    /// time; each group has its own paths (sites are 50 gateways, so
+    /// `group = 50` makes every such gateway of a site write the same ones).
     pub group: usize,
 }
 
@@ -290,6 +331,10 @@ pub struct Faults {
     /// Aggregator crashes per aggregator per day (its agents fail over).
     pub agg_crash_per_day: f64,
     pub agg_down_for: Dur,
+    /// Cloud node crashes per day: its catalog loses what it had not
+    /// synced, and no request reaches it for `cloud_down_for`.
+    pub cloud_crash_per_day: f64,
+    pub cloud_down_for: Dur,
 }
 
 impl Default for Faults {
@@ -312,6 +357,8 @@ impl Default for Faults {
             clock_jump_max: Dur(HOUR),
             agg_crash_per_day: 0.0,
             agg_down_for: Dur(10 * MINUTE),
+            cloud_crash_per_day: 0.0,
+            cloud_down_for: Dur(2 * MINUTE),
         }
     }
 }
@@ -370,6 +417,10 @@ impl Scenario {
                 bail!("workload.bytes must be at most 1 GiB");
             }
         }
+        let d = &self.edge_disk;
+        if d.capacity > 0 && !(d.low_pct > 0.0 && d.low_pct < d.high_pct && d.high_pct <= 100.0) {
+            bail!("edge_disk: need 0 < low_pct < high_pct <= 100");
+        }
         if self.link.is_empty() || self.link.iter().all(|l| l.weight == 0) {
             bail!("at least one link with a weight above 0 is needed");
         }
@@ -404,6 +455,7 @@ impl Scenario {
             ("disk_full_per_day", f.disk_full_per_day),
             ("clock_jump_per_day", f.clock_jump_per_day),
             ("agg_crash_per_day", f.agg_crash_per_day),
+            ("cloud_crash_per_day", f.cloud_crash_per_day),
         ] {
             if !(r.is_finite() && (0.0..=10_000.0).contains(&r)) {
                 bail!("faults.{what} must be in [0, 10000]");
