@@ -23,7 +23,11 @@ fn sensor_text(len: usize) -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         t += 250;
-        s.push_str(&format!("{t},line3-temp-{:02},{:.3},degC,OK\n", x % 16, 20.0 + (x % 1000) as f64 / 100.0));
+        s.push_str(&format!(
+            "{t},line3-temp-{:02},{:.3},degC,OK\n",
+            x % 16,
+            20.0 + (x % 1000) as f64 / 100.0
+        ));
     }
     s.truncate(len);
     s.into_bytes()
@@ -83,12 +87,7 @@ fn manifest(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("manifest_encode_sign");
     for n in [16usize, 1024] {
-        let chunks: Vec<ChunkRef> = (0..n as u64)
-            .map(|i| ChunkRef {
-                id: tag(i),
-                len: 65536,
-            })
-            .collect();
+        let chunks: Vec<ChunkRef> = (0..n as u64).map(|i| ChunkRef { id: tag(i), len: 65536 }).collect();
         let fv = FileVersion {
             path: "archive/logs/line3_sensors.csv".into(),
             size: 65536 * n as u64,
@@ -126,7 +125,9 @@ fn extension_and_open(c: &mut Criterion) {
     let mut g = c.benchmark_group("extension_64KiB_of_which_4KiB_new");
     g.throughput(Throughput::Bytes(grown.len() as u64));
     let mut out = Vec::new();
-    g.bench_function("seal_full_level1", |b| b.iter(|| s.seal(grown, 1, &mut out).expect("seal")));
+    g.bench_function("seal_full_level1", |b| {
+        b.iter(|| s.seal(grown, 1, &mut out).expect("seal"))
+    });
     g.bench_function("seal_extension_level1", |b| {
         b.iter(|| s.seal_with_base(grown, 1, Some(base), &mut out).expect("seal"))
     });
