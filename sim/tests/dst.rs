@@ -260,3 +260,14 @@ fn poisoned_state_database_restarts_the_agent_seed_21() {
         "seed 21 no longer poisons a state database"
     );
 }
+
+/// `ci-small` gives its gateways a small disk: the agents' real
+/// `enforce_disk` prunes cloud-durable files (checked by
+/// `pruned-only-durable` after every prune) and the fleet still converges.
+#[test]
+fn disk_watermarks_prune_and_invariants_hold() {
+    let sc = Scenario::load(&scenarios_dir().join("ci-small.toml")).unwrap();
+    let r = run(&sc, &Options { seed: 1, work: None }).unwrap();
+    assert!(r.violation.is_none(), "{:?}", r.violation);
+    assert!(r.metrics.pruned_files > 0, "no file was pruned");
+}
