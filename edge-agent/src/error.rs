@@ -14,6 +14,14 @@ pub enum Error {
     Locked { path: PathBuf },
     #[error("state database: {0}")]
     Db(String),
+    /// redb refuses every write after a failed one (typically a full disk):
+    /// the database must be closed and opened again. Daemons exit on it so
+    /// their supervisor restarts them; nothing committed is lost.
+    #[error(
+        "state database refused writes after an earlier I/O error (disk full?): {0}; \
+         the agent must be restarted to reopen it"
+    )]
+    DbPoisoned(String),
     #[error("state file holds {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
     #[error("state file {path} belongs to device {stored}, not {requested}")]
@@ -46,6 +54,15 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// True when the state database must be reopened before it works again.
+    pub fn is_poisoned_db(&self) -> bool {
+        match self {
+            Error::DbPoisoned(_) => true,
+            Error::Protocol(protocol::Error::Store(s)) => s.contains("refused writes after an earlier I/O error"),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),
@@ -55,12 +72,17 @@ impl Error {
 }
 
 /// All redb error types funnel into `Error::Db`, except the lock error,
-/// which operators need to recognise.
+/// which operators need to recognise, and a poisoned database
+/// ([`Error::DbPoisoned`]), which only a reopen cures.
 macro_rules! db_error {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
             fn from(e: $t) -> Error {
-                Error::Db(e.to_string())
+                let e: redb::Error = e.into();
+                match e {
+                    redb::Error::PreviousIo => Error::DbPoisoned(e.to_string()),
+                    e => Error::Db(e.to_string()),
+                }
             }
         }
     )*};

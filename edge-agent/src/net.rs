@@ -534,8 +534,9 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                         Ok(m) => {
                             if let Err(e) = session.handle(now(), m, agent) {
                                 tracing::error!("sync store error: {e}");
-                                if is_sync {
-                                    break Err(e.into());
+                                let e: Error = e.into();
+                                if is_sync || e.is_poisoned_db() {
+                                    break Err(e);
                                 }
                                 paused_until = Some(Instant::now() + Duration::from_secs(5));
                             }
@@ -610,7 +611,7 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
                         scans.push(r);
                     }
                 }
-                Err(e) if is_sync => break Err(e),
+                Err(e) if is_sync || e.is_poisoned_db() => break Err(e),
                 Err(e) => {
                     tracing::error!("scan failed: {e}");
                     agent.store.rescan = false;
@@ -621,6 +622,9 @@ pub(crate) async fn drive(agent: &mut Agent, mode: Mode, shutdown: impl Future<O
         if Instant::now() >= next_persist {
             if let Err(e) = agent.store.flush().and_then(|_| agent.write_snapshot()) {
                 tracing::warn!("persisting counters: {e}");
+                if e.is_poisoned_db() {
+                    break Err(e);
+                }
             }
             next_persist = Instant::now() + PERSIST_EVERY;
             // Presence follows the backlog: re-published (retained) when what

@@ -192,3 +192,80 @@ fn crash_and_restore_on_a_simulated_disk() {
     assert_eq!(again[0].replica, a.replica());
     assert_eq!(a.public_key(), key);
 }
+
+/// A disk that can fill up: writes and growth fail while `full` is set.
+#[derive(Debug, Clone, Default)]
+struct FillingDisk {
+    disk: SimDisk,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FillingDisk {
+    fn check(&self) -> Result<(), std::io::Error> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
+        Ok(())
+    }
+}
+
+impl StorageBackend for FillingDisk {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.disk.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.disk.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.check()?;
+        self.disk.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        self.check()?;
+        self.disk.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.check()?;
+        self.disk.write(offset, data)
+    }
+}
+
+/// Found by the deterministic simulation (seed 21): after one failed write
+/// (a full disk) redb refuses every later write until the database is
+/// reopened, so a daemon that only logged the error never synced again. The
+/// error is now recognisable (`is_poisoned_db`; the daemon exits on it and
+/// its supervisor restarts it), and a reopen on the same disk recovers with
+/// nothing committed lost.
+#[test]
+fn a_full_disk_poisons_the_state_database_until_it_is_reopened() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("cell");
+    std::fs::create_dir(&watch).unwrap();
+    write_file(&watch.join("a.bin"), &pseudo_random(10_000, 1));
+    let clock = Arc::new(AtomicU64::new(T0));
+    let cfg = sim_config(&watch, &t.path().join("gw1.state"), &clock);
+    let disk = FillingDisk::default();
+    let mut a = Agent::open_with_backend(cfg.clone(), Box::new(disk.clone())).unwrap();
+    // scan_once ends with a flush (Durability::Immediate commit).
+    assert_eq!(a.scan_once().unwrap().changes_recorded, 1);
+
+    disk.full.store(true, Ordering::SeqCst);
+    for i in 0..40u64 {
+        write_file(&watch.join(format!("b{i}.bin")), &pseudo_random(20_000, i + 2));
+    }
+    let first = a.scan_once();
+    assert!(first.is_err(), "a full disk fails the scan or its flush");
+    disk.full.store(false, Ordering::SeqCst);
+    // Room again, but the open database stays poisoned.
+    let again = a.scan_once().unwrap_err();
+    assert!(again.is_poisoned_db(), "{again}");
+    assert!(again.to_string().contains("must be restarted"), "{again}");
+    a.crash();
+
+    // The supervisor's restart: reopen on the same disk.
+    let mut a = Agent::open_with_backend(cfg, Box::new(disk.clone())).unwrap();
+    let r = a.scan_once().unwrap();
+    assert_eq!(r.files_new, 40, "{r:?}");
+    let pending = ClientStore::pending(&mut a, &Knowledge::default(), 100, 1 << 20).unwrap();
+    assert_eq!(pending.len(), 41, "the change recorded before the full disk survived");
+}
