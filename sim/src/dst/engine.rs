@@ -1874,9 +1874,12 @@ fn violation_v(invariant: &'static str, detail: String) -> Violation {
     }
 }
 
-/// A redb database poisoned by an earlier I/O error (it must be reopened).
+/// A state database poisoned by an earlier I/O error (it must be
+/// reopened): `edge_agent::Error::DbPoisoned`, whose text also reaches the
+/// sim through protocol store errors, or redb's own message.
 fn needs_reopen(e: &dyn std::fmt::Display) -> bool {
-    e.to_string().contains("Previous I/O error")
+    let s = e.to_string();
+    s.contains("refused writes after an earlier I/O error") || s.contains("Previous I/O error")
 }
 
 /// An agent's memory as the simulator can measure it in-process (see
