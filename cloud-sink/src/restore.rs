@@ -6,20 +6,92 @@
 //! component, and existing symlinks on the way are refused.
 
 use crate::catalog::FileQuery;
-use crate::client::SinkClient;
+use crate::client::{verify_chunk, SinkClient};
 use crate::{Error, Result};
-use futures::StreamExt;
-use protocol::seal::{base_of, Cipher, Sealer, TenantKey, MAX_DEPTH};
+use futures::{Stream, StreamExt};
+use protocol::seal::{base_of, BaseRef, Cipher, Sealer, TenantKey, MAX_DEPTH};
 use protocol::sha::ResumableSha256;
 use protocol::{Change, ChangeBody, ChunkRef, DeviceRef, FileVersion};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Chunk downloads in flight; also bounds chunk memory to this many chunks.
+/// Chunks fetched at once. Each holds its stored bytes (at most
+/// `MAX_CHUNK`) and, once opened, its plaintext (its signed length); an
+/// extension chunk also its base chain (at most `MAX_DEPTH` more chunks).
 const FETCH_CONCURRENCY: usize = 8;
+/// Fetched chunks queued for the writer thread. So at most
+/// FETCH_CONCURRENCY + WRITE_QUEUE + 1 chunks are held at a time, whatever
+/// the sink answers (16 was measured no faster than 8 here: BENCHMARKS §9).
+const WRITE_QUEUE: usize = 8;
+/// Full chunks with at least this many stored bytes are checked and opened
+/// on the blocking pool, in parallel; smaller ones by the writer thread:
+/// a hand-off (thread wake-up) per small chunk cost more CPU than it saved
+/// on this 2-core machine (BENCHMARKS §9).
+const PARALLEL_OPEN_MIN: usize = 256 << 10;
+
+/// A fetched chunk: opened, or (a small full chunk) still sealed and not
+/// yet checked against its id.
+enum Fetched {
+    Plain(Vec<u8>),
+    Sealed(Vec<u8>),
+}
+
+impl Fetched {
+    /// The plaintext; a sealed chunk is first checked against its id (as
+    /// `SinkClient::chunk` does), then opened.
+    fn open(self, pool: &SealerPool, r: &ChunkRef) -> Result<Vec<u8>> {
+        match self {
+            Fetched::Plain(p) => Ok(p),
+            Fetched::Sealed(stored) => {
+                verify_chunk(&r.id, &stored)?;
+                pool.with(|s| Ok(s.open(&stored, r.len as usize)?))
+            }
+        }
+    }
+}
+
+/// Sealers for the blocking tasks that open chunks: a `Sealer` is `&mut`
+/// (reusable zstd context), so each task takes one from here, or makes one.
+struct SealerPool {
+    key: TenantKey,
+    cipher: Cipher,
+    free: Mutex<Vec<Sealer>>,
+}
+
+impl SealerPool {
+    fn new(key: &TenantKey) -> Result<Arc<SealerPool>> {
+        let cipher = Cipher::for_this_cpu();
+        // Fail early on a bad key, and keep the sealer for the first task.
+        let first = Sealer::new(key, cipher)?;
+        Ok(Arc::new(SealerPool {
+            key: key.clone(),
+            cipher,
+            free: Mutex::new(vec![first]),
+        }))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Sealer) -> Result<T>) -> Result<T> {
+        let pooled = self.free.lock().ok().and_then(|mut v| v.pop());
+        let mut sealer = match pooled {
+            Some(s) => s,
+            None => Sealer::new(&self.key, self.cipher)?,
+        };
+        let r = f(&mut sealer);
+        if let Ok(mut v) = self.free.lock() {
+            v.push(sealer);
+        }
+        r
+    }
+}
+
+/// Runs CPU work (hashing, AEAD, zstd) on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreRequest {
@@ -90,24 +162,64 @@ pub async fn restore(client: &SinkClient, req: RestoreRequest, key: &TenantKey) 
         .map(|d| ((d.tenant, d.site, d.device), d.pubkey))
         .collect();
     let items = plan(&req, changes, &pinned)?;
-    let mut sealer = Sealer::new(key, Cipher::for_this_cpu())?;
-    write_items(client, &mut sealer, &req.out_dir, &items).await
+    let pool = SealerPool::new(key)?;
+    write_items(client, &pool, &req.out_dir, items).await
 }
 
 /// Writes verified items under `out`: fetches, verifies and decrypts their
 /// chunks (or writes merged content as is).
-async fn write_items(client: &SinkClient, sealer: &mut Sealer, out: &Path, items: &[Item]) -> Result<RestoreReport> {
+///
+/// The stages overlap: this task drives one ordered stream of all chunks
+/// of all files (`FETCH_CONCURRENCY` downloads at a time; large and
+/// extension chunks are checked against their ids and opened on the
+/// blocking pool, see `PARALLEL_OPEN_MIN`); a writer thread takes them in
+/// order from a bounded queue, checks and opens the small ones, checks each
+/// chunk's length, hashes, writes, and renames each file into place only
+/// after its size and SHA-256 match the signed manifest. Every check of the
+/// sequential version is kept: chunk id, AEAD, per-chunk length, whole-file
+/// size and SHA-256.
+async fn write_items(
+    client: &SinkClient,
+    pool: &Arc<SealerPool>,
+    out: &Path,
+    items: Vec<Item>,
+) -> Result<RestoreReport> {
     std::fs::create_dir_all(out)?;
-    // One ordered stream of all chunks of all files: downloads overlap across
-    // files while writes stay sequential.
     let refs: Vec<ChunkRef> = items
         .iter()
         .filter(|i| i.merged.is_none())
         .flat_map(|i| i.file.chunks.iter().copied())
         .collect();
-    let mut chunks = futures::stream::iter(refs)
-        .map(|r| async move { client.chunk(&r.id).await.map(|b| (r, b)) })
-        .buffered(FETCH_CONCURRENCY);
+    let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
+    let out = out.to_path_buf();
+    let p = Arc::clone(pool);
+    let mut writer = tokio::task::spawn_blocking(move || write_files(&out, &items, &p, rx));
+    let feed = async {
+        let mut chunks = std::pin::pin!(opened_chunks(client, pool, refs));
+        while let Some(next) = chunks.next().await {
+            let failed = next.is_err();
+            // A closed queue: the writer stopped (its error is the answer).
+            if tx.send(next).await.is_err() || failed {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        // The writer finished first (done, or failed): stop fetching.
+        r = &mut writer => r?,
+        // Every chunk (or the first error) is queued: wait for the writer.
+        () = feed => writer.await?,
+    }
+}
+
+/// The writer side of [`write_items`], on a blocking thread: `rx` yields
+/// every chunk of every non-merged item, in order.
+fn write_files(
+    out: &Path,
+    items: &[Item],
+    pool: &SealerPool,
+    mut rx: tokio::sync::mpsc::Receiver<Result<(ChunkRef, Fetched)>>,
+) -> Result<RestoreReport> {
     let mut report = RestoreReport::default();
     for item in items {
         let target = prepare_target(out, &item.rel)?;
@@ -153,11 +265,11 @@ async fn write_items(client: &SinkClient, sealer: &mut Sealer, out: &Path, items
             )));
         }
         for _ in 0..item.file.chunks.len() {
-            let Some(next) = chunks.next().await else {
+            let Some(next) = rx.blocking_recv() else {
                 return Err(Error::Task("chunk stream ended early".into()));
             };
-            let (r, stored) = next?;
-            let plain = open_chunk(client, sealer, &stored, r.len as usize).await?;
+            let (r, fetched) = next?;
+            let plain = fetched.open(pool, &r)?;
             if plain.len() != r.len as usize {
                 return Err(Error::Verify(format!(
                     "{}: chunk {} opened to {} bytes, manifest says {}",
@@ -253,24 +365,69 @@ fn plan(
     Ok(items)
 }
 
-/// Opens one chunk's stored bytes. An extension chunk (`protocol::seal`)
-/// first needs its base chain: fetched (each verified by its id), at most
-/// `MAX_DEPTH` deep, each base strictly shallower than what extends it.
-async fn open_chunk(client: &SinkClient, sealer: &mut Sealer, stored: &[u8], len: usize) -> Result<Vec<u8>> {
-    let Some(mut base) = base_of(stored)? else {
-        return Ok(sealer.open(stored, len)?);
-    };
-    // (stored bytes, plaintext length) from this chunk down to a full one.
+/// Fetches `refs` in order, up to `FETCH_CONCURRENCY` at a time, and opens
+/// the large and the extension chunks (see [`Fetched`]; lengths are not
+/// yet checked).
+fn opened_chunks<'a>(
+    client: &'a SinkClient,
+    pool: &'a Arc<SealerPool>,
+    refs: Vec<ChunkRef>,
+) -> impl Stream<Item = Result<(ChunkRef, Fetched)>> + 'a {
+    futures::stream::iter(refs)
+        .map(move |r| async move { fetch_open(client, pool, r).await.map(|p| (r, p)) })
+        .buffered(FETCH_CONCURRENCY)
+}
+
+/// Fetches one chunk. A small full chunk is returned sealed; a large one
+/// is opened on the blocking pool: its stored bytes are checked against its
+/// id there (as `SinkClient::chunk` does) before anything else reads them.
+/// An extension chunk then needs its base chain.
+async fn fetch_open(client: &SinkClient, pool: &Arc<SealerPool>, r: ChunkRef) -> Result<Fetched> {
+    let stored = client.chunk_unverified(&r.id).await?;
+    if stored.len() < PARALLEL_OPEN_MIN && matches!(base_of(&stored), Ok(None)) {
+        return Ok(Fetched::Sealed(stored));
+    }
+    let len = r.len as usize;
+    let p = Arc::clone(pool);
+    let opened = blocking(move || {
+        verify_chunk(&r.id, &stored)?;
+        match base_of(&stored)? {
+            None => Ok(Ok(p.with(|s| Ok(s.open(&stored, len)?))?)),
+            Some(base) => Ok(Err((stored, base))),
+        }
+    })
+    .await?;
+    match opened {
+        Ok(plain) => Ok(Fetched::Plain(plain)),
+        Err((stored, base)) => Ok(Fetched::Plain(open_extension(client, pool, stored, base, len).await?)),
+    }
+}
+
+/// Opens an extension chunk (`protocol::seal`), whose stored bytes were
+/// verified by id: first fetches its base chain (each verified by its id),
+/// at most `MAX_DEPTH` deep, each base strictly shallower than what extends
+/// it; then opens the chain and the chunk on the blocking pool.
+async fn open_extension(
+    client: &SinkClient,
+    pool: &Arc<SealerPool>,
+    stored: Vec<u8>,
+    mut base: BaseRef,
+    len: usize,
+) -> Result<Vec<u8>> {
+    // (stored bytes, plaintext length) from this chunk's base down to a full one.
     let mut chain: Vec<(Vec<u8>, usize)> = Vec::new();
     let mut depth = base.depth;
-    let mut plain = loop {
+    loop {
         if chain.len() >= usize::from(MAX_DEPTH) {
             return Err(Error::Verify(format!("chunk {}: extension chain too deep", base.id)));
         }
         let bytes = client.chunk(&base.id).await?;
         let want = base.len as usize;
         match base_of(&bytes)? {
-            None => break sealer.open(&bytes, want)?,
+            None => {
+                chain.push((bytes, want));
+                break;
+            }
             Some(next) if next.depth < depth => {
                 chain.push((bytes, want));
                 depth = next.depth;
@@ -283,16 +440,24 @@ async fn open_chunk(client: &SinkClient, sealer: &mut Sealer, stored: &[u8], len
                 )))
             }
         }
-    };
-    while let Some((bytes, want)) = chain.pop() {
-        plain = sealer.open_with_base(&bytes, want, Some(&plain))?;
     }
-    Ok(sealer.open_with_base(stored, len, Some(&plain))?)
+    let pool = Arc::clone(pool);
+    blocking(move || {
+        pool.with(|sealer| {
+            // The last entry is the full chunk; each one before extends the next.
+            let mut plain: Option<Vec<u8>> = None;
+            while let Some((bytes, want)) = chain.pop() {
+                plain = Some(sealer.open_with_base(&bytes, want, plain.as_deref())?);
+            }
+            Ok(sealer.open_with_base(&stored, len, plain.as_deref())?)
+        })
+    })
+    .await
 }
 
 /// Fetches one whole file version, verifying every chunk, the length and
 /// the SHA-256. Refuses versions over `MAX_MERGE_PART`.
-async fn fetch_whole(client: &SinkClient, sealer: &mut Sealer, f: &FileVersion) -> Result<Vec<u8>> {
+async fn fetch_whole(client: &SinkClient, pool: &Arc<SealerPool>, f: &FileVersion) -> Result<Vec<u8>> {
     if f.size > MAX_MERGE_PART {
         return Err(Error::BadRequest(format!(
             "{}: a shared version of {} bytes is over the {} MiB append-merge limit; restore it per device instead",
@@ -302,12 +467,10 @@ async fn fetch_whole(client: &SinkClient, sealer: &mut Sealer, f: &FileVersion) 
         )));
     }
     let mut out = Vec::with_capacity(f.size as usize);
-    let mut chunks = futures::stream::iter(f.chunks.iter().copied())
-        .map(|r| async move { client.chunk(&r.id).await.map(|b| (r, b)) })
-        .buffered(FETCH_CONCURRENCY);
+    let mut chunks = std::pin::pin!(opened_chunks(client, pool, f.chunks.clone()));
     while let Some(next) = chunks.next().await {
-        let (r, stored) = next?;
-        let plain = open_chunk(client, sealer, &stored, r.len as usize).await?;
+        let (r, fetched) = next?;
+        let plain = fetched.open(pool, &r)?;
         if plain.len() != r.len as usize {
             return Err(Error::Verify(format!(
                 "{}: chunk {} has the wrong length",
@@ -399,7 +562,7 @@ pub async fn restore_shared(client: &SinkClient, req: SharedRestoreRequest, key:
             tenants.into_iter().collect::<Vec<_>>().join(", ")
         )));
     }
-    let mut sealer = Sealer::new(key, Cipher::for_this_cpu())?;
+    let pool = SealerPool::new(key)?;
     let mut items = Vec::new();
     let mut seen = BTreeSet::new();
     for (path, group) in by_path {
@@ -462,7 +625,7 @@ pub async fn restore_shared(client: &SinkClient, req: SharedRestoreRequest, key:
                 }
                 let mut parts = Vec::with_capacity(files.len());
                 for f in &files {
-                    parts.push(fetch_whole(client, &mut sealer, f).await?);
+                    parts.push(fetch_whole(client, &pool, f).await?);
                 }
                 let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
                 let merged = merge_lines(&refs);
@@ -481,7 +644,7 @@ pub async fn restore_shared(client: &SinkClient, req: SharedRestoreRequest, key:
         }
         out.push(Item { file, rel, merged });
     }
-    write_items(client, &mut sealer, &req.out_dir, &out).await
+    write_items(client, &pool, &req.out_dir, out).await
 }
 
 /// Joins `rel` under `out`, creating missing directories one at a time.
