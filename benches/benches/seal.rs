@@ -6,27 +6,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use protocol::seal::{Cipher, Sealer, TenantKey};
 use protocol::Hash32;
 
-/// 1 MiB of CSV-like sensor text: realistic compressibility.
-fn sensor_text() -> Vec<u8> {
-    let mut s = String::new();
-    let mut x: u64 = 0x9e3779b97f4a7c15;
-    let mut t = 1_700_000_000_000u64;
-    while s.len() < 1 << 20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        t += 250;
-        s.push_str(&format!(
-            "{t},line3-temp-{:02},{:.3},degC,OK\n",
-            x % 16,
-            20.0 + (x % 1000) as f64 / 100.0
-        ));
-    }
-    s.into_bytes()
-}
-
 fn bench(c: &mut Criterion) {
-    let data = sensor_text();
+    let data = benches::sensor_text(1 << 20);
     let chunk = &data[..64 << 10];
     let key = TenantKey::from_bytes(1, [7; 32]);
     let mut g = c.benchmark_group("seal_64KiB");

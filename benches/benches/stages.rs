@@ -13,26 +13,6 @@ use protocol::{DeviceRef, Hash32, ReplicaId};
 use ring::rand::SystemRandom;
 use ring::signature::Ed25519KeyPair;
 
-/// CSV-like sensor text of `len` bytes.
-fn sensor_text(len: usize) -> Vec<u8> {
-    let mut s = String::new();
-    let mut x: u64 = 0x9e3779b97f4a7c15;
-    let mut t = 1_700_000_000_000u64;
-    while s.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        t += 250;
-        s.push_str(&format!(
-            "{t},line3-temp-{:02},{:.3},degC,OK\n",
-            x % 16,
-            20.0 + (x % 1000) as f64 / 100.0
-        ));
-    }
-    s.truncate(len);
-    s.into_bytes()
-}
-
 fn tag(i: u64) -> Hash32 {
     Hash32::of(&i.to_le_bytes())
 }
@@ -111,7 +91,7 @@ fn manifest(c: &mut Criterion) {
 }
 
 fn extension_and_open(c: &mut Criterion) {
-    let text = sensor_text(128 << 10);
+    let text = benches::sensor_text(128 << 10);
     let key = TenantKey::from_bytes(1, [7; 32]);
     let mut s = Sealer::new(&key, Cipher::Aes256Gcm).expect("sealer");
     let (base_plain, grown) = (&text[..60 << 10], &text[..64 << 10]);
