@@ -29,20 +29,10 @@ MOSQ=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
 cargo build --release -q -p sim -p edge-agent -p aggregator -p cloud-sink
 B=$PWD/target/release
-W=$(mktemp -d /tmp/ferry-compare-XXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-MP=$(free_port); SP=$(free_port)
-printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_packet_size 8455168\n' "$MP" > "$W/m.conf"
-"$MOSQ" -c "$W/m.conf" 2>"$W/mosquitto.log" & pids+=($!)
-"$B/cloud-sink" serve --data "$W/cloud" --listen "127.0.0.1:$SP" 2>"$W/sink.log" & pids+=($!)
-for _ in $(seq 50); do curl -sf "http://127.0.0.1:$SP/v1/health" >/dev/null 2>&1 && break; sleep 0.1; done
-"$B/aggregator" run --broker "mqtt://127.0.0.1:$MP" --sink "http://127.0.0.1:$SP" --data "$W/region" \
-  --pack-max-delay 200ms 2>"$W/agg.log" & pids+=($!)
-"$B/edge-agent" keygen --out "$W/tenant.key" 2>/dev/null
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+ferry_workdir compare
+ferry_stack 200ms
 
 SRC=$W/src/archive
 mkdir -p "$W/src"
