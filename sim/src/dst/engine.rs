@@ -413,7 +413,12 @@ impl Sim {
             self.open_agent(a)?;
             let w = &self.sc.workload[self.agents[a].wl];
             let first = self.agents[a].wrng.gen_range(0..w.every.0.max(1));
-            self.q.push(first, Ev::Write(a));
+            // Like every later write: none after the end, when the heal's
+            // final scans have already run (a workload whose period is
+            // longer than the run may not write at all).
+            if first < self.end {
+                self.q.push(first, Ev::Write(a));
+            }
             let scan0 = self.agents[a].wrng.gen_range(0..self.sc.scan_interval.0);
             self.q.push(scan0, Ev::Scan(a));
             // Link profile.
