@@ -306,7 +306,7 @@ impl Sealer {
         }
         let payload: &[u8] = if kind == C_STORED { plain } else { &self.scratch };
         out.clear();
-        out.reserve(OVERHEAD + 37 + payload.len());
+        out.reserve(OVERHEAD + (EXT_HEADER_LEN - HEADER_LEN) + payload.len());
         out.push(VERSION);
         out.push(self.cipher as u8);
         out.extend_from_slice(&self.key_id.to_be_bytes());
@@ -325,7 +325,10 @@ impl Sealer {
         nonce.copy_from_slice(&tag.as_ref()[..NONCE_LEN]);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(payload);
-        let header = out[..hlen].to_vec();
+        // The AAD is a copy of the header: `out` is borrowed mutably below.
+        // On the stack, as sealing is on the scan's hot path.
+        let mut header = [0u8; EXT_HEADER_LEN];
+        header[..hlen].copy_from_slice(&out[..hlen]);
         let key = match self.cipher {
             Cipher::Aes256Gcm => &self.aes,
             Cipher::ChaCha20Poly1305 => &self.chacha,
@@ -333,7 +336,7 @@ impl Sealer {
         let aead_tag = key
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(&header[..]),
+                Aad::from(&header[..hlen]),
                 &mut out[hlen + NONCE_LEN..],
             )
             .map_err(|_| Error::Crypto("seal"))?;
