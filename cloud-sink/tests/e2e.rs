@@ -4,27 +4,11 @@
 
 mod common;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use cloud_sink::{format_ms, DeviceInfo, FileQuery};
 use common::*;
 use protocol::msg::Status;
 use protocol::seal::TenantKey;
-use std::collections::BTreeMap;
-
-fn expect_tree(out: &std::path::Path, want: &[(&str, &[u8])]) -> Result<()> {
-    let got = tree(out)?;
-    let want: BTreeMap<String, Vec<u8>> = want.iter().map(|(p, b)| (p.to_string(), b.to_vec())).collect();
-    ensure!(
-        got.keys().collect::<Vec<_>>() == want.keys().collect::<Vec<_>>(),
-        "restored {:?}, want {:?}",
-        got.keys().collect::<Vec<_>>(),
-        want.keys().collect::<Vec<_>>()
-    );
-    for (p, b) in &want {
-        ensure!(got[p] == *b, "{p}: restored bytes differ");
-    }
-    Ok(())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_list_and_restore_over_http() -> Result<()> {

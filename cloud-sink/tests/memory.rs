@@ -17,7 +17,6 @@ use protocol::msg::*;
 use protocol::seal::TenantKey;
 use protocol::server::{Peer, Server, ServerConfig};
 use protocol::shared::{ConflictPolicy, VersionVector};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,21 +70,6 @@ impl MemSink {
             .context("sink did not stop")???;
         Ok(())
     }
-}
-
-fn expect_tree(out: &std::path::Path, want: &[(&str, &[u8])]) -> Result<()> {
-    let got = tree(out)?;
-    let want: BTreeMap<String, Vec<u8>> = want.iter().map(|(p, b)| (p.to_string(), b.to_vec())).collect();
-    ensure!(
-        got.keys().collect::<Vec<_>>() == want.keys().collect::<Vec<_>>(),
-        "restored {:?}, want {:?}",
-        got.keys().collect::<Vec<_>>(),
-        want.keys().collect::<Vec<_>>()
-    );
-    for (p, b) in &want {
-        ensure!(got[p] == *b, "{p}: restored bytes differ");
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -399,3 +399,19 @@ pub fn tree(dir: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
 pub fn listing(dir: &Path) -> Result<Vec<String>> {
     Ok(tree(dir)?.into_keys().collect())
 }
+
+/// The restored tree under `out` is exactly `want` (paths and bytes).
+pub fn expect_tree(out: &std::path::Path, want: &[(&str, &[u8])]) -> Result<()> {
+    let got = tree(out)?;
+    let want: BTreeMap<String, Vec<u8>> = want.iter().map(|(p, b)| (p.to_string(), b.to_vec())).collect();
+    ensure!(
+        got.keys().collect::<Vec<_>>() == want.keys().collect::<Vec<_>>(),
+        "restored {:?}, want {:?}",
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (p, b) in &want {
+        ensure!(got[p] == *b, "{p}: restored bytes differ");
+    }
+    Ok(())
+}
