@@ -34,7 +34,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 MOSQ=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
-B=$PWD/target/release
+# Binaries from cargo's target directory (CARGO_TARGET_DIR when set).
+B=$(realpath -m "${CARGO_TARGET_DIR:-$PWD/target}")/release
 W=$(mktemp -d /tmp/ferry-scale-XXXX)
 pids=()
 cleanup() {
