@@ -4,6 +4,7 @@
 # gateway archive (sim gen) and hourly change steps (sim step).
 #
 #   benches/compare.sh [STEPS] [SCALE]        (defaults: 3 steps, scale 1.0 ≈ 12 MiB)
+#   FERRY_ONLY=1 benches/compare.sh ...        (skip the peers: a quick Ferry-only run)
 #
 # Per round and tool it prints bytes, wall time, CPU time and peak RSS, and
 # the ideal lower bound (zstd -3 of exactly the new and changed bytes).
@@ -44,6 +45,7 @@ mkdir -p "$W/rsync" "$W/rsync-z" "$W/castore" "$W/caidx"
 
 TIME="/usr/bin/time -o $W/t -f %e\t%U\t%S\t%M"
 size() { du -sb "$1" | cut -f1; }
+counter() { "$B/edge-agent" status --state "$W/agent.redb" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 row() { # round tool bytes ideal
   read -r wall user sys rss < "$W/t"
   printf '| %s | %s | %s | %.2fx | %s | %.2f | %s |\n' "$1" "$2" "$3" "$(echo "$3 / $4" | bc -l)" "$wall" \
@@ -63,12 +65,18 @@ for round in $(seq 0 "$STEPS"); do
   ideal=$("$B/sim" ideal "$W/prev" "$SRC" | python3 -c 'import json,sys; print(json.load(sys.stdin)["zstd3_bytes"])')
   printf '| %s | ideal (zstd -3 of changed bytes) | %s | 1.00x | | | |\n' "$name" "$ideal"
 
-  before=0
-  [ -f "$W/agent.redb" ] && before=$("$B/edge-agent" status --state "$W/agent.redb" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["wire_bytes_sent"])')
+  before=0 cbefore=0
+  if [ -f "$W/agent.redb" ]; then
+    before=$(counter wire_bytes_sent); cbefore=$(counter chunk_bytes_sent)
+  fi
   $TIME "$B/edge-agent" sync --broker "mqtt://127.0.0.1:$MP" --tenant acme --site p1 --device gw1 \
     --watch "$SRC" --state "$W/agent.redb" --key "$W/tenant.key" --timeout 300 2>"$W/agent.log"
-  after=$("$B/edge-agent" status --state "$W/agent.redb" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["wire_bytes_sent"])')
+  after=$(counter wire_bytes_sent); cafter=$(counter chunk_bytes_sent)
   row "$name" "Ferry (MQTT payload, to cloud-durable)" "$((after - before))" "$ideal"
+  # Not a table row: how Ferry's bytes split between sealed chunk payload and
+  # everything else (manifests, protocol messages, CBOR framing).
+  echo "  (Ferry $name: chunk payload $((cafter - cbefore)), manifests and protocol $((after - before - cafter + cbefore)))" >&2
+  [ -n "${FERRY_ONLY:-}" ] && continue
 
   $TIME rsync -a --no-whole-file --stats "$SRC/" "$W/rsync/" > "$W/rs.out"
   row "$name" "rsync --no-whole-file" "$(grep 'Total bytes sent' "$W/rs.out" | tr -dc 0-9)" "$ideal"

@@ -101,6 +101,7 @@ fn extension_and_open(c: &mut Criterion) {
         id: base_id,
         len: base_plain.len() as u32,
         depth: 1,
+        delta: false,
     };
     let mut g = c.benchmark_group("extension_64KiB_of_which_4KiB_new");
     g.throughput(Throughput::Bytes(grown.len() as u64));

@@ -504,6 +504,7 @@ impl Agent {
                             id: l.id,
                             len: l.len,
                             depth,
+                            delta: false,
                         })
                     }
                     _ => None,

@@ -194,13 +194,16 @@ pub struct KnownChunk {
     pub cipher: u8,
     /// Set for an extension chunk (`protocol::seal`): the base is the
     /// chunk's own first `base.len` bytes, so it can be resealed from them.
+    /// For a delta chunk (`base.delta`) the base is not in the file any
+    /// more: its sealed bytes wait in the `sealed` table until sent.
     pub base: Option<BaseRef>,
 }
 
 impl KnownChunk {
-    /// 34 bytes; 71 with a base (id, length u32 big-endian, depth).
+    /// 34 bytes; 71 with an extension base (id, length u32 big-endian,
+    /// depth); 72 with a delta base (the same, then 1).
     fn to_bytes(self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(71);
+        let mut b = Vec::with_capacity(72);
         b.extend_from_slice(&self.id.0);
         b.push(self.level.clamp(-128, 127) as i8 as u8);
         b.push(self.cipher);
@@ -208,6 +211,9 @@ impl KnownChunk {
             b.extend_from_slice(&base.id.0);
             b.extend_from_slice(&base.len.to_be_bytes());
             b.push(base.depth);
+            if base.delta {
+                b.push(1);
+            }
         }
         b
     }
@@ -215,10 +221,11 @@ impl KnownChunk {
         let id: [u8; 32] = b.get(..32)?.try_into().ok()?;
         let base = match b.len() {
             34 => None,
-            71 => Some(BaseRef {
+            71 | 72 => Some(BaseRef {
                 id: Hash32(b.get(34..66)?.try_into().ok()?),
                 len: u32::from_be_bytes(b.get(66..70)?.try_into().ok()?),
                 depth: *b.get(70)?,
+                delta: b.len() == 72,
             }),
             _ => return None,
         };
@@ -2089,11 +2096,18 @@ mod tests {
                 id: Hash32([4; 32]),
                 len: 70_000,
                 depth: 3,
+                delta: false,
             }),
             ..k
         };
         assert_eq!(e.to_bytes().len(), 71);
         assert_eq!(KnownChunk::from_bytes(&e.to_bytes()), Some(e));
+        let d = KnownChunk {
+            base: e.base.map(|b| BaseRef { delta: true, ..b }),
+            ..k
+        };
+        assert_eq!(d.to_bytes().len(), 72);
+        assert_eq!(KnownChunk::from_bytes(&d.to_bytes()), Some(d));
         assert_eq!(KnownChunk::from_bytes(&[0u8; 10]), None);
         assert_eq!(KnownChunk::from_bytes(&[0u8; 50]), None);
     }

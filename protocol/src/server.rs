@@ -536,6 +536,7 @@ mod tests {
             id: base_id,
             len: 3000,
             depth: 1,
+            delta: false,
         };
         let ext_id = sealer.seal_with_base(&text, 3, Some(b), &mut ext).expect("seal");
         let data = |chunks: Vec<(Hash32, &Vec<u8>)>| {
