@@ -7,8 +7,11 @@
 //! chunk costs only its suffix, compressed against it (an extension chunk).
 //!
 //! `cargo run --release -p benches --example step_cost -- [SCALE] [STEP]`
+//! A changed SQLite page costs its delta against the page's previous
+//! version (zstd with the old page as reference), as the agent seals it.
 //! (env `AVG` / `DB_AVG`: average chunk bytes to try instead of the defaults;
-//! `NO_PAGES=1`: content-defined SQLite chunks; `NO_EXT=1`: no extensions)
+//! `NO_PAGES=1`: content-defined SQLite chunks; `NO_EXT=1`: no extensions;
+//! `NO_DELTA=1`: changed pages compressed alone)
 
 use edge_agent::chunker::Chunker;
 use edge_agent::ChunkParams;
@@ -52,7 +55,8 @@ fn zlen(b: &[u8], level: i32) -> usize {
     }
 }
 
-/// zstd of `suffix` with `prefix` as reference, as an extension chunk stores it.
+/// zstd of `suffix` with `prefix` as reference, as an extension or delta
+/// chunk stores it.
 fn zlen_ext(prefix: &[u8], suffix: &[u8], level: i32) -> usize {
     use zstd::zstd_safe::{CCtx, CParameter};
     let mut c = CCtx::create();
@@ -102,13 +106,24 @@ fn main() {
             .get(path)
             .filter(|_| std::env::var_os("NO_EXT").is_none())
             .and_then(|o| chunks(o, path).pop());
+        // The old page at the same offset, as a delta base.
+        let paged = path.ends_with(".sqlite")
+            && std::env::var_os("NO_PAGES").is_none()
+            && std::env::var_os("NO_DELTA").is_none();
+        let old_page = |off: usize, len: usize| {
+            before
+                .get(path)
+                .filter(|_| paged)
+                .and_then(|o| o.get(off..off.checked_add(len)?))
+        };
         let cdc: usize = chunks(data, path)
             .iter()
             .filter(|(_, c)| !known.contains(c))
-            .map(|(off, c)| match &tail {
-                Some((t_off, t)) if t_off == off && c.len() > t.len() && c.starts_with(t) => {
+            .map(|(off, c)| match (&tail, old_page(*off, c.len())) {
+                (Some((t_off, t)), _) if t_off == off && c.len() > t.len() && c.starts_with(t) => {
                     zlen_ext(t, &c[t.len()..], level)
                 }
+                (_, Some(o)) => zlen_ext(o, c, level),
                 _ => zlen(c, level).min(c.len()),
             })
             .sum();

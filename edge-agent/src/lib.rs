@@ -497,6 +497,13 @@ impl Agent {
         let (Some(len), Some(path)) = (len, policy::fs_path(&self.roots, &f.path)) else {
             return Ok(None);
         };
+        // A delta chunk's base is gone from the file: its stored bytes were
+        // kept at scan time.
+        if let Some(bytes) = self.store.sealed_chunk(id)? {
+            let ci = self.policy.class_idx(&f.path);
+            self.sched.charges.push((ci, bytes.len() as u64));
+            return Ok(Some(bytes));
+        }
         if f.is_link() {
             // A symbolic link's content is its target, read again now.
             use std::os::unix::ffi::OsStringExt;
@@ -543,6 +550,13 @@ impl Agent {
             Some(_) => return Ok(None), // these bytes were sealed as another chunk
             None => (self.policy.level(&f.class), self.sealer.cipher() as u8, None),
         };
+        if base.is_some_and(|b| b.delta) {
+            // Its sealed copy is gone (sent and dropped), and it cannot be
+            // remade without its base: forget it, so the rescan that follows
+            // the supersede seals this page afresh.
+            self.store.forget_known(&tag)?;
+            return Ok(None);
+        }
         // An extension's base is its own prefix; a shorter read cannot hold it.
         if base.is_some_and(|b| b.len as usize >= self.read_buf.len()) {
             return Ok(None);

@@ -296,6 +296,10 @@ pub struct ClassSpec {
     pub append: Option<bool>,
     /// Cut SQLite databases at page boundaries (on for the `db` class).
     pub sqlite_pages: Option<bool>,
+    /// Send a changed database page as a delta against its previous
+    /// version, keeping a compressed copy of each page in the state file
+    /// (on for the `db` class; needs `sqlite_pages`).
+    pub page_deltas: Option<bool>,
     pub schedule: Option<Vec<String>>,
     pub timezone: Option<String>,
     /// Bytes per second of chunk data, e.g. `"200KiB"`.
@@ -510,6 +514,8 @@ pub struct Class {
     pub append: bool,
     /// Chunk SQLite databases page by page (`chunker::sqlite_page_size`).
     pub sqlite_pages: bool,
+    /// Seal changed pages as deltas against their previous version.
+    pub page_deltas: bool,
     pub schedule: Vec<Window>,
     pub tz: Tz,
     pub bandwidth: Option<u64>,
@@ -585,6 +591,7 @@ impl Policy {
             zstd_level: level,
             append,
             sqlite_pages: name == DB_CLASS,
+            page_deltas: name == DB_CLASS,
             schedule: Vec::new(),
             tz: Tz::Utc,
             bandwidth: None,
@@ -651,6 +658,9 @@ impl Policy {
             }
             if let Some(p) = spec.sqlite_pages {
                 class.sqlite_pages = p;
+            }
+            if let Some(p) = spec.page_deltas {
+                class.page_deltas = p;
             }
             if let Some(s) = &spec.schedule {
                 class.schedule = s.iter().map(|w| Window::parse(w)).collect::<Result<_>>().map_err(ctx)?;

@@ -12,12 +12,12 @@
 
 use crate::error::{Error, Result};
 use crate::policy::Root;
-use crate::store::{FileChunks, FileMeta, KnownChunk, StoredChunk};
+use crate::store::{BasisPage, BasisSlot, DeltaWrites, FileChunks, FileMeta, KnownChunk, StoredChunk};
 use crate::Agent;
 use protocol::manifest::{ChangeBody, ChunkRef, FileVersion};
 use protocol::seal::{BaseRef, MAX_DEPTH};
 use protocol::sha::ResumableSha256;
-use protocol::Hash32;
+use protocol::{Hash32, Knowledge, ReplicaId};
 use serde::Serialize;
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -72,8 +72,16 @@ pub struct ScanReport {
     pub chunks_known: u64,
     /// New chunks stored as extensions of the file's old last chunk.
     pub chunks_extension: u64,
+    /// New chunks stored as deltas against the page's previous version.
+    pub chunks_delta: u64,
     pub secs: f64,
 }
+
+/// Files larger than this are not sent as page deltas: the basis (a
+/// compressed copy of every page, twice at most) would cost too much disk.
+pub const MAX_DELTA_FILE: u64 = 256 << 20;
+/// zstd level of the basis copies (kept locally, written on every change).
+const BASIS_LEVEL: i32 = 1;
 
 /// Log a progress line every this many files or bytes.
 const PROGRESS_FILES: u64 = 5_000;
@@ -390,8 +398,8 @@ impl Agent {
             }
         }
         let ci = self.policy.class_idx(path);
-        let (class, level, append_class) = match self.policy.classes.get(ci) {
-            Some(c) => (c.name.clone(), c.zstd_level, c.append),
+        let (class, level, append_class, page_deltas) = match self.policy.classes.get(ci) {
+            Some(c) => (c.name.clone(), c.zstd_level, c.append, c.sqlite_pages && c.page_deltas),
             None => return Err(Error::Config("no policy class".into())),
         };
         let class = class.as_str();
@@ -465,10 +473,25 @@ impl Agent {
         }
         file.seek(SeekFrom::Start(start)).map_err(|e| Error::io(fs_path, e))?;
 
+        // Page deltas: whole-file reads of page-chunked files only (decided
+        // at the first chunk, which holds the SQLite header).
+        let mut pages = match page_deltas && !is_link && start == 0 && st.size <= MAX_DELTA_FILE {
+            true => Some(PageDeltas {
+                basis: self.store.basis_reader(path)?,
+                cloud: self.store.cloud().clone(),
+                device: self.store.device().clone(),
+                on: None,
+                w: DeltaWrites {
+                    basis_end: st.size,
+                    ..DeltaWrites::default()
+                },
+            }),
+            false => None,
+        };
         let mut new_known: Vec<(Hash32, KnownChunk)> = Vec::new();
         let mut local: HashMap<Hash32, Hash32> = HashMap::new();
         let mut sha_before_last = sha.clone();
-        let (mut n_new, mut n_known, mut n_ext) = (0u64, 0u64, 0u64);
+        let (mut n_new, mut n_known, mut n_ext, mut n_delta) = (0u64, 0u64, 0u64, 0u64);
         let mut off = start;
         let Agent {
             chunkers,
@@ -486,12 +509,55 @@ impl Agent {
             let at = off;
             off += plain.len() as u64;
             let tag = sealer.index_tag(plain);
+            if let Some(p) = pages.as_mut().filter(|p| p.on.is_none()) {
+                p.on = Some(at == 0 && crate::chunker::sqlite_page_size(plain) == Some(plain.len()));
+            }
+            let pd = pages.as_mut().filter(|p| p.on == Some(true));
             let id = if let Some(id) = local.get(&tag) {
                 n_known += 1;
                 *id
             } else if let Some(k) = known.get(&tag)? {
                 n_known += 1;
+                if let Some(p) = pd {
+                    if k.base.is_some_and(|b| b.delta) {
+                        p.w.keep_sealed.push(k.id);
+                    }
+                    p.page(at, plain, k.id, k.base.map_or(0, |b| b.depth))?;
+                }
                 k.id
+            } else if let Some((p, anchor)) = pd.and_then(|p| p.anchor(at).map(|a| (p, a))) {
+                // A changed page: sealed against its last cloud-durable version.
+                let base_plain = zstd::bulk::decompress(&anchor.zplain, anchor.len as usize)
+                    .ok()
+                    .filter(|b| b.len() == anchor.len as usize);
+                let base = BaseRef {
+                    id: anchor.id,
+                    len: anchor.len,
+                    depth: anchor.depth + 1,
+                    delta: true,
+                };
+                let id = match &base_plain {
+                    Some(b) => sealer.seal_delta(plain, level, base, b, seal_buf)?,
+                    None => sealer.seal(plain, level, seal_buf)?,
+                };
+                let base = base_plain.map(|_| base);
+                if base.is_some() {
+                    p.w.sealed.push((id, seal_buf.clone()));
+                }
+                p.page(at, plain, id, base.map_or(0, |b| b.depth))?;
+                new_known.push((
+                    tag,
+                    KnownChunk {
+                        id,
+                        level,
+                        cipher,
+                        base,
+                    },
+                ));
+                local.insert(tag, id);
+                n_new += 1;
+                n_delta += u64::from(base.is_some());
+                id
             } else {
                 // The old tail grown in place: store only what was appended.
                 let base = match tail {
@@ -519,6 +585,9 @@ impl Agent {
                         base,
                     },
                 ));
+                if let Some(p) = pages.as_mut().filter(|p| p.on == Some(true)) {
+                    p.page(at, plain, id, base.map_or(0, |b| b.depth))?;
+                }
                 local.insert(tag, id);
                 n_new += 1;
                 n_ext += u64::from(base.is_some());
@@ -551,6 +620,8 @@ impl Agent {
         let c = &mut self.store.counters;
         c.chunks_new += n_new;
         c.chunks_extension += n_ext;
+        c.chunks_delta += n_delta;
+        rep.chunks_delta += n_delta;
         c.chunks_skipped_known += n_known;
         rep.chunks_new += n_new;
         rep.chunks_extension += n_ext;
@@ -616,9 +687,83 @@ impl Agent {
         };
         let now = (self.config().clock)();
         let shared = self.policy.shared(path);
-        self.store
-            .record_shared(ChangeBody::File(fv), Some((meta, fc)), &new_known, now, shared)?;
+        let deltas = pages.filter(|p| p.on == Some(true)).map(|p| p.w);
+        self.store.record_with_deltas(
+            ChangeBody::File(fv),
+            Some((meta, fc)),
+            &new_known,
+            deltas.as_ref(),
+            now,
+            shared,
+        )?;
         rep.changes_recorded += 1;
+        Ok(())
+    }
+}
+
+/// Page-delta state of one file scan.
+struct PageDeltas {
+    basis: crate::store::BasisReader,
+    /// Bases must be cloud-durable, not only regional: if a region lost a
+    /// base, the page it held may be gone from the file, so the agent could
+    /// not send it again, and every delta on it would be unreadable.
+    cloud: Knowledge,
+    device: protocol::DeviceRef,
+    /// Whether the file is page-chunked: decided at its first chunk.
+    on: Option<bool>,
+    w: DeltaWrites,
+}
+
+impl PageDeltas {
+    fn acked(&self, p: &BasisPage) -> bool {
+        let r = ReplicaId {
+            device: self.device.clone(),
+            epoch: p.epoch,
+        };
+        self.cloud.contains(&r, p.seq)
+    }
+
+    /// The slot at `at` as of now: its candidate becomes the anchor once
+    /// the cloud holds the change that recorded it.
+    fn current(&self, at: u64) -> Result<BasisSlot> {
+        let mut slot = self.basis.get(at)?;
+        if slot.cand.as_ref().is_some_and(|c| self.acked(c)) {
+            slot.anchor = slot.cand.take();
+        }
+        Ok(slot)
+    }
+
+    /// The base for a changed page at `at`: an anchor the cloud holds, not
+    /// yet at the depth bound.
+    fn anchor(&self, at: u64) -> Option<BasisPage> {
+        let slot = self.current(at).ok()?;
+        slot.anchor.filter(|a| a.depth < MAX_DEPTH && self.acked(a))
+    }
+
+    /// Records that the page at `at` is now chunk `id` (plaintext `plain`,
+    /// depth `depth`): a new candidate, unless it already is one.
+    fn page(&mut self, at: u64, plain: &[u8], id: Hash32, depth: u8) -> Result<()> {
+        let mut slot = self.current(at)?;
+        if slot.cand.as_ref().is_some_and(|c| c.id == id) {
+            return Ok(());
+        }
+        if slot.anchor.as_ref().is_some_and(|a| a.id == id) {
+            if slot.cand.is_none() {
+                return Ok(());
+            }
+            slot.cand = None;
+        } else {
+            let zplain = zstd::bulk::compress(plain, BASIS_LEVEL).map_err(|e| Error::Config(format!("zstd: {e}")))?;
+            slot.cand = Some(BasisPage {
+                id,
+                len: plain.len() as u32,
+                depth,
+                epoch: 0,
+                seq: 0,
+                zplain,
+            });
+        }
+        self.w.basis.push((at, slot));
         Ok(())
     }
 }

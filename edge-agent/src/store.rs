@@ -18,6 +18,16 @@
 //! - `shared_vv`: manifest path of a shared class → CBOR [`Shared`]: the
 //!   path's version vector (own entry = HLC of this device's latest change
 //!   of it, merged with what the cloud reported) and the policy last used.
+//! - `basis`: (path key, byte offset) → CBOR [`BasisSlot`]: for files sent
+//!   as page deltas, a zstd-compressed copy of each page's last version the
+//!   server acknowledged (`anchor`) and of its newest version (`cand`). A
+//!   changed page is sealed as a delta against its anchor. The path key is
+//!   the first 8 bytes of SHA-256(path); a collision can only make a delta
+//!   larger, never wrong, as each entry pairs a chunk id with its plaintext.
+//! - `sealed`: (epoch, seq, chunk id) → stored bytes of a delta chunk, kept
+//!   until the change `seq` leaves the outbox (its base is not in the file
+//!   any more, so it cannot be resealed at send time); `sealed_idx`: chunk
+//!   id → its (epoch, seq) key.
 //! - `server_state`: server-change target (`meta:<glob>`, `shared:<path>`)
 //!   → gseq (u64 BE) + CBOR [`ServerBody`]: the CRDT join of every server
 //!   change received for it. At most [`MAX_SERVER_TARGETS`] targets.
@@ -67,6 +77,12 @@ const EMPTY_DIRS: TableDefinition<&str, u64> = TableDefinition::new("empty_dirs"
 const SHARED_VV: TableDefinition<&str, &[u8]> = TableDefinition::new("shared_vv");
 /// Server-change target → gseq (u64 BE) + CBOR `ServerBody` (merged state).
 const SERVER_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("server_state");
+/// (path key, byte offset) → CBOR `BasisSlot`.
+const BASIS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("basis");
+/// (epoch, seq, chunk id) → sealed bytes of a delta chunk not yet cloud-durable.
+const SEALED: TableDefinition<(u32, u64, [u8; 32]), &[u8]> = TableDefinition::new("sealed");
+/// Chunk id → the (epoch, seq) of its `sealed` entry.
+const SEALED_IDX: TableDefinition<[u8; 32], (u32, u64)> = TableDefinition::new("sealed_idx");
 
 /// Most server-change targets kept. Beyond it new targets are refused (and
 /// logged), the cursor stays, and pruning stops: a hold might be missed.
@@ -138,6 +154,75 @@ pub struct FileChunks {
     pub sha_before_last: Vec<u8>,
     #[n(2)]
     pub class: String,
+}
+
+/// One version of a page kept as a delta base: chunk id, plaintext length,
+/// the chunk's depth, the change that recorded it, and its plaintext
+/// compressed with zstd.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct BasisPage {
+    #[n(0)]
+    pub id: Hash32,
+    #[n(1)]
+    pub len: u32,
+    #[n(2)]
+    pub depth: u8,
+    #[n(3)]
+    pub epoch: u32,
+    /// Filled in by the record transaction (the scan does not know it yet).
+    #[n(4)]
+    pub seq: u64,
+    #[n(5)]
+    #[cbor(with = "minicbor::bytes")]
+    pub zplain: Vec<u8>,
+}
+
+/// The delta bases of one page slot (see the `basis` table).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
+pub struct BasisSlot {
+    /// The newest version the server is known to hold: what deltas use.
+    #[n(0)]
+    pub anchor: Option<BasisPage>,
+    /// The newest version scanned, if newer than the anchor: the anchor
+    /// once the server acknowledges its change.
+    #[n(1)]
+    pub cand: Option<BasisPage>,
+}
+
+/// What a page-delta scan of one file adds to its record transaction.
+#[derive(Clone, Debug, Default)]
+pub struct DeltaWrites {
+    /// Slots to write; the `cand` pages get this change's epoch and seq.
+    pub basis: Vec<(u64, BasisSlot)>,
+    /// Slots at or past this offset are removed (the file is this long).
+    pub basis_end: u64,
+    /// New delta chunks: id → stored bytes.
+    pub sealed: Vec<(Hash32, Vec<u8>)>,
+    /// Delta chunks this version references again: kept until it is sent.
+    pub keep_sealed: Vec<Hash32>,
+}
+
+/// Key of a manifest path in the `basis` table.
+pub fn path_key(path: &str) -> u64 {
+    let h = Hash32::of(path.as_bytes());
+    u64::from_be_bytes([h.0[0], h.0[1], h.0[2], h.0[3], h.0[4], h.0[5], h.0[6], h.0[7]])
+}
+
+/// A read view of one file's delta bases, for one scan.
+pub struct BasisReader {
+    table: redb::ReadOnlyTable<(u64, u64), &'static [u8]>,
+    key: u64,
+}
+
+impl BasisReader {
+    /// The slot at byte `offset`; an undecodable entry reads as empty (it
+    /// only costs a full page).
+    pub fn get(&self, offset: u64) -> Result<BasisSlot> {
+        Ok(match self.table.get((self.key, offset))? {
+            Some(v) => minicbor::decode(v.value()).unwrap_or_default(),
+            None => BasisSlot::default(),
+        })
+    }
 }
 
 /// A file the disk watermarks deleted from the watch folder.
@@ -258,6 +343,9 @@ pub struct Counters {
     pub chunks_skipped_known: u64,
     /// Of `chunks_new`, stored as extensions of a grown file's old tail.
     pub chunks_extension: u64,
+    /// Of `chunks_new`, stored as deltas against a page's previous version.
+    #[serde(default)]
+    pub chunks_delta: u64,
     pub changed_during_read: u64,
     pub wire_bytes_sent: u64,
     pub messages_sent: u64,
@@ -317,6 +405,8 @@ pub struct Status {
     pub chunks_new: u64,
     pub chunks_skipped_known: u64,
     pub chunks_extension: u64,
+    #[serde(default)]
+    pub chunks_delta: u64,
     pub bytes_read: u64,
     pub bytes_chunked: u64,
     pub bad_messages: u64,
@@ -666,6 +756,9 @@ impl Store {
             txn.open_table(EMPTY_DIRS)?;
             txn.open_table(SHARED_VV)?;
             txn.open_table(SERVER_STATE)?;
+            txn.open_table(BASIS)?;
+            txn.open_table(SEALED)?;
+            txn.open_table(SEALED_IDX)?;
             let stored = meta
                 .get("device")?
                 .map(|v| String::from_utf8_lossy(v.value()).into_owned());
@@ -854,6 +947,35 @@ impl Store {
         })
     }
 
+    /// A read view of `path`'s delta bases.
+    pub fn basis_reader(&self, path: &str) -> Result<BasisReader> {
+        let r = self.db.begin_read()?;
+        Ok(BasisReader {
+            table: r.open_table(BASIS)?,
+            key: path_key(path),
+        })
+    }
+
+    /// Stored bytes of a delta chunk waiting to be sent, if kept and intact.
+    pub fn sealed_chunk(&self, id: &Hash32) -> Result<Option<Vec<u8>>> {
+        let r = self.db.begin_read()?;
+        let Some(k) = r.open_table(SEALED_IDX)?.get(id.0)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let t = r.open_table(SEALED)?;
+        let v = t.get((k.0, k.1, id.0))?;
+        Ok(v.map(|v| v.value().to_vec()).filter(|b| Hash32::of(b) == *id))
+    }
+
+    /// Drops a known chunk whose bytes can no longer be produced (a delta
+    /// chunk whose sealed copy is gone): the next scan seals it afresh.
+    pub fn forget_known(&mut self, tag: &Hash32) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(KNOWN)?.remove(tag.0)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Records one change of an unshared path ([`Store::record_shared`]
     /// with no policy).
     pub fn record(
@@ -878,6 +1000,21 @@ impl Store {
         body: ChangeBody,
         file: Option<(FileMeta, FileChunks)>,
         new_known: &[(Hash32, KnownChunk)],
+        now: u64,
+        shared: Option<ConflictPolicy>,
+    ) -> Result<Change> {
+        self.record_with_deltas(body, file, new_known, None, now, shared)
+    }
+
+    /// [`Store::record_shared`], with the page-delta state of a file
+    /// version (`deltas`) written in the same transaction. A file version
+    /// recorded without it, or a deletion, drops the path's delta bases.
+    pub fn record_with_deltas(
+        &mut self,
+        body: ChangeBody,
+        file: Option<(FileMeta, FileChunks)>,
+        new_known: &[(Hash32, KnownChunk)],
+        deltas: Option<&DeltaWrites>,
         now: u64,
         shared: Option<ConflictPolicy>,
     ) -> Result<Change> {
@@ -934,6 +1071,7 @@ impl Store {
             for (tag, k) in new_known {
                 known.insert(tag.0, k.to_bytes().as_slice())?;
             }
+            Self::write_deltas(&txn, path, deltas, (self.meta.epoch, seq))?;
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut v = Vec::with_capacity(OUTBOX_HEADER + 256);
             v.extend_from_slice(&now.to_be_bytes());
@@ -958,6 +1096,57 @@ impl Store {
             self.flush()?;
         }
         Ok(change)
+    }
+
+    /// The `basis` and `sealed` part of a record transaction (`at`: the
+    /// change's epoch and seq).
+    fn write_deltas(
+        txn: &redb::WriteTransaction,
+        path: &str,
+        deltas: Option<&DeltaWrites>,
+        at: (u32, u64),
+    ) -> Result<()> {
+        let pk = path_key(path);
+        let mut basis = txn.open_table(BASIS)?;
+        let Some(d) = deltas else {
+            basis.retain_in((pk, 0)..=(pk, u64::MAX), |_, _| false)?;
+            return Ok(());
+        };
+        for (off, slot) in &d.basis {
+            let mut slot = slot.clone();
+            if let Some(c) = &mut slot.cand {
+                (c.epoch, c.seq) = at;
+            }
+            basis.insert((pk, *off), protocol::to_cbor(&slot).as_slice())?;
+        }
+        basis.retain_in((pk, d.basis_end)..=(pk, u64::MAX), |_, _| false)?;
+        let mut sealed = txn.open_table(SEALED)?;
+        let mut idx = txn.open_table(SEALED_IDX)?;
+        for (id, bytes) in &d.sealed {
+            if let Some(old) = idx.insert(id.0, at)?.map(|v| v.value()) {
+                if old != at {
+                    sealed.remove((old.0, old.1, id.0))?;
+                }
+            }
+            sealed.insert((at.0, at.1, id.0), bytes.as_slice())?;
+        }
+        // Re-key kept chunks to this change, so they live until it is sent.
+        for id in &d.keep_sealed {
+            let Some(old) = idx.get(id.0)?.map(|v| v.value()) else {
+                continue;
+            };
+            if old == at {
+                continue;
+            }
+            let bytes = sealed.remove((old.0, old.1, id.0))?.map(|v| v.value().to_vec());
+            if let Some(b) = bytes {
+                sealed.insert((at.0, at.1, id.0), b.as_slice())?;
+                idx.insert(id.0, at)?;
+            } else {
+                idx.remove(id.0)?;
+            }
+        }
+        Ok(())
     }
 
     /// Empty directories recorded as present under `prefix`, at most `limit`.
@@ -1273,7 +1462,10 @@ impl Store {
                     false
                 })?;
             }
+            // Delta chunks of changes that left the outbox are in the cloud.
+            let first = outbox.first()?.map(|(k, _)| k.value());
             drop(outbox);
+            Self::drop_sealed_before(&txn, first)?;
             let files = txn.open_table(FILES)?;
             let mut durable = txn.open_table(DURABLE)?;
             for (p, seq) in made_durable {
@@ -1300,6 +1492,31 @@ impl Store {
         self.counters = counters;
         self.unflushed = 0;
         Ok(false)
+    }
+
+    /// Removes the sealed delta chunks keyed before `first` (the oldest
+    /// outbox entry; None: the outbox is empty, remove all).
+    fn drop_sealed_before(txn: &redb::WriteTransaction, first: Option<(u32, u64)>) -> Result<()> {
+        let mut sealed = txn.open_table(SEALED)?;
+        let mut idx = txn.open_table(SEALED_IDX)?;
+        let end = first.map_or((u32::MAX, u64::MAX, [0xff; 32]), |(e, s)| (e, s, [0u8; 32]));
+        let mut gone: Vec<((u32, u64), [u8; 32])> = Vec::new();
+        sealed.retain_in(..end, |k, _| {
+            gone.push(((k.0, k.1), k.2));
+            false
+        })?;
+        if first.is_none() {
+            sealed.retain(|_, _| false)?;
+        }
+        for (at, id) in gone {
+            if idx.get(id)?.is_some_and(|v| v.value() == at) {
+                idx.remove(id)?;
+            }
+        }
+        if first.is_none() {
+            idx.retain(|_, _| false)?;
+        }
+        Ok(())
     }
 
     /// New replica: drop the outbox (its seqs belong to a history the
@@ -1869,6 +2086,7 @@ fn status_of(db: &impl ReadableDatabase, now: u64) -> Result<Status> {
         chunks_new: counters.chunks_new,
         chunks_skipped_known: counters.chunks_skipped_known,
         chunks_extension: counters.chunks_extension,
+        chunks_delta: counters.chunks_delta,
         bytes_read: counters.bytes_read,
         bytes_chunked: counters.bytes_chunked,
         bad_messages: counters.bad_messages,

@@ -1,0 +1,97 @@
+//! Experiment: how much a changed SQLite page costs under different
+//! compression references (alone; against neighbour pages of the new file;
+//! against the same page's old version; the ideal concatenation).
+//! `cargo run --release -p benches --example page_ref -- [SCALE] [STEP]`
+
+use std::path::Path;
+
+fn zlen(b: &[u8], level: i32) -> usize {
+    zstd::bulk::compress(b, level).expect("zstd").len()
+}
+
+fn zlen_ref(prefix: &[u8], data: &[u8], level: i32) -> usize {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    let mut c = CCtx::create();
+    c.set_parameter(CParameter::CompressionLevel(level)).expect("level");
+    c.ref_prefix(prefix).expect("prefix");
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+    c.compress2(&mut out, data).expect("zstd");
+    out.len()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let scale: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let step: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let work = tempfile::tempdir().expect("tmp");
+    let dir = work.path().join("archive");
+    let g = sim::gen::GenConfig::new(1, scale, 0, 4);
+    sim::gen::generate_initial(&dir, &g).expect("gen");
+    for s in 1..step {
+        sim::gen::apply_step(&dir, &g, s).expect("step");
+    }
+    let before = sim::ideal::snapshot(&dir).expect("snapshot");
+    sim::gen::apply_step(&dir, &g, step).expect("step");
+    let after = sim::ideal::snapshot(&dir).expect("snapshot");
+    let _ = Path::new("");
+    for (path, new) in &after {
+        if !path.ends_with(".sqlite") {
+            continue;
+        }
+        let old = before.get(path).cloned().unwrap_or_default();
+        let ps = 4096;
+        let n = new.len() / ps;
+        let page = |d: &[u8], i: usize| d.get(i * ps..(i + 1) * ps).map(<[u8]>::to_vec);
+        let changed: Vec<usize> = (0..n).filter(|&i| page(new, i) != page(&old, i)).collect();
+        let mut cat = Vec::new();
+        let (mut alone, mut prev1, mut prev4, mut around, mut oldver, mut chain) = (0, 0, 0, 0, 0, 0);
+        let mut last: Option<Vec<u8>> = None;
+        for &i in &changed {
+            let p = page(new, i).unwrap_or_default();
+            cat.extend_from_slice(&p);
+            alone += zlen(&p, 3);
+            let lo = i.saturating_sub(1) * ps;
+            prev1 += if i > 0 {
+                zlen_ref(&new[lo..i * ps], &p, 3)
+            } else {
+                zlen(&p, 3)
+            };
+            let lo4 = i.saturating_sub(4) * ps;
+            prev4 += if i > 0 {
+                zlen_ref(&new[lo4..i * ps], &p, 3)
+            } else {
+                zlen(&p, 3)
+            };
+            // Both unchanged-or-not neighbours: the page before and after.
+            let mut nb = Vec::new();
+            if i > 0 {
+                nb.extend_from_slice(&new[(i - 1) * ps..i * ps]);
+            }
+            if let Some(a) = page(new, i + 1) {
+                nb.extend_from_slice(&a);
+            }
+            around += if nb.is_empty() {
+                zlen(&p, 3)
+            } else {
+                zlen_ref(&nb, &p, 3)
+            };
+            oldver += match page(&old, i) {
+                Some(o) => zlen_ref(&o, &p, 3),
+                None => zlen(&p, 3),
+            };
+            chain += match &last {
+                Some(l) => zlen_ref(l, &p, 3),
+                None => zlen(&p, 3),
+            };
+            last = Some(p);
+        }
+        println!("{path}: {} pages, {} changed", n, changed.len());
+        println!("  ideal (zstd -3 of all changed pages) {}", zlen(&cat, 3));
+        println!("  each page alone                      {alone}");
+        println!("  against the page before (new file)   {prev1}");
+        println!("  against the 4 pages before           {prev4}");
+        println!("  against the pages before and after   {around}");
+        println!("  against the previous changed page    {chain}");
+        println!("  against its own old version          {oldver}");
+    }
+}

@@ -1,0 +1,159 @@
+//! Page deltas (issue 5): a changed page of a page-chunked database is
+//! sealed against the page's last cloud-durable version, kept compressed in
+//! the state file. Checked on the Agent API (no broker): which pages become
+//! deltas, that their bytes open to the new page with the old one as base,
+//! that only cloud-durable versions serve as bases, that chains stop at the
+//! depth bound, and that kept sealed bytes go once their change is durable.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use edge_agent::Agent;
+use protocol::client::ClientStore;
+use protocol::manifest::{Change, ChangeBody, FileVersion};
+use protocol::seal::{base_of, Sealer, MAX_DEPTH};
+use std::path::Path;
+
+const PS: usize = 4096;
+const PAGES: usize = 64;
+
+/// A page-structured file with a SQLite header: page `i` holds rows that
+/// differ a little from page to page (so pages compress, and do not dedup).
+fn database() -> Vec<u8> {
+    let mut d = Vec::with_capacity(PS * PAGES);
+    for i in 0..PAGES {
+        let mut p: Vec<u8> = format!("page {i}: ")
+            .bytes()
+            .chain((0..).flat_map(|r| format!("row {r},sensor {i},temp 21.{},ok;", (r * 7 + i) % 10).into_bytes()))
+            .take(PS)
+            .collect();
+        p.truncate(PS);
+        d.extend_from_slice(&p);
+    }
+    d[..16].copy_from_slice(b"SQLite format 3\0");
+    d[16..18].copy_from_slice(&(PS as u16).to_be_bytes());
+    d
+}
+
+/// Rewrites a few bytes of row data on page `page` (`salt` makes each edit new).
+fn edit(db: &mut [u8], page: usize, salt: u64) {
+    let at = page * PS + 200 + (salt as usize * 97) % 3000;
+    db[at..at + 8].copy_from_slice(&salt.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+}
+
+fn write(path: &Path, db: &[u8]) {
+    std::fs::write(path, db).unwrap();
+    bump_mtime(path, 0);
+}
+
+/// The newest pending version of the database, and its change.
+fn newest(a: &mut Agent) -> (Change, FileVersion) {
+    let c = all_pending(a)
+        .into_iter()
+        .rev()
+        .find(|c| matches!(c.body, ChangeBody::File(_)))
+        .unwrap();
+    let ChangeBody::File(f) = c.body.clone() else {
+        unreachable!()
+    };
+    (c, f)
+}
+
+/// Cloud-durable up to the newest seq, as a CloudAck reports it.
+fn ack_all(a: &mut Agent) {
+    all_pending(a); // offered, as if sent
+    let r = ClientStore::replica(a);
+    let k = knowledge_up_to(&r, a.status().unwrap().next_seq - 1);
+    a.on_knowledge(&k, &k).unwrap();
+}
+
+#[test]
+fn changed_pages_are_deltas_against_their_durable_version() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir_all(&watch).unwrap();
+    let file = watch.join("quality.sqlite");
+    let mut db = database();
+    write(&file, &db);
+    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
+    a.scan_once().unwrap();
+    let (_, v1) = newest(&mut a);
+    assert_eq!(v1.chunks.len(), PAGES, "one chunk per page");
+    assert_eq!(a.status().unwrap().chunks_delta, 0, "nothing to be a delta of yet");
+
+    // Not durable yet: v2's pages cannot be deltas (the cloud may never get v1).
+    edit(&mut db, 10, 1);
+    write(&file, &db);
+    a.scan_once().unwrap();
+    assert_eq!(a.status().unwrap().chunks_delta, 0, "bases must be cloud-durable");
+    let (_, v2) = newest(&mut a);
+
+    // Durable now. Three pages change in the middle: three delta chunks,
+    // each opening to the new page with the durable page as its base.
+    ack_all(&mut a);
+    let old = db.clone();
+    for p in [20, 21, 40] {
+        edit(&mut db, p, 2);
+    }
+    write(&file, &db);
+    a.scan_once().unwrap();
+    assert_eq!(a.status().unwrap().chunks_delta, 3);
+    let (c3, v3) = newest(&mut a);
+    let mut sealer = Sealer::new(&key(), protocol::seal::Cipher::ChaCha20Poly1305).unwrap();
+    for p in [20, 21, 40] {
+        let id = v3.chunks[p].id;
+        let stored = a.chunk(&c3, &id).unwrap().expect("a pending delta chunk is available");
+        assert_eq!(protocol::Hash32::of(&stored), id);
+        let b = base_of(&stored).unwrap().expect("a delta chunk names its base");
+        assert!(b.delta);
+        assert_eq!(b.id, v2.chunks[p].id, "page {p}'s base is its durable version");
+        assert_eq!(b.depth, 1);
+        let base = &old[p * PS..(p + 1) * PS];
+        let plain = sealer.open_with_base(&stored, PS, Some(base)).unwrap();
+        assert_eq!(plain, &db[p * PS..(p + 1) * PS]);
+        let mut full = Vec::new();
+        sealer.seal(&plain, 3, &mut full).unwrap();
+        assert!(
+            stored.len() * 2 < full.len(),
+            "delta {} vs full {}",
+            stored.len(),
+            full.len()
+        );
+    }
+    // Page 10 changed in v2 and not since: its v2 chunk is reused as it is.
+    assert_eq!(v3.chunks[10].id, v2.chunks[10].id);
+    assert_ne!(v2.chunks[10].id, v1.chunks[10].id);
+
+    // Once v3 is durable its kept bytes go; a server asking again for one
+    // gets None (the change is then superseded and the page sealed afresh).
+    ack_all(&mut a);
+    let id = v3.chunks[20].id;
+    assert!(a.chunk(&c3, &id).unwrap().is_none());
+}
+
+#[test]
+fn delta_chains_stop_at_the_depth_bound() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir_all(&watch).unwrap();
+    let file = watch.join("quality.sqlite");
+    let mut db = database();
+    write(&file, &db);
+    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
+    a.scan_once().unwrap();
+    let mut depths = Vec::new();
+    for step in 1..=(u64::from(MAX_DEPTH) + 2) {
+        ack_all(&mut a);
+        edit(&mut db, 5, step);
+        write(&file, &db);
+        a.scan_once().unwrap();
+        let (c, v) = newest(&mut a);
+        let stored = a.chunk(&c, &v.chunks[5].id).unwrap().unwrap();
+        depths.push(base_of(&stored).unwrap().map_or(0, |b| b.depth));
+    }
+    // 1, 2, …, 8, then a full page (depth 0), then 1 again.
+    let want: Vec<u8> = (1..=MAX_DEPTH).chain([0, 1]).collect();
+    assert_eq!(depths, want);
+}
