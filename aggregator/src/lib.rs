@@ -51,6 +51,9 @@ pub enum Error {
     Config(String),
     #[error("internal task failed: {0}")]
     Internal(String),
+    /// A write inside a group commit failed earlier: the group is abandoned.
+    #[error("group commit abandoned after a failed write: {0}")]
+    GroupFailed(String),
 }
 
 macro_rules! redb_errors {

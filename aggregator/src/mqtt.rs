@@ -1,6 +1,15 @@
 //! MQTT side: the rumqttc event loop task owns the socket and never waits on
-//! the store; a worker task runs the sans-IO server on each up message (the
+//! the store; a worker task runs the sans-IO server on the up messages (the
 //! store work on the blocking pool) and publishes the replies.
+//!
+//! Group commit: the worker takes every message already queued (at most
+//! [`GROUP_MAX_MESSAGES`] / [`GROUP_MAX_BYTES`]), runs them all through the
+//! server in one store [`Group`] (one redb transaction, one pack fsync) and
+//! publishes their replies and acks only after the group committed. So no
+//! reply that acknowledges durability (Knowledge, Committed, anything
+//! computed from the group's writes) leaves before that state is durable,
+//! and a crash before the commit loses only messages not acked to the
+//! broker, which it delivers again.
 //!
 //! Flow control: incoming publishes are acked manually after they were
 //! handled, and the broker is told a receive maximum, so the queue between
@@ -9,10 +18,11 @@
 
 use crate::presence::Tracker;
 use crate::sink::SinkHttp;
-use crate::store::AggStore;
+use crate::store::{AggStore, Group};
 use crate::{AggConfig, AggStats, Result};
+use protocol::knowledge::Knowledge;
 use protocol::msg::{Message, Nack, MQTT_MAX_PACKET};
-use protocol::server::{Peer, Server, ServerConfig, ServerStats};
+use protocol::server::{Peer, Server, ServerConfig, ServerStats, ServerStore};
 use protocol::topic::{self, Dir};
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
@@ -23,6 +33,11 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// Unacked QoS 1 messages the broker may send us at once.
 const RECEIVE_MAXIMUM: u16 = 64;
+/// Most messages handled in one group commit: all the broker may have in
+/// flight to us.
+pub const GROUP_MAX_MESSAGES: usize = RECEIVE_MAXIMUM as usize;
+/// Most payload bytes in one group commit (the last message may pass it).
+pub const GROUP_MAX_BYTES: usize = 64 << 20;
 /// Session kept by the broker while we are away: a week, as for agents.
 const SESSION_EXPIRY_S: u32 = 7 * 24 * 3600;
 
@@ -156,54 +171,79 @@ impl CloudLookup {
         }
     }
 
-    /// Merges the cloud's knowledge of the device that sent `topic_bytes`
-    /// (a Hello) into the store. Failures only cost the optimisation.
-    async fn before_hello(&mut self, p: &Publish, store: &Arc<AggStore>, stats: &AggStats) {
-        let topic_bytes: &[u8] = &p.topic;
+    /// For every Hello in `group`: asks the sink (concurrently) what the
+    /// cloud holds of its device and merges that into the store (one
+    /// commit), and stashes the server changes after the Hello's cursor.
+    /// Failures only cost the optimisation.
+    async fn before_hellos(&mut self, group: &[Publish], store: &Arc<AggStore>, stats: &AggStats) {
         if self.timeout.is_zero() || self.quiet_until.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        let t = String::from_utf8_lossy(topic_bytes);
-        let Some((device, Dir::Up, kind)) = topic::parse(&t) else {
-            return;
-        };
-        if kind != "hello" {
+        let mut lookups = tokio::task::JoinSet::new();
+        for p in group {
+            let t = String::from_utf8_lossy(&p.topic);
+            let Some((device, Dir::Up, kind)) = topic::parse(&t) else {
+                continue;
+            };
+            if kind != "hello" {
+                continue;
+            }
+            // Server changes (central metadata, shared-path heads) the agent
+            // has not applied yet: answered right after its Knowledge.
+            let cursor = match Message::decode(&p.payload) {
+                Ok(Message::Hello(h)) => h.server_cursor,
+                _ => None,
+            };
+            let (sink, timeout) = (self.sink.clone(), self.timeout);
+            lookups.spawn(async move {
+                let started = Instant::now();
+                let k = sink.cloud_knowledge(&device, timeout).await;
+                let changes = match (&k, cursor) {
+                    (Ok(_), Some(after)) => Some(sink.device_changes(&device, after, timeout).await),
+                    _ => None,
+                };
+                (device, k, changes, started.elapsed())
+            });
+        }
+        if lookups.is_empty() {
             return;
         }
-        let started = Instant::now();
-        let k = match self.sink.cloud_knowledge(&device, self.timeout).await {
-            Ok(k) => k,
-            Err(e) => {
-                AggStats::add(&stats.cloud_lookup_failures, 1);
-                self.quiet_until = Some(Instant::now() + LOOKUP_QUIET);
-                tracing::info!(%device, "cloud knowledge lookup failed: {e}; answering from local knowledge");
-                return;
+        let mut cloud = Knowledge::default();
+        let mut failed = false;
+        while let Some(r) = lookups.join_next().await {
+            let Ok((device, k, changes, took)) = r else {
+                continue;
+            };
+            match k {
+                Ok(k) => {
+                    AggStats::add(&stats.cloud_lookups, 1);
+                    tracing::debug!(%device, ms = took.as_millis() as u64, "cloud knowledge looked up");
+                    cloud.union_with(&k);
+                }
+                Err(e) => {
+                    AggStats::add(&stats.cloud_lookup_failures, 1);
+                    failed = true;
+                    tracing::info!(%device, "cloud knowledge lookup failed: {e}; answering from local knowledge");
+                }
             }
-        };
-        self.quiet_until = None;
-        let st = store.clone();
-        match tokio::task::spawn_blocking(move || st.merge_cloud(&k)).await {
-            Ok(Ok(grew)) => {
-                AggStats::add(&stats.cloud_lookups, 1);
-                tracing::debug!(%device, grew, ms = started.elapsed().as_millis() as u64, "cloud knowledge looked up");
-            }
-            Ok(Err(e)) => tracing::error!(%device, "storing cloud knowledge: {e}"),
-            Err(e) => tracing::error!(%device, "storing cloud knowledge: {e}"),
-        }
-        // Server changes (central metadata, shared-path heads) the agent has
-        // not applied yet: answered right after its Knowledge.
-        let cursor = match Message::decode(&p.payload) {
-            Ok(Message::Hello(h)) => h.server_cursor,
-            _ => None,
-        };
-        if let Some(after) = cursor {
-            match self.sink.device_changes(&device, after, self.timeout).await {
-                Ok(ch) => {
+            match changes {
+                Some(Ok(ch)) => {
                     AggStats::add(&stats.server_changes_relayed, ch.items.len() as u64);
                     store.stash_changes(&device, ch);
                 }
-                Err(e) => tracing::info!(%device, "server changes lookup failed: {e}"),
+                Some(Err(e)) => tracing::info!(%device, "server changes lookup failed: {e}"),
+                None => {}
             }
+        }
+        self.quiet_until = failed.then(|| Instant::now() + LOOKUP_QUIET);
+        if cloud.map.is_empty() {
+            return;
+        }
+        let st = store.clone();
+        match tokio::task::spawn_blocking(move || st.merge_cloud(&cloud)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("storing cloud knowledge: {e}"),
+            Err(e) => tracing::error!("storing cloud knowledge: {e}"),
         }
     }
 }
@@ -265,7 +305,8 @@ pub async fn changes_loop(
 /// How long Hellos skip the cloud lookup after one failed.
 const LOOKUP_QUIET: Duration = Duration::from_secs(30);
 
-/// Handles up messages in arrival order (so per device order too).
+/// Handles up messages in arrival order (so per device order too), in
+/// group commits (module docs).
 pub async fn worker(
     mut rx: UnboundedReceiver<Publish>,
     client: AsyncClient,
@@ -276,29 +317,43 @@ pub async fn worker(
     let mut server = Some(Server::new(ServerConfig::default()));
     let mut seen = ServerStats::default();
     while let Some(p) = rx.recv().await {
+        let mut bytes = p.payload.len();
+        let mut group = vec![p];
+        while group.len() < GROUP_MAX_MESSAGES && bytes < GROUP_MAX_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.payload.len();
+                    group.push(p);
+                }
+                Err(_) => break,
+            }
+        }
         if let Some(l) = lookup.as_mut() {
-            l.before_hello(&p, &store, &stats).await;
+            l.before_hellos(&group, &store, &stats).await;
         }
         let srv = server.take().unwrap_or_else(|| Server::new(ServerConfig::default()));
-        let (st, pt) = (store.clone(), p.clone());
+        let (st, msgs) = (store.clone(), group.clone());
         let out = tokio::task::spawn_blocking(move || {
             let mut srv = srv;
-            let out = handle_publish(&mut srv, &st, &pt.topic, &pt.payload);
+            let items: Vec<(&[u8], &[u8])> = msgs.iter().map(|p| (&p.topic[..], &p.payload[..])).collect();
+            let out = handle_group(&mut srv, &st, &items);
             (srv, out)
         })
         .await;
+        // Returns only after the group committed (or failed and its
+        // replies were replaced by Nacks): publishing is safe from here.
         let replies = match out {
-            Ok((srv, (replies, bad))) => {
+            Ok((srv, out)) => {
                 account(&stats, &srv.stats, &mut seen);
-                if bad {
-                    AggStats::add(&stats.bad_messages, 1);
-                }
+                let bad = out.iter().filter(|(_, bad)| *bad).count();
+                AggStats::add(&stats.bad_messages, bad as u64);
                 server = Some(srv);
-                replies
+                out.into_iter().flat_map(|(r, _)| r).collect()
             }
             Err(e) => {
-                // A panic in the server logic: pending batches are forgotten
-                // (clients offer them again), the process keeps serving.
+                // A panic in the server logic: the group was not committed,
+                // pending batches are forgotten (clients offer them again),
+                // the process keeps serving.
                 tracing::error!("message handler panicked: {e}");
                 seen = ServerStats::default();
                 Vec::new()
@@ -310,8 +365,10 @@ pub async fn worker(
                 Err(e) => tracing::warn!("publishing to {t}: {e}"),
             }
         }
-        if let Err(e) = client.ack(&p).await {
-            tracing::debug!("ack: {e}");
+        for p in &group {
+            if let Err(e) = client.ack(p).await {
+                tracing::debug!("ack: {e}");
+            }
         }
     }
 }
@@ -353,31 +410,75 @@ fn nack(device: &protocol::DeviceRef, reason: String) -> Vec<(String, Vec<u8>)> 
         .collect()
 }
 
+/// Replies of one message, as (topic, payload), and whether it was bad.
+pub type Handled = (Vec<(String, Vec<u8>)>, bool);
+
 /// Runs one up message through the server at the wall clock. Returns the
 /// replies as (topic, payload) and whether the input was bad. Never panics
 /// on peer input.
-pub fn handle_publish(
-    server: &mut Server,
-    store: &AggStore,
-    topic_bytes: &[u8],
-    payload: &[u8],
-) -> (Vec<(String, Vec<u8>)>, bool) {
+pub fn handle_publish(server: &mut Server, store: &AggStore, topic_bytes: &[u8], payload: &[u8]) -> Handled {
     handle_publish_at(server, store, crate::now_ms(), topic_bytes, payload)
 }
 
-/// [`handle_publish`] at `now_ms` (a simulator's virtual time). Synchronous
-/// and single-threaded: the server logic and the store, nothing else.
-/// Presence payloads are only acknowledged here (the daemon tracks them in
-/// [`on_publish`]); Hellos get no cloud lookup (the daemon's
-/// [`CloudLookup`] runs before this, over HTTP) — only changes stashed with
-/// [`AggStore::stash_changes`] are relayed.
+/// [`handle_publish`] at `now_ms` (a simulator's virtual time): a group
+/// commit of one message. Synchronous and single-threaded: the server
+/// logic and the store, nothing else. Presence payloads are only
+/// acknowledged here (the daemon tracks them in [`on_publish`]); Hellos get
+/// no cloud lookup (the daemon's [`CloudLookup`] runs before this, over
+/// HTTP) — only changes stashed with [`AggStore::stash_changes`] are relayed.
 pub fn handle_publish_at(
     server: &mut Server,
     store: &AggStore,
     now_ms: u64,
     topic_bytes: &[u8],
     payload: &[u8],
-) -> (Vec<(String, Vec<u8>)>, bool) {
+) -> Handled {
+    handle_group_at(server, store, now_ms, &[(topic_bytes, payload)])
+        .pop()
+        .unwrap_or_default()
+}
+
+/// Runs `msgs` (topic, payload), in order, through the server at the wall
+/// clock in one group commit. See [`handle_group_at`].
+pub fn handle_group(server: &mut Server, store: &AggStore, msgs: &[(&[u8], &[u8])]) -> Vec<Handled> {
+    handle_group_at(server, store, crate::now_ms(), msgs)
+}
+
+/// Runs `msgs` (topic, payload), in order, through the server in one store
+/// [`Group`] and commits it; returns each message's replies and whether it
+/// was bad, in order. Returns only after the commit: the replies may then be
+/// published. If the group cannot commit, every message is answered with a
+/// Nack instead (its client retries) and nothing of the group is durable.
+pub fn handle_group_at(server: &mut Server, store: &AggStore, now_ms: u64, msgs: &[(&[u8], &[u8])]) -> Vec<Handled> {
+    let committed = store.group().and_then(|mut g| {
+        let out: Vec<Handled> = msgs
+            .iter()
+            .map(|(t, p)| handle_in(server, &mut g, now_ms, t, p))
+            .collect();
+        g.commit().map(|()| out)
+    });
+    match committed {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::error!(messages = msgs.len(), "group commit failed: {e}");
+            msgs.iter()
+                .map(|(t, _)| {
+                    let t = String::from_utf8_lossy(t);
+                    match topic::parse(&t) {
+                        Some((device, Dir::Up, kind)) if kind != "presence" => {
+                            (nack(&device, format!("aggregator error: {e}")), false)
+                        }
+                        _ => (Vec::new(), false),
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// One message through the server on `store` (a group: nothing it writes is
+/// durable before the group commits).
+fn handle_in(server: &mut Server, store: &mut Group<'_>, now_ms: u64, topic_bytes: &[u8], payload: &[u8]) -> Handled {
     let t = String::from_utf8_lossy(topic_bytes);
     let Some((device, Dir::Up, kind)) = topic::parse(&t) else {
         tracing::warn!("message on unexpected topic {t:?} ignored");
@@ -406,8 +507,8 @@ pub fn handle_publish_at(
         name: &key,
         device: Some(&device),
     };
-    let mut s: &AggStore = store;
-    match server.handle(now_ms, &peer, msg, &mut s) {
+    let s: &mut dyn ServerStore = store;
+    match server.handle(now_ms, &peer, msg, s) {
         Ok(replies) => {
             let mut bad = false;
             for r in &replies {

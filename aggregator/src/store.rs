@@ -395,6 +395,11 @@ impl AggStore {
         self.cfg.clock.now_ms()
     }
 
+    /// The open pack closes once it holds this many bytes.
+    fn close_at(&self) -> u64 {
+        self.cfg.pack_target.min(MAX_PACK as u64 / 2)
+    }
+
     fn packs_dir(&self) -> PathBuf {
         self.dir.join("packs")
     }
@@ -450,17 +455,8 @@ impl AggStore {
     pub fn knowledge_of(&self, devices: &[DeviceRef]) -> Result<(Knowledge, Knowledge)> {
         let rtx = self.db.begin_read()?;
         let mut out = (Knowledge::default(), Knowledge::default());
-        for (def, k) in [(REGIONAL, &mut out.0), (CLOUD, &mut out.1)] {
-            let t = rtx.open_table(def)?;
-            for d in devices {
-                let (lo, hi) = device_range(d);
-                for r in t.range(lo.as_str()..hi.as_str())? {
-                    let (_, v) = r?;
-                    let (rep, set) = decode_know(v.value())?;
-                    k.map.entry(rep).or_default().union_with(&set);
-                }
-            }
-        }
+        read_knowledge(&rtx.open_table(REGIONAL)?, devices, &mut out.0)?;
+        read_knowledge(&rtx.open_table(CLOUD)?, devices, &mut out.1)?;
         Ok(out)
     }
 
@@ -475,72 +471,36 @@ impl AggStore {
         Ok(t.get(&id.0)?.is_some())
     }
 
+    /// Opens a group commit: everything written through the [`Group`] goes
+    /// into one redb write transaction and is made durable (open pack
+    /// fsynced, then one Immediate commit) by [`Group::commit`]; reads
+    /// through it see its own writes. Holds the open-pack lock and redb's
+    /// write lock until it ends, so nothing else commits in between.
+    pub fn group(&self) -> Result<Group<'_>> {
+        // Lock order everywhere: open pack, then the redb write transaction.
+        let open = self.lock_open()?;
+        let tx = self.db.begin_write()?;
+        let end = open.len;
+        Ok(Group {
+            store: self,
+            open,
+            tx: Some(tx),
+            end,
+            new_chunks: 0,
+            dirty: false,
+            wrote_chunks: false,
+            applied: false,
+            failed: None,
+        })
+    }
+
     /// Appends new chunks (ids already verified) to the open pack, fsyncs,
     /// then indexes them in one Immediate transaction. Returns only after
     /// that: the chunks survive any crash from then on.
     pub fn put_chunks(&self, chunks: &[ChunkData]) -> Result<()> {
-        let mut open = self.lock_open()?;
-        let todo: Vec<&ChunkData> = {
-            let rtx = self.db.begin_read()?;
-            let t = rtx.open_table(CHUNKS)?;
-            let mut seen = HashSet::new();
-            let mut v = Vec::new();
-            for c in chunks {
-                if seen.insert(c.id) && t.get(&c.id.0)?.is_none() {
-                    v.push(c);
-                }
-            }
-            v
-        };
-        if todo.is_empty() {
-            return Ok(());
-        }
-        let start = open.len;
-        let mut buf = Vec::with_capacity(todo.iter().map(|c| c.bytes.len()).sum());
-        let mut entries = Vec::with_capacity(todo.len());
-        for c in &todo {
-            let len = u32::try_from(c.bytes.len())
-                .map_err(|_| Error::Corrupt(format!("chunk {} larger than 4 GiB", c.id)))?;
-            entries.push(PackEntry {
-                id: c.id,
-                offset: start + buf.len() as u64,
-                len,
-            });
-            buf.extend_from_slice(&c.bytes);
-        }
-        let end = start + buf.len() as u64;
-        let path = self.packs_dir().join(format!("open-{}.pack", open.seq));
-        let res = (|| {
-            open.file.write_all_at(&buf, start).map_err(io_err(&path))?;
-            open.file.sync_data().map_err(io_err(&path))?;
-            let mut tx = self.db.begin_write()?;
-            tx.set_durability(Durability::Immediate)?;
-            {
-                let mut ct = tx.open_table(CHUNKS)?;
-                let mut et = tx.open_table(PACK_ENTRIES)?;
-                for e in &entries {
-                    ct.insert(&e.id.0, (open.seq, e.offset, e.len, LOCAL))?;
-                    et.insert((open.seq, e.offset), (&e.id.0, e.len))?;
-                }
-                tx.open_table(PACKS)?.insert(open.seq, (PACK_OPEN, &ZERO_ID, end))?;
-            }
-            tx.commit()?;
-            Ok(())
-        })();
-        if let Err(e) = res {
-            // Nothing was acknowledged: drop the unindexed tail (best effort;
-            // startup truncates to the committed length anyway).
-            let _ = open.file.set_len(start);
-            return Err(e);
-        }
-        open.len = end;
-        open.chunks += entries.len() as u64;
-        self.spool.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        if open.len >= self.cfg.pack_target.min(MAX_PACK as u64 / 2) {
-            self.close_locked(&mut open)?;
-        }
-        self.update_watermark();
-        Ok(())
+        let mut g = self.group()?;
+        g.put_chunks(chunks)?;
+        g.commit()
     }
 
     pub fn device_key(&self, d: &DeviceRef) -> Result<Option<Vec<u8>>> {
@@ -553,63 +513,9 @@ impl AggStore {
     /// regional knowledge, pinned keys and the forward queue in one Immediate
     /// transaction. Changes already recorded are skipped (idempotent).
     pub fn apply(&self, changes: &[Change]) -> Result<()> {
-        let mut tx = self.db.begin_write()?;
-        tx.set_durability(if self.cfg.unsafe_ack_before_fsync {
-            Durability::None
-        } else {
-            Durability::Immediate
-        })?;
-        let mut added = 0usize;
-        {
-            let mut ct = tx.open_table(CHANGES)?;
-            let mut rt = tx.open_table(REGIONAL)?;
-            let mut ft = tx.open_table(FORWARD)?;
-            let mut kt = tx.open_table(DEVICE_KEYS)?;
-            let mut mt = tx.open_table(META)?;
-            let mut next = mt.get("next_forward")?.map(|v| v.value()).unwrap_or(1);
-            let mut know: BTreeMap<String, (ReplicaId, RangeSet)> = BTreeMap::new();
-            let mut grown = BTreeSet::new();
-            for c in changes {
-                let rk = c.replica.key();
-                if !know.contains_key(&rk) {
-                    let cur = match rt.get(rk.as_str())? {
-                        Some(v) => decode_know(v.value())?,
-                        None => (c.replica.clone(), RangeSet::new()),
-                    };
-                    know.insert(rk.clone(), cur);
-                }
-                // Regional knowledge, not `changes`, says what was applied:
-                // rows of confirmed changes are deleted.
-                let Some((_, set)) = know.get_mut(&rk) else {
-                    continue;
-                };
-                if set.contains(c.seq) {
-                    continue;
-                }
-                set.insert(c.seq);
-                grown.insert(rk.clone());
-                ct.insert((rk.as_str(), c.seq), protocol::to_cbor(c).as_slice())?;
-                ft.insert(next, (rk.as_str(), c.seq))?;
-                next += 1;
-                let dk = c.replica.device.key();
-                if kt.get(dk.as_str())?.is_none() {
-                    kt.insert(dk.as_str(), c.pubkey.as_slice())?;
-                }
-                added += 1;
-            }
-            for (rk, v) in know.iter().filter(|(rk, _)| grown.contains(*rk)) {
-                rt.insert(rk.as_str(), protocol::to_cbor(v).as_slice())?;
-            }
-            mt.insert("next_forward", next)?;
-        }
-        tx.commit()?;
-        if added > 0 {
-            let now = self.now_ms();
-            if let Ok(mut w) = self.waiting_since.lock() {
-                w.get_or_insert(now);
-            }
-        }
-        Ok(())
+        let mut g = self.group()?;
+        g.apply(changes)?;
+        g.commit()
     }
 
     /// Closes the open pack if changes have waited for it at least
@@ -928,6 +834,320 @@ impl AggStore {
             v.push((rk.to_string(), seq, val.value().to_string()));
         }
         Ok(v)
+    }
+}
+
+/// Reads the knowledge of `devices`' replicas from a REGIONAL or CLOUD table
+/// (of a read or a write transaction) into `k`.
+fn read_knowledge(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    devices: &[DeviceRef],
+    k: &mut Knowledge,
+) -> Result<()> {
+    for d in devices {
+        let (lo, hi) = device_range(d);
+        for r in t.range(lo.as_str()..hi.as_str())? {
+            let (_, v) = r?;
+            let (rep, set) = decode_know(v.value())?;
+            k.map.entry(rep).or_default().union_with(&set);
+        }
+    }
+    Ok(())
+}
+
+/// A group commit ([`AggStore::group`]): many messages' chunks and changes
+/// in one redb write transaction, made durable at once by [`Group::commit`].
+///
+/// Invariants:
+/// - Nothing written through the group is durable, or visible outside it,
+///   before `commit` (or a checkpoint: a pack that fills up mid-group is
+///   committed and closed then) returns Ok; a crash before loses exactly
+///   the group's writes: pack bytes past the committed length are truncated
+///   at startup, and the transaction never committed.
+/// - A commit fsyncs the open pack before the transaction that indexes its
+///   new bytes, as `AggStore::put_chunks` always did.
+/// - After a write inside the transaction failed, the group never commits
+///   (a half-applied message must not become durable): `commit` aborts and
+///   returns the error, and the caller acknowledges nothing of the group.
+/// - Dropping a group without `commit` aborts it.
+pub struct Group<'a> {
+    store: &'a AggStore,
+    open: MutexGuard<'a, OpenPack>,
+    /// `None` only after a failure.
+    tx: Option<redb::WriteTransaction>,
+    /// End of the open pack including this group's appended bytes (only
+    /// `open.len` of it is committed).
+    end: u64,
+    new_chunks: u64,
+    /// The transaction holds writes.
+    dirty: bool,
+    wrote_chunks: bool,
+    /// Some change was recorded (the open pack's wait starts at commit).
+    applied: bool,
+    failed: Option<String>,
+}
+
+impl Group<'_> {
+    fn tx(&self) -> Result<&redb::WriteTransaction> {
+        match (&self.tx, &self.failed) {
+            (Some(tx), None) => Ok(tx),
+            (_, why) => Err(Error::GroupFailed(why.clone().unwrap_or_default())),
+        }
+    }
+
+    fn fail(&mut self, e: &Error) {
+        self.failed.get_or_insert_with(|| e.to_string());
+    }
+
+    pub fn knowledge(&self, devices: &[DeviceRef]) -> Result<(Knowledge, Knowledge)> {
+        let tx = self.tx()?;
+        let mut out = (Knowledge::default(), Knowledge::default());
+        read_knowledge(&tx.open_table(REGIONAL)?, devices, &mut out.0)?;
+        read_knowledge(&tx.open_table(CLOUD)?, devices, &mut out.1)?;
+        Ok(out)
+    }
+
+    pub fn has_chunk(&self, id: &Hash32) -> Result<bool> {
+        Ok(self.tx()?.open_table(CHUNKS)?.get(&id.0)?.is_some())
+    }
+
+    pub fn device_key(&self, d: &DeviceRef) -> Result<Option<Vec<u8>>> {
+        let t = self.tx()?.open_table(DEVICE_KEYS)?;
+        let key = t.get(d.key().as_str())?.map(|v| v.value().to_vec());
+        Ok(key)
+    }
+
+    /// Appends new chunks (ids already verified) to the open pack and
+    /// indexes them in the group's transaction; durable at `commit`.
+    pub fn put_chunks(&mut self, chunks: &[ChunkData]) -> Result<()> {
+        let tx = self.tx()?;
+        let todo: Vec<&ChunkData> = {
+            let t = tx.open_table(CHUNKS)?;
+            let mut seen = HashSet::new();
+            let mut v = Vec::new();
+            for c in chunks {
+                if seen.insert(c.id) && t.get(&c.id.0)?.is_none() {
+                    v.push(c);
+                }
+            }
+            v
+        };
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let start = self.end;
+        let mut buf = Vec::with_capacity(todo.iter().map(|c| c.bytes.len()).sum());
+        let mut entries = Vec::with_capacity(todo.len());
+        for c in &todo {
+            let len = u32::try_from(c.bytes.len())
+                .map_err(|_| Error::Corrupt(format!("chunk {} larger than 4 GiB", c.id)))?;
+            entries.push(PackEntry {
+                id: c.id,
+                offset: start + buf.len() as u64,
+                len,
+            });
+            buf.extend_from_slice(&c.bytes);
+        }
+        let end = start + buf.len() as u64;
+        let path = self.store.packs_dir().join(format!("open-{}.pack", self.open.seq));
+        if let Err(e) = self.open.file.write_all_at(&buf, start) {
+            // Nothing indexed yet: the group goes on without these chunks.
+            let _ = self.open.file.set_len(start);
+            return Err(io_err(&path)(e));
+        }
+        let seq = self.open.seq;
+        let indexed = (|| {
+            let mut ct = tx.open_table(CHUNKS)?;
+            let mut et = tx.open_table(PACK_ENTRIES)?;
+            for e in &entries {
+                ct.insert(&e.id.0, (seq, e.offset, e.len, LOCAL))?;
+                et.insert((seq, e.offset), (&e.id.0, e.len))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = indexed {
+            self.fail(&e);
+            return Err(e);
+        }
+        self.end = end;
+        self.new_chunks += entries.len() as u64;
+        self.dirty = true;
+        self.wrote_chunks = true;
+        if self.end >= self.store.close_at() {
+            // The pack is full: commit what the group holds so far (durable
+            // earlier than needed, never later) and close it.
+            self.checkpoint()?;
+            if let Err(e) = self.store.close_locked(&mut self.open) {
+                tracing::error!("closing a full pack: {e}; retried later");
+            }
+            self.end = self.open.len;
+            match self.store.db.begin_write() {
+                Ok(tx) => self.tx = Some(tx),
+                Err(e) => {
+                    let e = Error::from(e);
+                    self.fail(&e);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records changes (chunks present, signatures checked by the caller),
+    /// regional knowledge, pinned keys and the forward queue in the group's
+    /// transaction. Changes already recorded are skipped (idempotent).
+    pub fn apply(&mut self, changes: &[Change]) -> Result<()> {
+        let tx = self.tx()?;
+        let res = (|| {
+            let mut added = 0usize;
+            let mut ct = tx.open_table(CHANGES)?;
+            let mut rt = tx.open_table(REGIONAL)?;
+            let mut ft = tx.open_table(FORWARD)?;
+            let mut kt = tx.open_table(DEVICE_KEYS)?;
+            let mut mt = tx.open_table(META)?;
+            let mut next = mt.get("next_forward")?.map(|v| v.value()).unwrap_or(1);
+            let mut know: BTreeMap<String, (ReplicaId, RangeSet)> = BTreeMap::new();
+            let mut grown = BTreeSet::new();
+            for c in changes {
+                let rk = c.replica.key();
+                if !know.contains_key(&rk) {
+                    let cur = match rt.get(rk.as_str())? {
+                        Some(v) => decode_know(v.value())?,
+                        None => (c.replica.clone(), RangeSet::new()),
+                    };
+                    know.insert(rk.clone(), cur);
+                }
+                // Regional knowledge, not `changes`, says what was applied:
+                // rows of confirmed changes are deleted.
+                let Some((_, set)) = know.get_mut(&rk) else {
+                    continue;
+                };
+                if set.contains(c.seq) {
+                    continue;
+                }
+                set.insert(c.seq);
+                grown.insert(rk.clone());
+                ct.insert((rk.as_str(), c.seq), protocol::to_cbor(c).as_slice())?;
+                ft.insert(next, (rk.as_str(), c.seq))?;
+                next += 1;
+                let dk = c.replica.device.key();
+                if kt.get(dk.as_str())?.is_none() {
+                    kt.insert(dk.as_str(), c.pubkey.as_slice())?;
+                }
+                added += 1;
+            }
+            for (rk, v) in know.iter().filter(|(rk, _)| grown.contains(*rk)) {
+                rt.insert(rk.as_str(), protocol::to_cbor(v).as_slice())?;
+            }
+            if added > 0 {
+                mt.insert("next_forward", next)?;
+            }
+            Ok(added)
+        })();
+        match res {
+            Ok(0) => Ok(()),
+            Ok(_) => {
+                self.dirty = true;
+                self.applied = true;
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes everything written so far durable: fsyncs the open pack, then
+    /// commits the transaction (Immediate) and only then advances the open
+    /// pack's committed length in memory. Leaves no transaction behind.
+    fn checkpoint(&mut self) -> Result<()> {
+        if let Some(why) = &self.failed {
+            return Err(Error::GroupFailed(why.clone()));
+        }
+        let Some(mut tx) = self.tx.take() else {
+            return Err(Error::GroupFailed("no transaction".into()));
+        };
+        if !self.dirty {
+            tx.abort()?;
+            return Ok(());
+        }
+        let (seq, end) = (self.open.seq, self.end);
+        let path = self.store.packs_dir().join(format!("open-{seq}.pack"));
+        let durability = if self.store.cfg.unsafe_ack_before_fsync && !self.wrote_chunks {
+            Durability::None
+        } else {
+            Durability::Immediate
+        };
+        let res = (|| {
+            if end > self.open.len {
+                self.open.file.sync_data().map_err(io_err(&path))?;
+                tx.open_table(PACKS)?.insert(seq, (PACK_OPEN, &ZERO_ID, end))?;
+            }
+            tx.set_durability(durability)?;
+            tx.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = res {
+            // Nothing of the group was acknowledged: drop its pack bytes
+            // (best effort; startup truncates to the committed length anyway).
+            let _ = self.open.file.set_len(self.open.len);
+            self.fail(&e);
+            return Err(e);
+        }
+        let added = end - self.open.len;
+        self.open.len = end;
+        self.open.chunks += self.new_chunks;
+        self.store.spool.fetch_add(added, Ordering::Relaxed);
+        if self.applied {
+            let now = self.store.now_ms();
+            if let Ok(mut w) = self.store.waiting_since.lock() {
+                w.get_or_insert(now);
+            }
+        }
+        (self.new_chunks, self.dirty, self.wrote_chunks, self.applied) = (0, false, false, false);
+        Ok(())
+    }
+
+    /// Makes the group durable (one pack fsync, one redb commit). Only after
+    /// this returned Ok may anything that acknowledges the group's writes
+    /// be published. Closes the open pack once it reached its target.
+    pub fn commit(mut self) -> Result<()> {
+        self.checkpoint()?;
+        if self.open.len >= self.store.close_at() {
+            // Durable already: a failed close is retried later, not reported.
+            if let Err(e) = self.store.close_locked(&mut self.open) {
+                tracing::error!("closing a full pack: {e}; retried later");
+            }
+        }
+        self.store.update_watermark();
+        Ok(())
+    }
+}
+
+/// The server logic's view of a group commit: replies it produces may
+/// acknowledge the group's writes, so they wait for [`Group::commit`].
+impl ServerStore for Group<'_> {
+    fn knowledge(&mut self, devices: &[DeviceRef]) -> protocol::Result<(Knowledge, Knowledge)> {
+        Group::knowledge(self, devices).map_err(store_err)
+    }
+    fn has_chunk(&mut self, id: &Hash32) -> protocol::Result<bool> {
+        Group::has_chunk(self, id).map_err(store_err)
+    }
+    fn put_chunks(&mut self, chunks: &[ChunkData]) -> protocol::Result<()> {
+        Group::put_chunks(self, chunks).map_err(store_err)
+    }
+    fn device_key(&mut self, device: &DeviceRef) -> protocol::Result<Option<Vec<u8>>> {
+        Group::device_key(self, device).map_err(store_err)
+    }
+    fn apply(&mut self, changes: &[Change]) -> protocol::Result<()> {
+        Group::apply(self, changes).map_err(store_err)
+    }
+    fn backpressure(&mut self) -> Option<u64> {
+        self.store.backpressure_ms()
+    }
+    fn server_changes(&mut self, device: &DeviceRef, _after: u64) -> protocol::Result<Option<Changes>> {
+        Ok(self.store.take_changes(device))
     }
 }
 
