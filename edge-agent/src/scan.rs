@@ -438,9 +438,23 @@ impl Agent {
                         .get(&last.tag)?
                         .filter(|k| k.id == last.id)
                         .map(|k| k.base.map_or(0, |b| b.depth));
-                    if let Some(d) = depth.filter(|d| *d < MAX_DEPTH) {
-                        let start: u64 = before.iter().map(|c| u64::from(c.len)).sum();
-                        tail = Some((start, *last, d + 1));
+                    let start: u64 = before.iter().map(|c| u64::from(c.len)).sum();
+                    match depth {
+                        Some(d) if d < MAX_DEPTH => tail = Some((start, *last, d + 1)),
+                        Some(_) => {
+                            // At the depth bound: extend the chain's full
+                            // first chunk instead, which costs every append
+                            // since, not the whole chunk again.
+                            self.read_buf.resize(last.len as usize, 0);
+                            file.seek(SeekFrom::Start(start))
+                                .and_then(|_| file.read_exact(&mut self.read_buf))
+                                .map_err(|e| Error::io(fs_path, e))?;
+                            bytes_read += u64::from(last.len);
+                            if let Some(root) = chain_root(&self.sealer, &known, &self.read_buf, *last)? {
+                                tail = Some((start, root, 1));
+                            }
+                        }
+                        None => {}
                     }
                 }
             }
@@ -701,6 +715,35 @@ impl Agent {
     }
 }
 
+/// The full (depth 0) chunk an extension chain starts from, if every link
+/// is in the known table: each link's base is a prefix of `bytes` (the old
+/// tail's plaintext), found by its length and index tag.
+fn chain_root(
+    sealer: &protocol::seal::Sealer,
+    known: &crate::store::KnownReader,
+    bytes: &[u8],
+    last: StoredChunk,
+) -> Result<Option<StoredChunk>> {
+    let mut cur = last;
+    for _ in 0..=MAX_DEPTH {
+        let Some(k) = known.get(&cur.tag)?.filter(|k| k.id == cur.id) else {
+            return Ok(None);
+        };
+        let Some(b) = k.base else {
+            return Ok(Some(cur));
+        };
+        let Some(part) = bytes.get(..b.len as usize).filter(|_| !b.delta) else {
+            return Ok(None);
+        };
+        cur = StoredChunk {
+            id: b.id,
+            len: b.len,
+            tag: sealer.index_tag(part),
+        };
+    }
+    Ok(None)
+}
+
 /// Page-delta state of one file scan.
 struct PageDeltas {
     basis: crate::store::BasisReader,
@@ -728,16 +771,31 @@ impl PageDeltas {
     fn current(&self, at: u64) -> Result<BasisSlot> {
         let mut slot = self.basis.get(at)?;
         if slot.cand.as_ref().is_some_and(|c| self.acked(c)) {
-            slot.anchor = slot.cand.take();
+            let old = std::mem::replace(&mut slot.anchor, slot.cand.take());
+            // Keep the chain's full first version while the anchor is a delta.
+            match &slot.anchor {
+                Some(a) if a.depth > 0 => {
+                    if let Some(o) = old.filter(|o| o.depth == 0) {
+                        slot.root = Some(o);
+                    }
+                }
+                _ => slot.root = None,
+            }
         }
         Ok(slot)
     }
 
-    /// The base for a changed page at `at`: an anchor the cloud holds, not
-    /// yet at the depth bound.
+    /// The base for a changed page at `at`: the anchor, which the cloud
+    /// holds, unless its chain is at the depth bound; then the chain's full
+    /// first version (a delta against it costs every edit since, still less
+    /// than the whole page).
     fn anchor(&self, at: u64) -> Option<BasisPage> {
         let slot = self.current(at).ok()?;
-        slot.anchor.filter(|a| a.depth < MAX_DEPTH && self.acked(a))
+        match slot.anchor.filter(|a| self.acked(a)) {
+            Some(a) if a.depth < MAX_DEPTH => Some(a),
+            Some(_) => slot.root.filter(|r| r.depth == 0 && self.acked(r)),
+            None => None,
+        }
     }
 
     /// Records that the page at `at` is now chunk `id` (plaintext `plain`,

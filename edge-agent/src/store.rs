@@ -187,6 +187,11 @@ pub struct BasisSlot {
     /// once the server acknowledges its change.
     #[n(1)]
     pub cand: Option<BasisPage>,
+    /// The full (depth 0) version the anchor's delta chain starts from,
+    /// when the anchor is itself a delta: the base once the anchor's chain
+    /// is at the depth bound.
+    #[n(2)]
+    pub root: Option<BasisPage>,
 }
 
 /// What a page-delta scan of one file adds to its record transaction.

@@ -143,7 +143,9 @@ fn delta_chains_stop_at_the_depth_bound() {
     write(&file, &db);
     let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
     a.scan_once().unwrap();
-    let mut depths = Vec::new();
+    let (_, v1) = newest(&mut a);
+    let root = v1.chunks[5].id;
+    let mut chain = Vec::new();
     for step in 1..=(u64::from(MAX_DEPTH) + 2) {
         ack_all(&mut a);
         edit(&mut db, 5, step);
@@ -151,9 +153,47 @@ fn delta_chains_stop_at_the_depth_bound() {
         a.scan_once().unwrap();
         let (c, v) = newest(&mut a);
         let stored = a.chunk(&c, &v.chunks[5].id).unwrap().unwrap();
-        depths.push(base_of(&stored).unwrap().map_or(0, |b| b.depth));
+        let b = base_of(&stored).unwrap().expect("every edit is a delta");
+        chain.push((b.depth, b.id == root));
     }
-    // 1, 2, …, 8, then a full page (depth 0), then 1 again.
-    let want: Vec<u8> = (1..=MAX_DEPTH).chain([0, 1]).collect();
-    assert_eq!(depths, want);
+    // Depths 1, 2, …, 8 (the first on the full first version); at the bound
+    // the chain starts again from that full version: depth 1, then 2.
+    let want: Vec<(u8, bool)> = (1..=MAX_DEPTH)
+        .map(|d| (d, d == 1))
+        .chain([(1, true), (2, false)])
+        .collect();
+    assert_eq!(chain, want);
+}
+
+#[test]
+fn extension_chains_restart_from_their_full_first_chunk() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir_all(&watch).unwrap();
+    let file = watch.join("line.log");
+    let mut log = csv_lines(20_000, 3);
+    write(&file, &log);
+    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
+    a.scan_once().unwrap();
+    let (_, v1) = newest(&mut a);
+    let root = *v1.chunks.last().unwrap();
+    let mut chain = Vec::new();
+    for step in 1..=(u64::from(MAX_DEPTH) + 2) {
+        ack_all(&mut a);
+        // Small appends: no new cut point, the tail chunk just grows.
+        log.extend_from_slice(&csv_lines(300, 100 + step)[..300]);
+        write(&file, &log);
+        a.scan_once().unwrap();
+        let (c, v) = newest(&mut a);
+        let last = v.chunks.last().unwrap();
+        let stored = a.chunk(&c, &last.id).unwrap().unwrap();
+        let b = base_of(&stored).unwrap().expect("every append is an extension");
+        assert!(!b.delta);
+        chain.push((b.depth, b.id == root.id));
+    }
+    let want: Vec<(u8, bool)> = (1..=MAX_DEPTH)
+        .map(|d| (d, d == 1))
+        .chain([(1, true), (2, false)])
+        .collect();
+    assert_eq!(chain, want);
 }
