@@ -1683,12 +1683,27 @@ impl Sim {
                 at: now,
             }));
         }
+        // Every version in the catalog, read once (ordered by device, path,
+        // time) and grouped by device: the same rows a per-device query
+        // gives, without one scan of the device table per agent.
+        let all = self.cloud.catalog.select(&cloud_sink::catalog::FileQuery {
+            versions: true,
+            ..Default::default()
+        })?;
+        let mut by_device: BTreeMap<String, Vec<&protocol::Change>> = BTreeMap::new();
+        for c in &all {
+            by_device.entry(c.replica.device.key()).or_default().push(c);
+        }
         for a in 0..self.agents.len() {
-            if let Some(v) = self.check_replica(a)? {
+            let versions = by_device
+                .get(&self.agents[a].setup.device.key())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if let Some(v) = self.check_replica(a, versions)? {
                 return Ok(Some(Violation { at: now, ..v }));
             }
         }
-        if let Some(v) = self.check_shared_order()? {
+        if let Some(v) = self.check_shared_order(&all)? {
             return Ok(Some(Violation { at: now, ..v }));
         }
         Ok(None)
@@ -1699,19 +1714,10 @@ impl Sim {
     /// receives the same versions reversed, and in a seeded shuffle (in
     /// seeded batches), must list the same conflicts (with the same
     /// resolution and winner) and the same latest version per device and path.
-    fn check_shared_order(&mut self) -> Result<Option<Violation>> {
-        use cloud_sink::catalog::{Catalog, FileQuery};
+    fn check_shared_order(&mut self, all: &[protocol::Change]) -> Result<Option<Violation>> {
+        use cloud_sink::catalog::Catalog;
         use cloud_sink::shared::{ConflictQuery, SharedQuery};
-        let all: Vec<protocol::Change> = self
-            .cloud
-            .catalog
-            .select(&FileQuery {
-                versions: true,
-                ..FileQuery::default()
-            })?
-            .into_iter()
-            .filter(|c| c.shared.is_some())
-            .collect();
+        let all: Vec<protocol::Change> = all.iter().filter(|c| c.shared.is_some()).cloned().collect();
         self.metrics.shared_versions = all.len() as u64;
         if all.is_empty() {
             return Ok(None);
@@ -1733,8 +1739,6 @@ impl Sim {
             }
             Ok((conflicts, latest))
         };
-        let want = view(&self.cloud.catalog)?;
-        self.metrics.shared_conflicts = want.0.len() as u64;
         let mut shuffled = all.clone();
         let mut rng = stream(self.seed, "order", 0);
         for i in (1..shuffled.len()).rev() {
@@ -1742,22 +1746,41 @@ impl Sim {
             shuffled.swap(i, j);
         }
         let reversed: Vec<protocol::Change> = all.iter().rev().cloned().collect();
-        for (name, order) in [("reversed", reversed), ("shuffled", shuffled)] {
+        // A fresh catalog given `order`: reversed in one transaction (the
+        // catalog indexes its changes one after another), shuffled in
+        // seeded batches of 1-32 (drawn from `rng` after the shuffle).
+        let fresh = |order: Vec<protocol::Change>, rng: Option<ChaCha8Rng>| -> Result<SharedView> {
             let cat = Catalog::open_with_backend(Box::new(redb::backends::InMemoryBackend::new()))?;
-            // Reversed: one transaction (the catalog indexes its changes
-            // one after another). Shuffled: seeded batches of 1-32.
-            if name == "reversed" {
-                cat.apply(&order, None)?;
-            } else {
-                let mut rest = &order[..];
-                while !rest.is_empty() {
-                    let k = rng.gen_range(1..=32usize).min(rest.len());
-                    cat.apply(&rest[..k], None)?;
-                    rest = &rest[k..];
+            match rng {
+                None => {
+                    cat.apply(&order, None)?;
+                }
+                Some(mut rng) => {
+                    let mut rest = &order[..];
+                    while !rest.is_empty() {
+                        let k = rng.gen_range(1..=32usize).min(rest.len());
+                        cat.apply(&rest[..k], None)?;
+                        rest = &rest[k..];
+                    }
                 }
             }
-            let got = view(&cat)?;
-            drop(cat);
+            view(&cat)
+        };
+        // The two fresh catalogs are independent of each other and of the
+        // run: build the shuffled one on a second thread (same inputs, same
+        // draws, so the check does not depend on the threads).
+        let (want, got_reversed, got_shuffled) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| fresh(shuffled, Some(rng)));
+            let want = view(&self.cloud.catalog);
+            let rev = fresh(reversed, None);
+            let shuf = h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("the shuffled-order check panicked")));
+            (want, rev, shuf)
+        });
+        let want = want?;
+        self.metrics.shared_conflicts = want.0.len() as u64;
+        for (name, got) in [("reversed", got_reversed?), ("shuffled", got_shuffled?)] {
             if got.0 != want.0 {
                 let diff: Vec<_> = got.0.iter().filter(|c| !want.0.contains(c)).take(2).collect();
                 let miss: Vec<_> = want.0.iter().filter(|c| !got.0.contains(c)).take(2).collect();
@@ -1786,24 +1809,14 @@ impl Sim {
         Ok(None)
     }
 
-    /// The cloud's latest version of every file equals the file on the
-    /// gateway's disk, and no change of the replica is in the catalog twice.
-    fn check_replica(&mut self, a: usize) -> Result<Option<Violation>> {
-        use cloud_sink::catalog::FileQuery;
+    /// `all`: every version of the agent's device in the catalog.
+    fn check_replica(&self, a: usize, all: &[&protocol::Change]) -> Result<Option<Violation>> {
         use protocol::manifest::ChangeBody;
         let s = &self.agents[a];
         let dev = &s.setup.device;
-        let q = FileQuery {
-            tenant: Some(dev.tenant.to_string()),
-            site: Some(dev.site.to_string()),
-            device: Some(dev.device.to_string()),
-            versions: true,
-            ..FileQuery::default()
-        };
-        let all = self.cloud.catalog.select(&q)?;
         let mut seen: BTreeMap<(String, Hash32, i64, u64), u64> = BTreeMap::new();
         let mut latest: BTreeMap<String, Latest> = BTreeMap::new();
-        for c in &all {
+        for c in all {
             let path = match &c.body {
                 ChangeBody::File(f) => {
                     let k = (format!("{}:{}", c.replica.epoch, f.path), f.sha256, f.mtime_ns, f.size);
