@@ -80,6 +80,7 @@ fanin)
     perf report -i "$W/perf.data" --no-children --sort dso,sym --stdio 2>/dev/null | grep -v '^$' | grep '%' | head -40
   fi
   echo "aggregator log warnings+errors: $(grep -ciE "warn|error" "$W/agg.log" || true)" >&2
+  grep -iE "warn|error" "$W/agg.log" | cut -c1-300 | sort | uniq -c | sort -rn | head -5 >&2 || true
   ;;
 edge)
   N=${2:-100000}
