@@ -73,13 +73,18 @@ cloud_crash_per_day = 4
 cloud_down_for = "5m"
 "#;
 
+/// Replay, and `ci-small`'s small disk: the agents' real `enforce_disk`
+/// prunes cloud-durable files (checked by `pruned-only-durable` after every
+/// prune) and the fleet still converges. (One run serves both: the pruning
+/// check had its own run of seed 1.)
 #[test]
-fn same_seed_same_digest() {
+fn same_seed_same_digest_and_disk_watermarks_prune() {
     let sc = Scenario::load(&scenarios_dir().join("ci-small.toml")).unwrap();
     let a = run(&sc, &Options { seed: 7, work: None }).unwrap();
     let b = run(&sc, &Options { seed: 7, work: None }).unwrap();
     assert!(a.violation.is_none(), "{:?}", a.violation);
     assert!(a.events > 100, "too few events: {}", a.events);
+    assert!(a.metrics.pruned_files > 0, "no file was pruned");
     assert_eq!(a.digest, b.digest, "a seed must replay exactly");
     assert_eq!(a.events, b.events);
     let c = run(&sc, &Options { seed: 8, work: None }).unwrap();
@@ -259,17 +264,6 @@ fn poisoned_state_database_restarts_the_agent_seed_21() {
         r.metrics.process_exits >= 1,
         "seed 21 no longer poisons a state database"
     );
-}
-
-/// `ci-small` gives its gateways a small disk: the agents' real
-/// `enforce_disk` prunes cloud-durable files (checked by
-/// `pruned-only-durable` after every prune) and the fleet still converges.
-#[test]
-fn disk_watermarks_prune_and_invariants_hold() {
-    let sc = Scenario::load(&scenarios_dir().join("ci-small.toml")).unwrap();
-    let r = run(&sc, &Options { seed: 1, work: None }).unwrap();
-    assert!(r.violation.is_none(), "{:?}", r.violation);
-    assert!(r.metrics.pruned_files > 0, "no file was pruned");
 }
 
 /// Found by the simulation-vs-real comparison: the first write of a

@@ -19,6 +19,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 const PAGE: u64 = 4096;
 const PAGE_US: usize = PAGE as usize;
 
+static ZERO_PAGE: [u8; PAGE_US] = [0; PAGE_US];
+
+/// Grows `v` to `len` bytes with zeros (a no-op if it is not shorter).
+/// `Vec::resize` writes one byte at a time in a debug build, where the
+/// test suite's sweeps run this: about a third of their time went there.
+/// Copying from a zero page is a `memcpy` at any optimisation level.
+fn grow_zeroed(v: &mut Vec<u8>, len: usize) {
+    v.reserve(len.saturating_sub(v.len()));
+    while v.len() < len {
+        let k = (len - v.len()).min(PAGE_US);
+        v.extend_from_slice(&ZERO_PAGE[..k]);
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     data: Vec<u8>,
@@ -59,8 +73,8 @@ impl Inner {
             let old = self.data.get(s..e).unwrap_or_default();
             self.undo.push((p, old.len()));
             let at = self.undo_data.len();
-            self.undo_data.resize(at + PAGE_US, 0);
-            self.undo_data[at..at + old.len()].copy_from_slice(old);
+            self.undo_data.extend_from_slice(old);
+            grow_zeroed(&mut self.undo_data, at + PAGE_US);
         }
     }
 
@@ -156,9 +170,7 @@ impl CrashBackend {
         let mut g = self.lock();
         g.generation += 1;
         let synced = g.synced_len as usize;
-        if g.data.len() < synced {
-            g.data.resize(synced, 0);
-        }
+        grow_zeroed(&mut g.data, synced);
         // Page order, so a torn crash's draws do not depend on write order.
         let mut undo: Vec<(usize, u64, usize)> = g.undo.iter().enumerate().map(|(i, &(p, n))| (i, p, n)).collect();
         undo.sort_unstable_by_key(|u| u.1);
@@ -205,7 +217,11 @@ impl redb::StorageBackend for CrashBackend {
             g.save_pages(len, cur);
         }
         let n = usize::try_from(len).map_err(|_| io::Error::other("length out of range"))?;
-        g.data.resize(n, 0);
+        if n < g.data.len() {
+            g.data.truncate(n);
+        } else {
+            grow_zeroed(&mut g.data, n);
+        }
         g.peak = g.peak.max(len);
         Ok(())
     }
