@@ -442,16 +442,16 @@ impl Agent {
                     match depth {
                         Some(d) if d < MAX_DEPTH => tail = Some((start, *last, d + 1)),
                         Some(_) => {
-                            // At the depth bound: extend the chain's full
-                            // first chunk instead, which costs every append
-                            // since, not the whole chunk again.
+                            // At the depth bound: extend the link half way
+                            // down the chain instead, which costs the last
+                            // few appends, not the whole chunk again.
                             self.read_buf.resize(last.len as usize, 0);
                             file.seek(SeekFrom::Start(start))
                                 .and_then(|_| file.read_exact(&mut self.read_buf))
                                 .map_err(|e| Error::io(fs_path, e))?;
                             bytes_read += u64::from(last.len);
-                            if let Some(root) = chain_root(&self.sealer, &known, &self.read_buf, *last)? {
-                                tail = Some((start, root, 1));
+                            if let Some((link, d)) = chain_link(&self.sealer, &known, &self.read_buf, *last)? {
+                                tail = Some((start, link, d + 1));
                             }
                         }
                         None => {}
@@ -550,11 +550,23 @@ impl Agent {
                     depth: anchor.depth + 1,
                     delta: true,
                 };
-                let id = match &base_plain {
+                let mut id = match &base_plain {
                     Some(b) => sealer.seal_delta(plain, level, base, b, seal_buf)?,
                     None => sealer.seal(plain, level, seal_buf)?,
                 };
-                let base = base_plain.map(|_| base);
+                let mut base = base_plain.map(|_| base);
+                // Against a full version (the page's first change, or its
+                // chain's root once the anchor is at the depth bound: then
+                // the delta holds every edit since) the whole page may be
+                // smaller.
+                if base.is_some() && anchor.depth == 0 {
+                    let mut full = Vec::new();
+                    let full_id = sealer.seal(plain, level, &mut full)?;
+                    if full.len() <= seal_buf.len() {
+                        (id, base) = (full_id, None);
+                        *seal_buf = full;
+                    }
+                }
                 if base.is_some() {
                     p.w.sealed.push((id, seal_buf.clone()));
                 }
@@ -715,22 +727,26 @@ impl Agent {
     }
 }
 
-/// The full (depth 0) chunk an extension chain starts from, if every link
-/// is in the known table: each link's base is a prefix of `bytes` (the old
-/// tail's plaintext), found by its length and index tag.
-fn chain_root(
+/// The link of an extension chain at depth `MAX_DEPTH / 2` or less (and
+/// its depth), if every link down to it is in the known table: each link's
+/// base is a prefix of `bytes` (the old tail's plaintext), found by its
+/// length and index tag. Extending it restarts the chain half way, so an
+/// append at the bound costs the appends since that link: a few, bounded,
+/// where the chain's full first chunk would cost every append since it.
+fn chain_link(
     sealer: &protocol::seal::Sealer,
     known: &crate::store::KnownReader,
     bytes: &[u8],
     last: StoredChunk,
-) -> Result<Option<StoredChunk>> {
+) -> Result<Option<(StoredChunk, u8)>> {
     let mut cur = last;
     for _ in 0..=MAX_DEPTH {
         let Some(k) = known.get(&cur.tag)?.filter(|k| k.id == cur.id) else {
             return Ok(None);
         };
-        let Some(b) = k.base else {
-            return Ok(Some(cur));
+        let depth = k.base.map_or(0, |b| b.depth);
+        let Some(b) = k.base.filter(|_| depth > MAX_DEPTH / 2) else {
+            return Ok(Some((cur, depth)));
         };
         let Some(part) = bytes.get(..b.len as usize).filter(|_| !b.delta) else {
             return Ok(None);

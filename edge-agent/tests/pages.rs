@@ -166,7 +166,7 @@ fn delta_chains_stop_at_the_depth_bound() {
 }
 
 #[test]
-fn extension_chains_restart_from_their_full_first_chunk() {
+fn extension_chains_restart_half_way_at_the_depth_bound() {
     let t = tempfile::tempdir().unwrap();
     let watch = t.path().join("plant");
     std::fs::create_dir_all(&watch).unwrap();
@@ -191,9 +191,11 @@ fn extension_chains_restart_from_their_full_first_chunk() {
         assert!(!b.delta);
         chain.push((b.depth, b.id == root.id));
     }
+    // At the bound the chain restarts half way down (depth 4 + 1), so an
+    // append costs the last few appends, not the whole chunk.
     let want: Vec<(u8, bool)> = (1..=MAX_DEPTH)
         .map(|d| (d, d == 1))
-        .chain([(1, true), (2, false)])
+        .chain([(MAX_DEPTH / 2 + 1, false), (MAX_DEPTH / 2 + 2, false)])
         .collect();
     assert_eq!(chain, want);
 }
