@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
         "mqtt://127.0.0.1:1",
         &dev,
         vec![dir.clone()],
-        &work.path().join("s.redb"),
+        work.path().join("s.redb"),
         key,
     );
     let mut a = Agent::open(cfg)?;
