@@ -3,21 +3,7 @@
 //! against the same page's old version; the ideal concatenation).
 //! `cargo run --release -p benches --example page_ref -- [SCALE] [STEP]`
 
-use std::path::Path;
-
-fn zlen(b: &[u8], level: i32) -> usize {
-    zstd::bulk::compress(b, level).expect("zstd").len()
-}
-
-fn zlen_ref(prefix: &[u8], data: &[u8], level: i32) -> usize {
-    use zstd::zstd_safe::{CCtx, CParameter};
-    let mut c = CCtx::create();
-    c.set_parameter(CParameter::CompressionLevel(level)).expect("level");
-    c.ref_prefix(prefix).expect("prefix");
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
-    c.compress2(&mut out, data).expect("zstd");
-    out.len()
-}
+use benches::{zstd_len, zstd_len_against};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -33,7 +19,6 @@ fn main() {
     let before = sim::ideal::snapshot(&dir).expect("snapshot");
     sim::gen::apply_step(&dir, &g, step).expect("step");
     let after = sim::ideal::snapshot(&dir).expect("snapshot");
-    let _ = Path::new("");
     for (path, new) in &after {
         if !path.ends_with(".sqlite") {
             continue;
@@ -49,18 +34,18 @@ fn main() {
         for &i in &changed {
             let p = page(new, i).unwrap_or_default();
             cat.extend_from_slice(&p);
-            alone += zlen(&p, 3);
+            alone += zstd_len(&p, 3);
             let lo = i.saturating_sub(1) * ps;
             prev1 += if i > 0 {
-                zlen_ref(&new[lo..i * ps], &p, 3)
+                zstd_len_against(&new[lo..i * ps], &p, 3)
             } else {
-                zlen(&p, 3)
+                zstd_len(&p, 3)
             };
             let lo4 = i.saturating_sub(4) * ps;
             prev4 += if i > 0 {
-                zlen_ref(&new[lo4..i * ps], &p, 3)
+                zstd_len_against(&new[lo4..i * ps], &p, 3)
             } else {
-                zlen(&p, 3)
+                zstd_len(&p, 3)
             };
             // Both unchanged-or-not neighbours: the page before and after.
             let mut nb = Vec::new();
@@ -71,22 +56,22 @@ fn main() {
                 nb.extend_from_slice(&a);
             }
             around += if nb.is_empty() {
-                zlen(&p, 3)
+                zstd_len(&p, 3)
             } else {
-                zlen_ref(&nb, &p, 3)
+                zstd_len_against(&nb, &p, 3)
             };
             oldver += match page(&old, i) {
-                Some(o) => zlen_ref(&o, &p, 3),
-                None => zlen(&p, 3),
+                Some(o) => zstd_len_against(&o, &p, 3),
+                None => zstd_len(&p, 3),
             };
             chain += match &last {
-                Some(l) => zlen_ref(l, &p, 3),
-                None => zlen(&p, 3),
+                Some(l) => zstd_len_against(l, &p, 3),
+                None => zstd_len(&p, 3),
             };
             last = Some(p);
         }
         println!("{path}: {} pages, {} changed", n, changed.len());
-        println!("  ideal (zstd -3 of all changed pages) {}", zlen(&cat, 3));
+        println!("  ideal (zstd -3 of all changed pages) {}", zstd_len(&cat, 3));
         println!("  each page alone                      {alone}");
         println!("  against the page before (new file)   {prev1}");
         println!("  against the 4 pages before           {prev4}");

@@ -13,6 +13,7 @@
 //! `NO_PAGES=1`: content-defined SQLite chunks; `NO_EXT=1`: no extensions;
 //! `NO_DELTA=1`: changed pages compressed alone)
 
+use benches::{zstd_len, zstd_len_against};
 use edge_agent::chunker::Chunker;
 use edge_agent::ChunkParams;
 use std::collections::HashSet;
@@ -45,26 +46,6 @@ fn chunks(data: &[u8], path: &str) -> Vec<(usize, Vec<u8>)> {
     })
     .expect("chunk");
     out
-}
-
-fn zlen(b: &[u8], level: i32) -> usize {
-    if b.is_empty() {
-        0
-    } else {
-        zstd::bulk::compress(b, level).expect("zstd").len()
-    }
-}
-
-/// zstd of `suffix` with `prefix` as reference, as an extension or delta
-/// chunk stores it.
-fn zlen_ext(prefix: &[u8], suffix: &[u8], level: i32) -> usize {
-    use zstd::zstd_safe::{CCtx, CParameter};
-    let mut c = CCtx::create();
-    c.set_parameter(CParameter::CompressionLevel(level)).expect("level");
-    c.ref_prefix(prefix).expect("prefix");
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(suffix.len()));
-    c.compress2(&mut out, suffix).expect("zstd");
-    out.len()
 }
 
 fn main() {
@@ -100,7 +81,7 @@ fn main() {
         } else {
             3
         };
-        let ideal = zlen(&ch, 3);
+        let ideal = zstd_len(&ch, 3);
         // The old last chunk, if the file grew in place: the extension base.
         let tail = before
             .get(path)
@@ -121,10 +102,10 @@ fn main() {
             .filter(|(_, c)| !known.contains(c))
             .map(|(off, c)| match (&tail, old_page(*off, c.len())) {
                 (Some((t_off, t)), _) if t_off == off && c.len() > t.len() && c.starts_with(t) => {
-                    zlen_ext(t, &c[t.len()..], level)
+                    zstd_len_against(t, &c[t.len()..], level)
                 }
-                (_, Some(o)) => zlen_ext(o, c, level),
-                _ => zlen(c, level).min(c.len()),
+                (_, Some(o)) => zstd_len_against(o, c, level),
+                _ => zstd_len(c, level).min(c.len()),
             })
             .sum();
         t_raw += ch.len();

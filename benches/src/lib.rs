@@ -20,3 +20,27 @@ pub fn sensor_text(len: usize) -> Vec<u8> {
     s.truncate(len);
     s.into_bytes()
 }
+
+/// zstd size of `b` at `level` (0 for empty input).
+pub fn zstd_len(b: &[u8], level: i32) -> usize {
+    if b.is_empty() {
+        return 0;
+    }
+    zstd::bulk::compress(b, level).map_or(b.len(), |z| z.len())
+}
+
+/// zstd size of `data` compressed with `prefix` as reference, as an
+/// extension or delta chunk stores it (`protocol::seal`).
+pub fn zstd_len_against(prefix: &[u8], data: &[u8], level: i32) -> usize {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    let mut c = CCtx::create();
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+    let ok = c.set_parameter(CParameter::CompressionLevel(level)).is_ok()
+        && c.ref_prefix(prefix).is_ok()
+        && c.compress2(&mut out, data).is_ok();
+    if ok {
+        out.len()
+    } else {
+        data.len()
+    }
+}

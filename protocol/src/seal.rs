@@ -439,14 +439,7 @@ impl Sealer {
                 let Some(base) = base.filter(|p| p.len() == b.len as usize) else {
                     return Err(Error::CorruptChunk(id(), "delta chunk opened without its base"));
                 };
-                let mut out = Vec::with_capacity(max_plain);
-                let mut d =
-                    zstd::zstd_safe::DCtx::try_create().ok_or_else(|| Error::Compress("zstd context".into()))?;
-                d.ref_prefix(base)
-                    .map_err(|_| Error::CorruptChunk(id(), "zstd reference prefix"))?;
-                d.decompress(&mut out, &buf)
-                    .map_err(|_| Error::CorruptChunk(id(), "bad or oversized zstd payload"))?;
-                Ok(out)
+                decompress_against(base, &buf, max_plain).map_err(|why| Error::CorruptChunk(id(), why))
             }
             (C_EXTENSION, Some(b)) => {
                 let Some(base) = base.filter(|p| p.len() == b.len as usize) else {
@@ -455,14 +448,7 @@ impl Sealer {
                 let room = max_plain
                     .checked_sub(base.len())
                     .ok_or(Error::CorruptChunk(id(), "base larger than its manifest says"))?;
-                let mut suffix = Vec::with_capacity(room);
-                // A fresh context: the referenced prefix must outlive it.
-                let mut d =
-                    zstd::zstd_safe::DCtx::try_create().ok_or_else(|| Error::Compress("zstd context".into()))?;
-                d.ref_prefix(base)
-                    .map_err(|_| Error::CorruptChunk(id(), "zstd reference prefix"))?;
-                d.decompress(&mut suffix, &buf)
-                    .map_err(|_| Error::CorruptChunk(id(), "bad or oversized zstd payload"))?;
+                let suffix = decompress_against(base, &buf, room).map_err(|why| Error::CorruptChunk(id(), why))?;
                 let mut out = Vec::with_capacity(base.len() + suffix.len());
                 out.extend_from_slice(base);
                 out.extend_from_slice(&suffix);
@@ -482,6 +468,18 @@ impl Sealer {
             None => Err(Error::Compress("zstd context".into())),
         }
     }
+}
+
+/// zstd-decompresses `payload` (at most `cap` bytes) with `base` as the
+/// reference prefix; the error is the reason, for `CorruptChunk`.
+fn decompress_against(base: &[u8], payload: &[u8], cap: usize) -> std::result::Result<Vec<u8>, &'static str> {
+    let mut out = Vec::with_capacity(cap);
+    // A fresh context: the referenced prefix must outlive it.
+    let mut d = zstd::zstd_safe::DCtx::try_create().ok_or("zstd context")?;
+    d.ref_prefix(base).map_err(|_| "zstd reference prefix")?;
+    d.decompress(&mut out, payload)
+        .map_err(|_| "bad or oversized zstd payload")?;
+    Ok(out)
 }
 
 /// A compression context at `level`, kept across calls.
