@@ -80,6 +80,8 @@ pub struct ScanReport {
 /// Files larger than this are not sent as page deltas: the basis (a
 /// compressed copy of every page, twice at most) would cost too much disk.
 pub const MAX_DELTA_FILE: u64 = 256 << 20;
+/// Largest SQLite page: bounds a basis copy's decompressed size.
+const MAX_PAGE: usize = 1 << 16;
 /// zstd level of the basis copies (kept locally, written on every change).
 const BASIS_LEVEL: i32 = 1;
 
@@ -526,11 +528,27 @@ impl Agent {
             if let Some(p) = pages.as_mut().filter(|p| p.on.is_none()) {
                 p.on = Some(at == 0 && crate::chunker::sqlite_page_size(plain) == Some(plain.len()));
             }
+            // A known delta chunk is reused only while its sealed bytes are
+            // kept or the cloud holds it as this page's anchor: otherwise a
+            // server that asks for it could not be given it. Else it is
+            // sealed again, against the anchor.
+            let hit = match (known.get(&tag)?, pages.as_ref().filter(|p| p.on == Some(true))) {
+                (Some(k), Some(p)) if k.base.is_some_and(|b| b.delta) => {
+                    let anchored = || {
+                        p.current(at)
+                            .ok()
+                            .and_then(|s| s.anchor)
+                            .is_some_and(|a| a.id == k.id && p.acked(&a))
+                    };
+                    (p.basis.has_sealed(&k.id)? || anchored()).then_some(k)
+                }
+                (k, _) => k,
+            };
             let pd = pages.as_mut().filter(|p| p.on == Some(true));
             let id = if let Some(id) = local.get(&tag) {
                 n_known += 1;
                 *id
-            } else if let Some(k) = known.get(&tag)? {
+            } else if let Some(k) = hit {
                 n_known += 1;
                 if let Some(p) = pd {
                     if k.base.is_some_and(|b| b.delta) {
@@ -541,9 +559,10 @@ impl Agent {
                 k.id
             } else if let Some((p, anchor)) = pd.and_then(|p| p.anchor(at).map(|a| (p, a))) {
                 // A changed page: sealed against its last cloud-durable version.
-                let base_plain = zstd::bulk::decompress(&anchor.zplain, anchor.len as usize)
+                // Bounded by the largest SQLite page: the length is disk input.
+                let base_plain = zstd::bulk::decompress(&anchor.zplain, (anchor.len as usize).min(MAX_PAGE))
                     .ok()
-                    .filter(|b| b.len() == anchor.len as usize);
+                    .filter(|b| !b.is_empty() && b.len() == anchor.len as usize);
                 let base = BaseRef {
                     id: anchor.id,
                     len: anchor.len,

@@ -216,6 +216,7 @@ pub fn path_key(path: &str) -> u64 {
 /// A read view of one file's delta bases, for one scan.
 pub struct BasisReader {
     table: redb::ReadOnlyTable<(u64, u64), &'static [u8]>,
+    sealed: redb::ReadOnlyTable<[u8; 32], (u32, u64)>,
     key: u64,
 }
 
@@ -227,6 +228,11 @@ impl BasisReader {
             Some(v) => minicbor::decode(v.value()).unwrap_or_default(),
             None => BasisSlot::default(),
         })
+    }
+
+    /// Whether the sealed bytes of delta chunk `id` are kept.
+    pub fn has_sealed(&self, id: &Hash32) -> Result<bool> {
+        Ok(self.sealed.get(id.0)?.is_some())
     }
 }
 
@@ -957,6 +963,7 @@ impl Store {
         let r = self.db.begin_read()?;
         Ok(BasisReader {
             table: r.open_table(BASIS)?,
+            sealed: r.open_table(SEALED_IDX)?,
             key: path_key(path),
         })
     }
@@ -1391,6 +1398,11 @@ impl Store {
             outbox.insert(key, v.as_slice())?;
             counters.outbox_bytes = counters.outbox_bytes.saturating_sub(logical);
             counters.superseded += 1;
+            // The superseded version's pages never reach the cloud, though
+            // its seq will be acknowledged: none may serve as a delta base.
+            let pk = path_key(&path);
+            txn.open_table(BASIS)?
+                .retain_in((pk, 0)..=(pk, u64::MAX), |_, _| false)?;
             let mut files = txn.open_table(FILES)?;
             let meta: Option<FileMeta> = match files.get(path.as_str())? {
                 Some(v) => Some(cbor_decode("file state", v.value())?),
@@ -1570,6 +1582,12 @@ impl Store {
             }
             // Empty directories are offered again by the next scan.
             txn.open_table(EMPTY_DIRS)?.retain(|_, _| false)?;
+            // Delta bases and kept delta bytes belong to the old history: a
+            // base "acknowledged" there may never have been sent by this
+            // lineage, and the new epoch's seqs do not order after it.
+            txn.open_table(BASIS)?.retain(|_, _| false)?;
+            txn.open_table(SEALED)?.retain(|_, _| false)?;
+            txn.open_table(SEALED_IDX)?.retain(|_, _| false)?;
             let mut meta = txn.open_table(META)?;
             meta.insert("epoch", &epoch.to_be_bytes()[..])?;
             meta.insert("next_seq", &1u64.to_be_bytes()[..])?;

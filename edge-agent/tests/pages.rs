@@ -199,3 +199,67 @@ fn extension_chains_restart_half_way_at_the_depth_bound() {
         .collect();
     assert_eq!(chain, want);
 }
+
+#[test]
+fn a_superseded_version_is_never_a_delta_base() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir_all(&watch).unwrap();
+    let file = watch.join("quality.sqlite");
+    let mut db = database();
+    write(&file, &db);
+    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
+    a.scan_once().unwrap();
+    ack_all(&mut a);
+    edit(&mut db, 7, 1);
+    write(&file, &db);
+    a.scan_once().unwrap();
+    let (c2, v2) = newest(&mut a);
+    // The file changed before v2's chunks went out: v2 is superseded, and
+    // the cloud then acknowledges its seq (as a Superseded record).
+    a.supersede(&c2).unwrap();
+    ack_all(&mut a);
+    edit(&mut db, 7, 2);
+    write(&file, &db);
+    a.scan_once().unwrap();
+    let (c3, v3) = newest(&mut a);
+    assert!(v3.chunks.len() == PAGES && c3.seq > c2.seq);
+    let stored = a.chunk(&c3, &v3.chunks[7].id).unwrap().unwrap();
+    let base = base_of(&stored).unwrap();
+    assert!(
+        base.is_none_or(|b| b.id != v2.chunks[7].id),
+        "v2's page never reached the cloud; it must not be a base"
+    );
+}
+
+#[test]
+fn a_known_delta_whose_bytes_are_gone_is_sealed_again() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir_all(&watch).unwrap();
+    let file = watch.join("quality.sqlite");
+    let mut db = database();
+    write(&file, &db);
+    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
+    a.scan_once().unwrap();
+    ack_all(&mut a);
+    edit(&mut db, 9, 1);
+    let page_v2 = db.clone();
+    write(&file, &db);
+    a.scan_once().unwrap();
+    let (_, v2) = newest(&mut a);
+    ack_all(&mut a);
+    edit(&mut db, 9, 2);
+    write(&file, &db);
+    a.scan_once().unwrap();
+    ack_all(&mut a); // v2's and v3's kept delta bytes are dropped
+                     // The page goes back to its v2 content: the known table names v2's
+                     // delta chunk, whose bytes are gone and which is not the anchor now.
+    write(&file, &page_v2);
+    a.scan_once().unwrap();
+    let (c4, v4) = newest(&mut a);
+    let id = v4.chunks[9].id;
+    assert_ne!(id, v2.chunks[9].id, "not the chunk whose bytes are gone");
+    let stored = a.chunk(&c4, &id).unwrap().expect("its bytes can be sent");
+    assert_eq!(protocol::Hash32::of(&stored), id);
+}
