@@ -263,3 +263,34 @@ fn a_known_delta_whose_bytes_are_gone_is_sealed_again() {
     let stored = a.chunk(&c4, &id).unwrap().expect("its bytes can be sent");
     assert_eq!(protocol::Hash32::of(&stored), id);
 }
+
+#[test]
+fn regional_acknowledgement_is_not_enough_for_a_base() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir_all(&watch).unwrap();
+    let file = watch.join("quality.sqlite");
+    let mut db = database();
+    write(&file, &db);
+    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
+    a.scan_once().unwrap();
+    all_pending(&mut a); // offered, as if sent
+                         // The region holds v1, the cloud does not yet.
+    let r = ClientStore::replica(&a);
+    let regional = knowledge_up_to(&r, a.status().unwrap().next_seq - 1);
+    a.on_knowledge(&regional, &protocol::Knowledge::default()).unwrap();
+    edit(&mut db, 3, 1);
+    write(&file, &db);
+    a.scan_once().unwrap();
+    assert_eq!(
+        a.status().unwrap().chunks_delta,
+        0,
+        "only a cloud-durable version is a base"
+    );
+    // Cloud-durable now: the next edit is a delta.
+    ack_all(&mut a);
+    edit(&mut db, 3, 2);
+    write(&file, &db);
+    a.scan_once().unwrap();
+    assert_eq!(a.status().unwrap().chunks_delta, 1);
+}
