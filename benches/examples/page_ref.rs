@@ -9,16 +9,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scale: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let step: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
-    let work = tempfile::tempdir().expect("tmp");
-    let dir = work.path().join("archive");
-    let g = sim::gen::GenConfig::new(1, scale, 0, 4);
-    sim::gen::generate_initial(&dir, &g).expect("gen");
-    for s in 1..step {
-        sim::gen::apply_step(&dir, &g, s).expect("step");
-    }
-    let before = sim::ideal::snapshot(&dir).expect("snapshot");
-    sim::gen::apply_step(&dir, &g, step).expect("step");
-    let after = sim::ideal::snapshot(&dir).expect("snapshot");
+    let (before, after) = benches::around_step(scale, step).expect("generated archive");
     for (path, new) in &after {
         if !path.ends_with(".sqlite") {
             continue;

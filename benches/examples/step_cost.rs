@@ -52,20 +52,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let scale: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let step: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
-    let work = tempfile::tempdir().expect("tmp");
-    let dir = work.path().join("archive");
-    let g = sim::gen::GenConfig::new(1, scale, 0, 4);
-    sim::gen::generate_initial(&dir, &g).expect("gen");
-    for s in 1..step {
-        sim::gen::apply_step(&dir, &g, s).expect("step");
-    }
-    let before = sim::ideal::snapshot(&dir).expect("snapshot");
+    let (before, after) = benches::around_step(scale, step).expect("generated archive");
     let known: HashSet<Vec<u8>> = before
         .iter()
         .flat_map(|(p, d)| chunks(d, p).into_iter().map(|c| c.1))
         .collect();
-    sim::gen::apply_step(&dir, &g, step).expect("step");
-    let after = sim::ideal::snapshot(&dir).expect("snapshot");
     let (mut t_raw, mut t_ideal, mut t_cdc) = (0, 0, 0);
     println!(
         "{:<36} {:>10} {:>10} {:>10} {:>7}",

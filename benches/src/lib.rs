@@ -44,3 +44,19 @@ pub fn zstd_len_against(prefix: &[u8], data: &[u8], level: i32) -> usize {
         data.len()
     }
 }
+
+/// One generated gateway archive (`sim gen`, device 0 of 4) as it is before
+/// and after change step `step` (steps 1..step-1 applied first): (before,
+/// after), path → bytes.
+pub fn around_step(scale: f64, step: u32) -> anyhow::Result<(sim::ideal::Snapshot, sim::ideal::Snapshot)> {
+    let work = tempfile::tempdir()?;
+    let dir = work.path().join("archive");
+    let g = sim::gen::GenConfig::new(1, scale, 0, 4);
+    sim::gen::generate_initial(&dir, &g)?;
+    for s in 1..step {
+        sim::gen::apply_step(&dir, &g, s)?;
+    }
+    let before = sim::ideal::snapshot(&dir)?;
+    sim::gen::apply_step(&dir, &g, step)?;
+    Ok((before, sim::ideal::snapshot(&dir)?))
+}

@@ -557,85 +557,78 @@ impl Agent {
                     p.page(at, plain, k.id, k.base.map_or(0, |b| b.depth))?;
                 }
                 k.id
-            } else if let Some((p, anchor)) = pd.and_then(|p| p.anchor(at).map(|a| (p, a))) {
-                // A changed page: sealed against its last cloud-durable version.
-                // Bounded by the largest SQLite page: the length is disk input.
-                let base_plain = zstd::bulk::decompress(&anchor.zplain, (anchor.len as usize).min(MAX_PAGE))
-                    .ok()
-                    .filter(|b| !b.is_empty() && b.len() == anchor.len as usize);
-                let base = BaseRef {
-                    id: anchor.id,
-                    len: anchor.len,
-                    depth: anchor.depth + 1,
-                    delta: true,
-                };
-                let mut id = match &base_plain {
-                    Some(b) => sealer.seal_delta(plain, level, base, b, seal_buf)?,
-                    None => sealer.seal(plain, level, seal_buf)?,
-                };
-                let mut base = base_plain.map(|_| base);
-                // Against a full version (the page's first change, or its
-                // chain's root once the anchor is at the depth bound: then
-                // the delta holds every edit since) the whole page may be
-                // smaller.
-                if base.is_some() && anchor.depth == 0 {
-                    let mut full = Vec::new();
-                    let full_id = sealer.seal(plain, level, &mut full)?;
-                    if full.len() <= seal_buf.len() {
-                        (id, base) = (full_id, None);
-                        *seal_buf = full;
-                    }
-                }
-                if base.is_some() {
-                    p.w.sealed.push((id, seal_buf.clone()));
-                }
-                p.page(at, plain, id, base.map_or(0, |b| b.depth))?;
-                new_known.push((
-                    tag,
-                    KnownChunk {
-                        id,
-                        level,
-                        cipher,
-                        base,
-                    },
-                ));
-                local.insert(tag, id);
-                n_new += 1;
-                n_delta += u64::from(base.is_some());
-                id
             } else {
-                // The old tail grown in place: store only what was appended.
-                let base = match tail {
-                    Some((s, l, depth))
-                        if s == at
-                            && plain.len() > l.len as usize
-                            && sealer.index_tag(&plain[..l.len as usize]) == l.tag =>
-                    {
-                        Some(BaseRef {
-                            id: l.id,
-                            len: l.len,
-                            depth,
-                            delta: false,
-                        })
+                let (id, base) = match pd.and_then(|p| p.anchor(at).map(|a| (p, a))) {
+                    Some((p, anchor)) => {
+                        // A changed page: sealed against its last cloud-durable version.
+                        // Bounded by the largest SQLite page: the length is disk input.
+                        let base_plain = zstd::bulk::decompress(&anchor.zplain, (anchor.len as usize).min(MAX_PAGE))
+                            .ok()
+                            .filter(|b| !b.is_empty() && b.len() == anchor.len as usize);
+                        let base = BaseRef {
+                            id: anchor.id,
+                            len: anchor.len,
+                            depth: anchor.depth + 1,
+                            delta: true,
+                        };
+                        let mut id = match &base_plain {
+                            Some(b) => sealer.seal_delta(plain, level, base, b, seal_buf)?,
+                            None => sealer.seal(plain, level, seal_buf)?,
+                        };
+                        let mut base = base_plain.map(|_| base);
+                        // Against a full version (the page's first change, or its
+                        // chain's root once the anchor is at the depth bound: then
+                        // the delta holds every edit since) the whole page may be
+                        // smaller.
+                        if base.is_some() && anchor.depth == 0 {
+                            let mut full = Vec::new();
+                            let full_id = sealer.seal(plain, level, &mut full)?;
+                            if full.len() <= seal_buf.len() {
+                                (id, base) = (full_id, None);
+                                *seal_buf = full;
+                            }
+                        }
+                        if base.is_some() {
+                            p.w.sealed.push((id, seal_buf.clone()));
+                        }
+                        (id, base)
                     }
-                    _ => None,
+                    None => {
+                        // The old tail grown in place: store only what was appended.
+                        let base = match tail {
+                            Some((s, l, depth))
+                                if s == at
+                                    && plain.len() > l.len as usize
+                                    && sealer.index_tag(&plain[..l.len as usize]) == l.tag =>
+                            {
+                                Some(BaseRef {
+                                    id: l.id,
+                                    len: l.len,
+                                    depth,
+                                    delta: false,
+                                })
+                            }
+                            _ => None,
+                        };
+                        (sealer.seal_with_base(plain, level, base, seal_buf)?, base)
+                    }
                 };
-                let id = sealer.seal_with_base(plain, level, base, seal_buf)?;
-                new_known.push((
-                    tag,
-                    KnownChunk {
-                        id,
-                        level,
-                        cipher,
-                        base,
-                    },
-                ));
                 if let Some(p) = pages.as_mut().filter(|p| p.on == Some(true)) {
                     p.page(at, plain, id, base.map_or(0, |b| b.depth))?;
                 }
+                new_known.push((
+                    tag,
+                    KnownChunk {
+                        id,
+                        level,
+                        cipher,
+                        base,
+                    },
+                ));
                 local.insert(tag, id);
                 n_new += 1;
-                n_ext += u64::from(base.is_some());
+                n_delta += u64::from(base.is_some_and(|b| b.delta));
+                n_ext += u64::from(base.is_some_and(|b| !b.delta));
                 id
             };
             chunks.push(StoredChunk {

@@ -1516,22 +1516,20 @@ impl Store {
     fn drop_sealed_before(txn: &redb::WriteTransaction, first: Option<(u32, u64)>) -> Result<()> {
         let mut sealed = txn.open_table(SEALED)?;
         let mut idx = txn.open_table(SEALED_IDX)?;
-        let end = first.map_or((u32::MAX, u64::MAX, [0xff; 32]), |(e, s)| (e, s, [0u8; 32]));
+        let Some((e, s)) = first else {
+            sealed.retain(|_, _| false)?;
+            idx.retain(|_, _| false)?;
+            return Ok(());
+        };
         let mut gone: Vec<((u32, u64), [u8; 32])> = Vec::new();
-        sealed.retain_in(..end, |k, _| {
+        sealed.retain_in(..(e, s, [0u8; 32]), |k, _| {
             gone.push(((k.0, k.1), k.2));
             false
         })?;
-        if first.is_none() {
-            sealed.retain(|_, _| false)?;
-        }
         for (at, id) in gone {
             if idx.get(id)?.is_some_and(|v| v.value() == at) {
                 idx.remove(id)?;
             }
-        }
-        if first.is_none() {
-            idx.retain(|_, _| false)?;
         }
         Ok(())
     }

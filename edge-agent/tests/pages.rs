@@ -48,6 +48,19 @@ fn write(path: &Path, db: &[u8]) {
     bump_mtime(path, 0);
 }
 
+/// A watch folder holding `name` with `content`, and an agent that has
+/// scanned it once. The temporary directory lives as long as the result.
+fn scanned(name: &str, content: &[u8]) -> (tempfile::TempDir, std::path::PathBuf, Agent) {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir_all(&watch).unwrap();
+    let file = watch.join(name);
+    write(&file, content);
+    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
+    a.scan_once().unwrap();
+    (t, file, a)
+}
+
 /// The newest pending version of the database, and its change.
 fn newest(a: &mut Agent) -> (Change, FileVersion) {
     let c = all_pending(a)
@@ -71,14 +84,8 @@ fn ack_all(a: &mut Agent) {
 
 #[test]
 fn changed_pages_are_deltas_against_their_durable_version() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir_all(&watch).unwrap();
-    let file = watch.join("quality.sqlite");
     let mut db = database();
-    write(&file, &db);
-    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
-    a.scan_once().unwrap();
+    let (_t, file, mut a) = scanned("quality.sqlite", &db);
     let (_, v1) = newest(&mut a);
     assert_eq!(v1.chunks.len(), PAGES, "one chunk per page");
     assert_eq!(a.status().unwrap().chunks_delta, 0, "nothing to be a delta of yet");
@@ -135,14 +142,8 @@ fn changed_pages_are_deltas_against_their_durable_version() {
 
 #[test]
 fn delta_chains_stop_at_the_depth_bound() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir_all(&watch).unwrap();
-    let file = watch.join("quality.sqlite");
     let mut db = database();
-    write(&file, &db);
-    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
-    a.scan_once().unwrap();
+    let (_t, file, mut a) = scanned("quality.sqlite", &db);
     let (_, v1) = newest(&mut a);
     let root = v1.chunks[5].id;
     let mut chain = Vec::new();
@@ -167,14 +168,8 @@ fn delta_chains_stop_at_the_depth_bound() {
 
 #[test]
 fn extension_chains_restart_half_way_at_the_depth_bound() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir_all(&watch).unwrap();
-    let file = watch.join("line.log");
     let mut log = csv_lines(20_000, 3);
-    write(&file, &log);
-    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
-    a.scan_once().unwrap();
+    let (_t, file, mut a) = scanned("line.log", &log);
     let (_, v1) = newest(&mut a);
     let root = *v1.chunks.last().unwrap();
     let mut chain = Vec::new();
@@ -202,14 +197,8 @@ fn extension_chains_restart_half_way_at_the_depth_bound() {
 
 #[test]
 fn a_superseded_version_is_never_a_delta_base() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir_all(&watch).unwrap();
-    let file = watch.join("quality.sqlite");
     let mut db = database();
-    write(&file, &db);
-    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
-    a.scan_once().unwrap();
+    let (_t, file, mut a) = scanned("quality.sqlite", &db);
     ack_all(&mut a);
     edit(&mut db, 7, 1);
     write(&file, &db);
@@ -234,14 +223,8 @@ fn a_superseded_version_is_never_a_delta_base() {
 
 #[test]
 fn a_known_delta_whose_bytes_are_gone_is_sealed_again() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir_all(&watch).unwrap();
-    let file = watch.join("quality.sqlite");
     let mut db = database();
-    write(&file, &db);
-    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
-    a.scan_once().unwrap();
+    let (_t, file, mut a) = scanned("quality.sqlite", &db);
     ack_all(&mut a);
     edit(&mut db, 9, 1);
     let page_v2 = db.clone();
@@ -266,14 +249,8 @@ fn a_known_delta_whose_bytes_are_gone_is_sealed_again() {
 
 #[test]
 fn regional_acknowledgement_is_not_enough_for_a_base() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir_all(&watch).unwrap();
-    let file = watch.join("quality.sqlite");
     let mut db = database();
-    write(&file, &db);
-    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("s.redb"))).unwrap();
-    a.scan_once().unwrap();
+    let (_t, file, mut a) = scanned("quality.sqlite", &db);
     all_pending(&mut a); // offered, as if sent
                          // The region holds v1, the cloud does not yet.
     let r = ClientStore::replica(&a);
