@@ -749,6 +749,26 @@ impl Catalog {
         crate::shared::list_conflicts(&tx, q)
     }
 
+    /// Number of conflict records and a SHA-256 over them in key order:
+    /// two catalogs with equal digests hold the same conflicts, recorded
+    /// the same way. Cheaper than [`Catalog::conflicts`] (nothing decoded),
+    /// for comparing replicas or arrival orders.
+    pub fn conflicts_digest(&self) -> Result<(u64, Hash32)> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(crate::shared::CONFLICTS)?;
+        let mut h = protocol::sha::ResumableSha256::new();
+        let mut n = 0u64;
+        for e in t.iter()? {
+            let (k, v) = e?;
+            for part in [k.value(), v.value()] {
+                h.update(&(part.len() as u64).to_be_bytes());
+                h.update(part);
+            }
+            n += 1;
+        }
+        Ok((n, h.finish()))
+    }
+
     /// The signed change of each device's latest version (HLC time at or
     /// before `at`, deletions included) of every shared path of the site,
     /// ordered by tenant, path, device.

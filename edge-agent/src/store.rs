@@ -41,6 +41,8 @@
 //!   device (`pending` flushes first), so nothing the server may have seen
 //!   can be lost and its seq reused.
 //! - Outbox entries are deleted only when cloud knowledge covers them.
+//!   Knowledge commits with `Durability::None`: losing it in a crash only
+//!   means offering again what the server already holds.
 //! - A change of a shared path and the path's new vector are written in
 //!   one transaction; the vector only grows.
 //! - Server changes and the server cursor move in one durable transaction,
@@ -719,9 +721,12 @@ pub struct Store {
     pub counters: Counters,
     regional: Knowledge,
     cloud: Knowledge,
+    /// Commits since the last durable one.
     unflushed: u32,
-    /// Clock ms of the last durable commit.
-    last_flush: u64,
+    /// Clock ms of the oldest of those (meaningless while `unflushed` is 0):
+    /// a record flushes once it is [`FLUSH_INTERVAL`] old, so an idle spell
+    /// before a scan does not cost a durable commit at its first record.
+    dirty_since: u64,
     clock: crate::Clock,
     entropy: Option<crate::Entropy>,
     /// Set when files must be scanned again soon (supersede, new epoch).
@@ -878,7 +883,7 @@ impl Store {
             regional,
             cloud,
             unflushed: 0,
-            last_flush: clock(),
+            dirty_since: 0,
             clock,
             entropy,
             rescan: false,
@@ -1101,9 +1106,9 @@ impl Store {
         self.meta.next_seq = seq + 1;
         self.meta.hlc = hlc;
         self.counters = counters;
-        self.unflushed += 1;
+        self.dirtied();
         if self.unflushed >= FLUSH_EVERY
-            || (self.clock)().saturating_sub(self.last_flush) >= FLUSH_INTERVAL.as_millis() as u64
+            || (self.clock)().saturating_sub(self.dirty_since) >= FLUSH_INTERVAL.as_millis() as u64
         {
             self.flush()?;
         }
@@ -1187,8 +1192,16 @@ impl Store {
             files.insert(path, protocol::to_cbor(meta).as_slice())?;
         }
         txn.commit()?;
-        self.unflushed += 1;
+        self.dirtied();
         Ok(())
+    }
+
+    /// Notes a commit made with `Durability::None`.
+    fn dirtied(&mut self) {
+        if self.unflushed == 0 {
+            self.dirty_since = (self.clock)();
+        }
+        self.unflushed = self.unflushed.saturating_add(1);
     }
 
     fn put_counters(meta: &mut redb::Table<&str, &[u8]>, c: &Counters) -> Result<()> {
@@ -1212,7 +1225,6 @@ impl Store {
         }
         txn.commit()?;
         self.unflushed = 0;
-        self.last_flush = (self.clock)();
         Ok(())
     }
 
@@ -1304,7 +1316,6 @@ impl Store {
             txn.commit()?;
             self.meta.offered = offered;
             self.unflushed = 0;
-            self.last_flush = (self.clock)();
         }
         Ok(out)
     }
@@ -1356,7 +1367,12 @@ impl Store {
         let mut hlc = self.meta.hlc;
         let stamp = hlc.tick(now);
         let mut counters = self.counters.clone();
-        let txn = self.db.begin_write()?;
+        // Not durable: a crash that loses this only makes the agent offer
+        // again what the server holds (it answers Applied), and bases stay
+        // at versions the cloud already held. Saves a durable commit, an
+        // fsync on a gateway, per acknowledgement.
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None)?;
         {
             let mut outbox = txn.open_table(OUTBOX)?;
             let key = (self.meta.epoch, change.seq);
@@ -1461,7 +1477,12 @@ impl Store {
             return Ok(false);
         }
         let mut counters = self.counters.clone();
-        let txn = self.db.begin_write()?;
+        // Not durable: a crash that loses this only makes the agent offer
+        // again what the server holds (it answers Applied), and bases stay
+        // at versions the cloud already held. Saves a durable commit, an
+        // fsync on a gateway, per acknowledgement.
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None)?;
         {
             let mut outbox = txn.open_table(OUTBOX)?;
             let epoch = self.meta.epoch;
@@ -1507,7 +1528,7 @@ impl Store {
         self.regional = regional;
         self.cloud = cloud;
         self.counters = counters;
-        self.unflushed = 0;
+        self.dirtied();
         Ok(false)
     }
 
@@ -1693,7 +1714,6 @@ impl Store {
         txn.commit()?;
         self.counters = counters;
         self.unflushed = 0;
-        self.last_flush = (self.clock)();
         Ok(())
     }
 
@@ -1712,7 +1732,7 @@ impl Store {
         txn.set_durability(Durability::None)?;
         txn.open_table(META)?.insert("disk", json.as_slice())?;
         txn.commit()?;
-        self.unflushed += 1;
+        self.dirtied();
         Ok(())
     }
 

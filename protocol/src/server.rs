@@ -73,10 +73,17 @@ pub struct ServerStats {
     /// (the base may still come) and counted.
     pub chunks_base_missing: u64,
     pub backpressure: u64,
+    /// Changes in a batch that this server already held: their signature
+    /// is not checked again (it was when they were first applied), which
+    /// matters on reconnects that resend a whole outbox.
+    pub changes_known: u64,
 }
 
 struct Pending {
-    changes: Vec<Change>,
+    /// Accepted changes, each with whether its signature was checked. A
+    /// change the server already held is not; it is checked in Commit if it
+    /// is to be applied after all.
+    changes: Vec<(Change, bool)>,
     rejected: Vec<Change>,
     /// Chunks asked for in Prepare: the only ones Data may deliver.
     wanted: HashSet<Hash32>,
@@ -172,8 +179,10 @@ impl Server {
         let mut rejected = Vec::new();
         let mut reasons = Vec::new();
         for c in b.changes {
+            let held = regional.contains(&c.replica, c.seq);
             let reason = match peer.device {
                 Some(d) if *d != c.replica.device => Some(format!("change for {} sent by {d}", c.replica.device)),
+                _ if held => None,
                 _ => match c.verify() {
                     Err(e) => Some(e.to_string()),
                     Ok(()) => {
@@ -207,12 +216,18 @@ impl Server {
                     reasons.push((c.seq, r));
                     rejected.push(c);
                 }
-                None => accepted.push(c),
+                None => {
+                    if held {
+                        self.stats.changes_known += 1;
+                    }
+                    accepted.push((c, !held));
+                }
             }
         }
         let todo: Vec<&Change> = accepted
             .iter()
-            .filter(|c| !regional.contains(&c.replica, c.seq))
+            .filter(|(_, checked)| *checked)
+            .map(|(c, _)| c)
             .collect();
         if !todo.is_empty() {
             if let Some(ms) = store.backpressure() {
@@ -331,6 +346,7 @@ impl Server {
         let devices: Vec<DeviceRef> = p
             .changes
             .iter()
+            .map(|(c, _)| c)
             .chain(&p.rejected)
             .map(|c| c.replica.device.clone())
             .chain(peer.device.cloned())
@@ -345,7 +361,14 @@ impl Server {
         // for a new device between this batch's Prepare and its Commit.
         let mut keys: HashMap<DeviceRef, Option<Vec<u8>>> = HashMap::new();
         let mut changes = Vec::with_capacity(p.changes.len());
-        for ch in p.changes {
+        for (ch, checked) in p.changes {
+            // Held at Prepare, so not checked then; knowledge only grows, but
+            // a change is never applied unchecked.
+            if !checked && !regional.contains(&ch.replica, ch.seq) && ch.verify().is_err() {
+                self.stats.changes_rejected += 1;
+                rejected.push(ch);
+                continue;
+            }
             let pinned = match keys.get(&ch.replica.device) {
                 Some(k) => k.clone(),
                 None => store.device_key(&ch.replica.device)?,
@@ -523,6 +546,72 @@ mod tests {
         assert_eq!(statuses(&c2), vec![(3, Status::Rejected)]);
         assert!(st.know.contains(&change(1, &good).replica, 1));
         assert!(!st.know.contains(&change(3, &bad).replica, 3));
+    }
+
+    #[test]
+    fn held_changes_are_not_verified_again_and_never_applied_unchecked() {
+        let k = key();
+        let mut srv = Server::new(ServerConfig::default());
+        let mut st = Mem {
+            all_chunks: true,
+            ..Mem::default()
+        };
+        let peer = Peer {
+            name: "agg",
+            device: None,
+        };
+        let mut round = |srv: &mut Server, st: &mut Mem, id: u64, changes: Vec<Change>| {
+            let r = srv
+                .handle(0, &peer, Message::Batch(Batch { batch_id: id, changes }), st)
+                .expect("batch");
+            let Message::Prepare(p) = &r[0] else { panic!("{r:?}") };
+            let rejected: Vec<u64> = p.rejected.iter().map(|r| r.0).collect();
+            let c = srv
+                .handle(0, &peer, Message::Commit(Commit { batch_id: id }), st)
+                .expect("commit");
+            (rejected, statuses(&c))
+        };
+        let forged = |seq: u64| {
+            let mut c = change(seq, &k);
+            c.signature[0] ^= 1;
+            c
+        };
+        assert_eq!(
+            round(&mut srv, &mut st, 1, vec![change(1, &k)]),
+            (vec![], vec![(1, Status::Applied)])
+        );
+        assert_eq!(srv.stats.changes_known, 0);
+        // A resend of a held change is answered from knowledge, unchecked;
+        // a change not held is checked as before.
+        assert_eq!(
+            round(&mut srv, &mut st, 2, vec![forged(1), forged(2)]),
+            (vec![2], vec![(1, Status::Applied), (2, Status::Rejected)])
+        );
+        assert_eq!(srv.stats.changes_known, 1);
+        assert!(!st.know.contains(&change(2, &k).replica, 2));
+        // Held at Prepare but not at Commit (knowledge lost in between):
+        // the signature is checked before anything is applied.
+        let r = srv
+            .handle(
+                0,
+                &peer,
+                Message::Batch(Batch {
+                    batch_id: 3,
+                    changes: vec![forged(1)],
+                }),
+                &mut st,
+            )
+            .expect("batch");
+        assert!(matches!(&r[0], Message::Prepare(p) if p.rejected.is_empty()), "{r:?}");
+        st.know = Knowledge::default();
+        let c = srv
+            .handle(0, &peer, Message::Commit(Commit { batch_id: 3 }), &mut st)
+            .expect("commit");
+        assert_eq!(statuses(&c), vec![(1, Status::Rejected)]);
+        assert!(
+            !st.know.contains(&change(1, &k).replica, 1),
+            "a forged change was applied"
+        );
     }
 
     #[test]

@@ -250,19 +250,26 @@ fn shared_paths_conflict_the_same_in_any_order() {
     assert!(conflicts > 0, "the shared workload produced no concurrent versions");
 }
 
-/// Found by the sweep: a full disk made redb fail a write, after which the
-/// agent's state database refused every write ("Previous I/O error
-/// occurred") and the agent never synced again. The simulator now restarts
-/// such an agent process (as a supervisor would after it exits); this seed
-/// must take that path and still converge.
+/// Found by the sweep (seed 21 of `TINY`): a full disk made redb fail a
+/// write, after which the agent's state database refused every write
+/// ("Previous I/O error occurred") and the agent never synced again. The
+/// simulator now restarts such an agent process (as a supervisor would after
+/// it exits); this run must take that path and still converge.
+///
+/// Since server knowledge is committed without a durable commit, the agent
+/// writes its state file less often and seed 21 no longer hits a full disk
+/// mid-write (no seed of 1..400 does at `TINY`'s 4 full disks a day). The
+/// test now uses 24 a day, where seed 86 takes the path.
 #[test]
-fn poisoned_state_database_restarts_the_agent_seed_21() {
-    let sc = Scenario::parse(TINY).unwrap();
-    let r = run(&sc, &Options { seed: 21, work: None }).unwrap();
+fn poisoned_state_database_restarts_the_agent_seed_86() {
+    let text = TINY.replace("disk_full_per_day = 4", "disk_full_per_day = 24");
+    assert_ne!(text, TINY);
+    let sc = Scenario::parse(&text).unwrap();
+    let r = run(&sc, &Options { seed: 86, work: None }).unwrap();
     assert!(r.violation.is_none(), "{:?}", r.violation);
     assert!(
         r.metrics.process_exits >= 1,
-        "seed 21 no longer poisons a state database"
+        "seed 86 no longer poisons a state database"
     );
 }
 

@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 type Latest = (protocol::hlc::Hlc, u64, Option<(Hash32, u64)>);
 
 /// A catalog's conflicts and its latest (replica, seq) per device and shared path.
-type SharedView = (Vec<cloud_sink::shared::ConflictInfo>, Vec<(String, u64)>);
+/// A catalog's shared state as the order check compares it: (conflict
+/// count, digest of the conflict records), and each latest shared version.
+type SharedView = ((u64, Hash32), Vec<(String, u64)>);
 
 /// How a run ended.
 #[derive(Clone, Debug)]
@@ -1726,8 +1728,11 @@ impl Sim {
             .iter()
             .map(|c| (c.replica.device.tenant.to_string(), c.replica.device.site.to_string()))
             .collect();
+        // The conflicts are compared by a digest of the raw records (equal
+        // records resolve equally: resolution is a function of the pair);
+        // they are listed only to explain a difference.
         let view = |cat: &Catalog| -> Result<SharedView> {
-            let conflicts = cat.conflicts(&ConflictQuery::default())?;
+            let conflicts = cat.conflicts_digest()?;
             let mut latest = Vec::new();
             for (tenant, site) in &sites {
                 let q = SharedQuery {
@@ -1749,7 +1754,7 @@ impl Sim {
         // A fresh catalog given `order`: reversed in one transaction (the
         // catalog indexes its changes one after another), shuffled in
         // seeded batches of 1-32 (drawn from `rng` after the shuffle).
-        let fresh = |order: Vec<protocol::Change>, rng: Option<ChaCha8Rng>| -> Result<SharedView> {
+        let fresh = |order: Vec<protocol::Change>, rng: Option<ChaCha8Rng>| -> Result<(Catalog, SharedView)> {
             let cat = Catalog::open_with_backend(Box::new(redb::backends::InMemoryBackend::new()))?;
             match rng {
                 None => {
@@ -1764,33 +1769,38 @@ impl Sim {
                     }
                 }
             }
-            view(&cat)
+            let v = view(&cat)?;
+            Ok((cat, v))
         };
         // The two fresh catalogs are independent of each other and of the
-        // run: build the shuffled one on a second thread (same inputs, same
-        // draws, so the check does not depend on the threads).
+        // run: build each on its own thread (same inputs, same draws, so
+        // the check does not depend on the threads).
+        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<(Catalog, SharedView)>>, name: &str| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow!("the {name}-order check panicked")))
+        };
         let (want, got_reversed, got_shuffled) = std::thread::scope(|sc| {
-            let h = sc.spawn(|| fresh(shuffled, Some(rng)));
+            let shuf = sc.spawn(|| fresh(shuffled, Some(rng)));
+            let rev = sc.spawn(|| fresh(reversed, None));
             let want = view(&self.cloud.catalog);
-            let rev = fresh(reversed, None);
-            let shuf = h
-                .join()
-                .unwrap_or_else(|_| Err(anyhow!("the shuffled-order check panicked")));
-            (want, rev, shuf)
+            (want, joined(rev, "reversed"), joined(shuf, "shuffled"))
         });
         let want = want?;
-        self.metrics.shared_conflicts = want.0.len() as u64;
+        self.metrics.shared_conflicts = want.0 .0;
         for (name, got) in [("reversed", got_reversed?), ("shuffled", got_shuffled?)] {
+            let (cat, got) = got;
             if got.0 != want.0 {
-                let diff: Vec<_> = got.0.iter().filter(|c| !want.0.contains(c)).take(2).collect();
-                let miss: Vec<_> = want.0.iter().filter(|c| !got.0.contains(c)).take(2).collect();
+                let all_of = |c: &Catalog| c.conflicts(&ConflictQuery::default());
+                let (mine, theirs) = (all_of(&cat)?, all_of(&self.cloud.catalog)?);
+                let diff: Vec<_> = mine.iter().filter(|c| !theirs.contains(c)).take(2).collect();
+                let miss: Vec<_> = theirs.iter().filter(|c| !mine.contains(c)).take(2).collect();
                 return Ok(Some(violation_v(
                     "conflict-order",
                     format!(
                         "{} shared versions applied {name}: {} conflicts instead of {}; only in {name}: {diff:?}; only in the cloud: {miss:?}",
                         all.len(),
-                        got.0.len(),
-                        want.0.len()
+                        got.0 .0,
+                        want.0 .0
                     ),
                 )));
             }
