@@ -560,7 +560,7 @@ mod tests {
             name: "agg",
             device: None,
         };
-        let mut round = |srv: &mut Server, st: &mut Mem, id: u64, changes: Vec<Change>| {
+        let round = |srv: &mut Server, st: &mut Mem, id: u64, changes: Vec<Change>| {
             let r = srv
                 .handle(0, &peer, Message::Batch(Batch { batch_id: id, changes }), st)
                 .expect("batch");
