@@ -727,6 +727,10 @@ pub struct Store {
     /// a record flushes once it is [`FLUSH_INTERVAL`] old, so an idle spell
     /// before a scan does not cost a durable commit at its first record.
     dirty_since: u64,
+    /// Some of those commits recorded changes: they must be durable before
+    /// any change leaves the device. (Knowledge, stat updates and disk
+    /// status need not be, so they do not force a durable commit there.)
+    records_unflushed: bool,
     clock: crate::Clock,
     entropy: Option<crate::Entropy>,
     /// Set when files must be scanned again soon (supersede, new epoch).
@@ -884,6 +888,7 @@ impl Store {
             cloud,
             unflushed: 0,
             dirty_since: 0,
+            records_unflushed: false,
             clock,
             entropy,
             rescan: false,
@@ -1106,6 +1111,7 @@ impl Store {
         self.meta.next_seq = seq + 1;
         self.meta.hlc = hlc;
         self.counters = counters;
+        self.records_unflushed = true;
         self.dirtied();
         if self.unflushed >= FLUSH_EVERY
             || (self.clock)().saturating_sub(self.dirty_since) >= FLUSH_INTERVAL.as_millis() as u64
@@ -1214,6 +1220,12 @@ impl Store {
     /// commit (a simulated crash).
     pub fn forget_unflushed(&mut self) {
         self.unflushed = 0;
+        self.records_unflushed = false;
+    }
+
+    /// Whether any commit since the last durable one is not yet durable.
+    pub fn needs_flush(&self) -> bool {
+        self.unflushed > 0
     }
 
     /// Durable commit of everything so far, including the counters.
@@ -1225,6 +1237,7 @@ impl Store {
         }
         txn.commit()?;
         self.unflushed = 0;
+        self.records_unflushed = false;
         Ok(())
     }
 
@@ -1305,7 +1318,7 @@ impl Store {
         // Durable before anything leaves: every record so far and the
         // high-water mark of what left (the rollback check relies on it).
         let top = out.iter().map(|c| c.seq).max().unwrap_or(0);
-        if self.unflushed > 0 || top > self.meta.offered {
+        if self.records_unflushed || top > self.meta.offered {
             let offered = top.max(self.meta.offered);
             let txn = self.db.begin_write()?;
             {
@@ -1316,6 +1329,7 @@ impl Store {
             txn.commit()?;
             self.meta.offered = offered;
             self.unflushed = 0;
+            self.records_unflushed = false;
         }
         Ok(out)
     }
@@ -1437,6 +1451,7 @@ impl Store {
         self.counters = counters;
         self.rescan = true;
         self.unflushed = 0;
+        self.records_unflushed = false;
         Ok(())
     }
 
@@ -1621,6 +1636,7 @@ impl Store {
         self.counters = counters;
         self.rescan = true;
         self.unflushed = 0;
+        self.records_unflushed = false;
         deleted.sort();
         deleted.dedup_by(|a, b| a.0 == b.0);
         for (p, shared) in deleted {
@@ -1656,6 +1672,7 @@ impl Store {
         }
         txn.commit()?;
         self.unflushed = 0;
+        self.records_unflushed = false;
         Ok(spent)
     }
 
@@ -1714,6 +1731,7 @@ impl Store {
         txn.commit()?;
         self.counters = counters;
         self.unflushed = 0;
+        self.records_unflushed = false;
         Ok(())
     }
 

@@ -193,6 +193,55 @@ fn crash_and_restore_on_a_simulated_disk() {
     assert_eq!(a.public_key(), key);
 }
 
+/// Durable commits cost an fsync on a gateway: a scan that finds nothing
+/// and the server's acknowledgements make none. Losing an acknowledgement
+/// in a crash only means offering those changes again; it is not taken
+/// for a rolled-back state.
+#[test]
+fn idle_scans_and_acknowledgements_make_no_durable_commit() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("cell");
+    std::fs::create_dir(&watch).unwrap();
+    for i in 0..3u64 {
+        write_file(&watch.join(format!("f{i}.bin")), &pseudo_random(10_000, i + 1));
+    }
+    let clock = Arc::new(AtomicU64::new(T0));
+    let cfg = sim_config(&watch, &t.path().join("gw1.state"), &clock);
+    let disk = SimDisk::default();
+    let mut a = Agent::open_with_backend(cfg.clone(), Box::new(disk.clone())).unwrap();
+    a.scan_once().unwrap();
+    let sent = ClientStore::pending(&mut a, &Knowledge::default(), 100, 1 << 20).unwrap();
+    assert_eq!(sent.len(), 3);
+    let offered = disk.synced();
+
+    clock.store(T0 + 900_000, Ordering::SeqCst);
+    let r = a.scan_once().unwrap();
+    assert_eq!((r.files_unchanged, r.changes_recorded), (3, 0));
+    assert!(disk.synced() == offered, "an idle scan made a durable commit");
+
+    let mut server = Knowledge::default();
+    for c in &sent {
+        server.insert(&c.replica, c.seq);
+    }
+    ClientStore::on_knowledge(&mut a, &server, &server).unwrap();
+    assert_eq!(a.status().unwrap().pending_changes, 0);
+    assert!(ClientStore::pending(&mut a, &server, 100, 1 << 20).unwrap().is_empty());
+    assert!(disk.synced() == offered, "an acknowledgement made a durable commit");
+
+    // A power cut (the disk keeps what was synced; redb's close would
+    // still write) loses the acknowledgement, nothing else.
+    let replica = a.replica();
+    let image = disk.synced();
+    a.crash();
+    let mut a = Agent::open_with_backend(cfg, Box::new(SimDisk::from_image(image))).unwrap();
+    let st = a.status().unwrap();
+    assert_eq!(st.pending_changes, 3, "{st:?}");
+    ClientStore::on_knowledge(&mut a, &server, &server).unwrap();
+    assert_eq!(a.replica(), replica, "taken for a rolled-back state");
+    assert_eq!(a.counters().state_rollbacks, 0);
+    assert_eq!(a.status().unwrap().pending_changes, 0);
+}
+
 /// A disk that can fill up: writes and growth fail while `full` is set.
 #[derive(Debug, Clone, Default)]
 struct FillingDisk {
