@@ -1258,7 +1258,7 @@ fn hash_file(path: &Path, len: u64) -> Result<Hash32> {
     let f = File::open(path).map_err(io_err(path))?;
     let mut h = protocol::sha::ResumableSha256::new();
     let mut r = f.take(len);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = r.read(&mut buf).map_err(io_err(path))?;
         if n == 0 {

@@ -505,6 +505,7 @@ impl Agent {
                     basis_end: st.size,
                     ..DeltaWrites::default()
                 },
+                zc: None,
             }),
             false => None,
         };
@@ -787,6 +788,9 @@ struct PageDeltas {
     /// Whether the file is page-chunked: decided at its first chunk.
     on: Option<bool>,
     w: DeltaWrites,
+    /// For the basis copies; made at the first page and reused (a zstd
+    /// context per page cost a fifth of a new SQLite file's scan).
+    zc: Option<zstd::bulk::Compressor<'static>>,
 }
 
 impl PageDeltas {
@@ -843,7 +847,12 @@ impl PageDeltas {
             }
             slot.cand = None;
         } else {
-            let zplain = zstd::bulk::compress(plain, BASIS_LEVEL).map_err(|e| Error::Config(format!("zstd: {e}")))?;
+            let zerr = |e: std::io::Error| Error::Config(format!("zstd: {e}"));
+            let zc = match &mut self.zc {
+                Some(z) => z,
+                None => self.zc.insert(zstd::bulk::Compressor::new(BASIS_LEVEL).map_err(zerr)?),
+            };
+            let zplain = zc.compress(plain).map_err(zerr)?;
             slot.cand = Some(BasisPage {
                 id,
                 len: plain.len() as u32,
