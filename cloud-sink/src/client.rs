@@ -164,6 +164,25 @@ impl SinkClient {
             .await
     }
 
+    /// Stored bytes of many chunks in one request (`POST /v1/chunks`), in
+    /// the order asked, NOT yet checked against their ids; `limit` bounds
+    /// the answer. `None` if the sink has no such endpoint (an older sink,
+    /// or one of its ids is unknown: ask one at a time for the details).
+    pub(crate) async fn chunks_unverified(&self, ids: &[Hash32], limit: usize) -> Result<Option<Vec<Vec<u8>>>> {
+        let body: Vec<u8> = ids.iter().flat_map(|id| id.0).collect();
+        let req = self
+            .http
+            .post(self.url("chunks"))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        let b = match self.send(req, limit.saturating_add(4 * ids.len())).await {
+            Ok(b) => b,
+            Err(Error::Status { status: 404 | 405, .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        split_batch(&b, ids.len()).map(Some)
+    }
+
     /// Uploads a pack (`PUT /v1/packs/{id}`).
     pub async fn put_pack(&self, id: &Hash32, bytes: Vec<u8>) -> Result<()> {
         let req = self.http.put(self.url(&format!("packs/{id}"))).body(bytes);
@@ -200,6 +219,27 @@ impl SinkClient {
         }
         Ok(body)
     }
+}
+
+/// Splits a `POST /v1/chunks` answer into `n` stored chunks: each a u32 BE
+/// length (at most `MAX_CHUNK`) and that many bytes, nothing after.
+fn split_batch(mut b: &[u8], n: usize) -> Result<Vec<Vec<u8>>> {
+    let bad = |why: &str| Error::BadRequest(format!("bad /v1/chunks answer: {why}"));
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (len, rest) = b.split_first_chunk::<4>().ok_or_else(|| bad("truncated"))?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if len > protocol::pack::MAX_CHUNK {
+            return Err(bad("chunk over the size limit"));
+        }
+        let (item, rest) = rest.split_at_checked(len).ok_or_else(|| bad("truncated"))?;
+        out.push(item.to_vec());
+        b = rest;
+    }
+    if !b.is_empty() {
+        return Err(bad("bytes after the last chunk"));
+    }
+    Ok(out)
 }
 
 /// Checks stored chunk bytes against the chunk id, SHA-256(stored).

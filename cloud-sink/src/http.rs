@@ -116,6 +116,12 @@ pub async fn serve_with(
                 .layer(from_fn(|r: Request, n: Next| announced_limit(MAX_PACK, r, n))),
         )
         .route("/v1/chunks/{id}", get(get_chunk))
+        .route(
+            "/v1/chunks",
+            post(get_chunks)
+                .layer(DefaultBodyLimit::max(MAX_BATCH_IDS * 32))
+                .layer(from_fn(|r: Request, n: Next| announced_limit(MAX_BATCH_IDS * 32, r, n))),
+        )
         .route("/v1/files", get(files))
         .route("/v1/restore", get(restore_set))
         .route("/v1/devices", get(devices))
@@ -313,6 +319,67 @@ async fn get_chunk(State(st): State<AppState>, Path(id): Path<String>) -> ApiRes
     let end = loc.offset + u64::from(loc.len);
     let bytes = st.objects.get_range(&pack_key(&loc.pack), loc.offset..end).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// Most chunk ids in one `POST /v1/chunks`.
+pub const MAX_BATCH_IDS: usize = 1024;
+/// Most stored bytes one `POST /v1/chunks` answers with; a batch whose
+/// chunks hold more is refused (the client asks for less at a time).
+pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+
+/// `POST /v1/chunks`: the body is chunk ids (32 bytes each, at most
+/// [`MAX_BATCH_IDS`]); the answer is, for each in order, its stored length
+/// (u32 BE) and its stored bytes. One request for many small chunks: a
+/// restore of a typical archive asks for tens of thousands of ~27 KB chunks.
+async fn get_chunks(State(st): State<AppState>, body: axum::body::Bytes) -> ApiResult<Response> {
+    let why = if body.is_empty() {
+        Some("no chunk ids".to_string())
+    } else if !body.len().is_multiple_of(32) {
+        Some(format!("{} bytes are not chunk ids of 32 bytes each", body.len()))
+    } else if body.len() / 32 > MAX_BATCH_IDS {
+        Some(format!("{} chunk ids, more than {MAX_BATCH_IDS}", body.len() / 32))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(ApiError(StatusCode::BAD_REQUEST, why));
+    }
+    let ids: Vec<Hash32> = body
+        .chunks_exact(32)
+        .map(|c| {
+            let mut b = [0u8; 32];
+            b.copy_from_slice(c);
+            Hash32(b)
+        })
+        .collect();
+    let cat = st.catalog.clone();
+    let locs = tokio::task::spawn_blocking(move || {
+        ids.iter()
+            .map(|id| cat.chunk(id).map(|l| (*id, l)))
+            .collect::<Result<Vec<_>>>()
+    })
+    .await??;
+    let mut total = 0u64;
+    for (id, loc) in &locs {
+        let Some(loc) = loc else {
+            return Err(ApiError(StatusCode::NOT_FOUND, format!("unknown chunk {id}")));
+        };
+        total += u64::from(loc.len) + 4;
+    }
+    if total > MAX_BATCH_BYTES {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the chunks hold {total} bytes, over {MAX_BATCH_BYTES}: ask for fewer"),
+        ));
+    }
+    let mut out = Vec::with_capacity(total as usize);
+    for loc in locs.into_iter().filter_map(|(_, l)| l) {
+        let end = loc.offset + u64::from(loc.len);
+        let bytes = st.objects.get_range(&pack_key(&loc.pack), loc.offset..end).await?;
+        out.extend_from_slice(&loc.len.to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response())
 }
 
 async fn files(State(st): State<AppState>, Query(q): Query<FileQuery>) -> ApiResult<Response> {

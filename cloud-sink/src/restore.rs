@@ -19,9 +19,10 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Chunks fetched at once. Each holds its stored bytes (at most
-/// `MAX_CHUNK`) and, once opened, its plaintext (its signed length); an
-/// extension chunk also its base chain (at most `MAX_DEPTH` more chunks).
+/// Chunks opened (and, from a sink without batches, fetched) at once. Each
+/// holds its stored bytes (at most `MAX_CHUNK`) and, once opened, its
+/// plaintext (its signed length); an extension chunk also its base chain
+/// (at most `MAX_DEPTH` more chunks).
 const FETCH_CONCURRENCY: usize = 8;
 /// Fetched chunks queued for the writer thread. So at most
 /// FETCH_CONCURRENCY + WRITE_QUEUE + 1 chunks are held at a time, whatever
@@ -365,25 +366,90 @@ fn plan(
     Ok(items)
 }
 
-/// Fetches `refs` in order, up to `FETCH_CONCURRENCY` at a time, and opens
-/// the large and the extension chunks (see [`Fetched`]; lengths are not
-/// yet checked).
+/// Chunks are asked for in batches (`POST /v1/chunks`) until their
+/// plaintext reaches this many bytes, or `BATCH_MAX` chunks.
+const BATCH_BYTES: u64 = 1 << 20;
+const BATCH_MAX: usize = 256;
+/// Batches in flight at once.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// A generous bound on a chunk's stored size from its plaintext length:
+/// zstd's worst case (under 1/128 more), the seal's headers and AEAD tag.
+fn stored_bound(len: u32) -> usize {
+    let len = len as usize;
+    len + len / 8 + 4096
+}
+
+/// `refs` cut into batches of at most `BATCH_BYTES` of plaintext (a larger
+/// chunk alone) and `BATCH_MAX` chunks, in order.
+fn batches(refs: Vec<ChunkRef>) -> Vec<Vec<ChunkRef>> {
+    let mut out: Vec<Vec<ChunkRef>> = Vec::new();
+    let mut bytes = 0u64;
+    for r in refs {
+        match out.last_mut() {
+            Some(b) if b.len() < BATCH_MAX && bytes + u64::from(r.len) <= BATCH_BYTES => {
+                bytes += u64::from(r.len);
+                b.push(r);
+            }
+            _ => {
+                bytes = u64::from(r.len);
+                out.push(vec![r]);
+            }
+        }
+    }
+    out
+}
+
+/// Fetches `refs` in order, in batches (see [`batches`]), and opens the
+/// large and the extension chunks, up to `FETCH_CONCURRENCY` at a time
+/// (see [`Fetched`]; lengths are not yet checked).
 fn opened_chunks<'a>(
     client: &'a SinkClient,
     pool: &'a Arc<SealerPool>,
     refs: Vec<ChunkRef>,
 ) -> impl Stream<Item = Result<(ChunkRef, Fetched)>> + 'a {
-    futures::stream::iter(refs)
-        .map(move |r| async move { fetch_open(client, pool, r).await.map(|p| (r, p)) })
+    futures::stream::iter(batches(refs))
+        .map(move |b| fetch_batch(client, b))
+        .buffered(BATCHES_IN_FLIGHT)
+        .flat_map(|fetched| {
+            let items: Vec<Result<(ChunkRef, Vec<u8>)>> = match fetched {
+                Ok(v) => v.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
+            };
+            futures::stream::iter(items)
+        })
+        .map(move |item| async move {
+            let (r, stored) = item?;
+            open_stored(client, pool, r, stored).await.map(|p| (r, p))
+        })
         .buffered(FETCH_CONCURRENCY)
 }
 
-/// Fetches one chunk. A small full chunk is returned sealed; a large one
-/// is opened on the blocking pool: its stored bytes are checked against its
-/// id there (as `SinkClient::chunk` does) before anything else reads them.
-/// An extension chunk then needs its base chain.
-async fn fetch_open(client: &SinkClient, pool: &Arc<SealerPool>, r: ChunkRef) -> Result<Fetched> {
-    let stored = client.chunk_unverified(&r.id).await?;
+/// The stored bytes of a batch of chunks, not yet checked against their
+/// ids: one request, or one per chunk (up to `FETCH_CONCURRENCY` at a time)
+/// for a single chunk or a sink without the batch endpoint.
+async fn fetch_batch(client: &SinkClient, refs: Vec<ChunkRef>) -> Result<Vec<(ChunkRef, Vec<u8>)>> {
+    if refs.len() > 1 {
+        let ids: Vec<protocol::Hash32> = refs.iter().map(|r| r.id).collect();
+        let limit = refs.iter().map(|r| stored_bound(r.len)).sum();
+        if let Some(all) = client.chunks_unverified(&ids, limit).await? {
+            return Ok(refs.into_iter().zip(all).collect());
+        }
+    }
+    futures::stream::iter(refs)
+        .map(|r| async move { client.chunk_unverified(&r.id).await.map(|b| (r, b)) })
+        .buffered(FETCH_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Opens one fetched chunk. A small full chunk is returned sealed; a large
+/// one is opened on the blocking pool: its stored bytes are checked against
+/// its id there (as `SinkClient::chunk` does) before anything else reads
+/// them. An extension chunk then needs its base chain.
+async fn open_stored(client: &SinkClient, pool: &Arc<SealerPool>, r: ChunkRef, stored: Vec<u8>) -> Result<Fetched> {
     if stored.len() < PARALLEL_OPEN_MIN && matches!(base_of(&stored), Ok(None)) {
         return Ok(Fetched::Sealed(stored));
     }

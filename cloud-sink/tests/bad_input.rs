@@ -298,6 +298,37 @@ async fn every_endpoint_refuses_bad_input_and_keeps_serving() -> Result<()> {
     assert_eq!(ok.status().as_u16(), 200);
     assert_eq!(ok.bytes().await?.as_ref(), &good.chunks[0].bytes[..]);
 
+    // ---- POST /v1/chunks (many chunks in one answer)
+    let batch = |b: Vec<u8>| http.post(url("chunks")).body(b).send();
+    let id_bytes = |ids: &[Hash32]| -> Vec<u8> { ids.iter().flat_map(|i| i.0).collect() };
+    for (bad, status, why) in [
+        (Vec::new(), 400, "no chunk ids"),
+        (vec![7u8; 31], 400, "not chunk ids of 32 bytes"),
+        (
+            vec![7u8; 32 * (cloud_sink::http::MAX_BATCH_IDS + 1)],
+            413,
+            "exceeds the length limit",
+        ),
+    ] {
+        refused(batch(bad).await?, status, why).await?;
+    }
+    let unknown_id = Hash32::of(b"unknown");
+    refused(
+        batch(id_bytes(&[good.chunks[0].id, unknown_id])).await?,
+        404,
+        "unknown chunk",
+    )
+    .await?;
+    let ids: Vec<Hash32> = good.chunks.iter().chain(&good.chunks).map(|c| c.id).collect();
+    let ok = batch(id_bytes(&ids)).await?;
+    assert_eq!(ok.status().as_u16(), 200);
+    let mut want = Vec::new();
+    for c in good.chunks.iter().chain(&good.chunks) {
+        want.extend_from_slice(&(c.bytes.len() as u32).to_be_bytes());
+        want.extend_from_slice(&c.bytes);
+    }
+    assert_eq!(ok.bytes().await?.as_ref(), &want[..]);
+
     // ---- GET /v1/files, /v1/restore
     for ep in ["files", "restore"] {
         let get = |q: &str| http.get(format!("{}?{q}", url(ep))).send();

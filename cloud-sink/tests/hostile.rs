@@ -168,14 +168,16 @@ struct Hostile {
     changes: Vec<Change>,
     devices: Vec<DeviceInfo>,
     chunks: HashMap<String, Vec<u8>>,
+    /// The raw answer to every `POST /v1/chunks` (no such endpoint if None).
+    batch: Option<Vec<u8>>,
 }
 
 /// A tiny adversarial sink: answers /v1/restore, /v1/devices and
 /// /v1/chunks/{id} with whatever it was given.
 async fn serve_hostile(h: Hostile) -> Result<SinkClient> {
     let h = Arc::new(h);
-    let (a, b, c) = (h.clone(), h.clone(), h);
-    let app =
+    let (a, b, c) = (h.clone(), h.clone(), h.clone());
+    let mut app =
         Router::new()
             .route("/v1/restore", get(move || async move { protocol::to_cbor(&a.changes) }))
             .route("/v1/devices", get(move || async move { Json(b.devices.clone()) }))
@@ -185,6 +187,9 @@ async fn serve_hostile(h: Hostile) -> Result<SinkClient> {
                     c.chunks.get(&id).cloned().ok_or(StatusCode::NOT_FOUND)
                 }),
             );
+    if let Some(batch) = h.batch.clone() {
+        app = app.route("/v1/chunks", axum::routing::post(move || async move { batch }));
+    }
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     tokio::spawn(async move { axum::serve(l, app).await });
@@ -210,7 +215,59 @@ fn hostile_set(gw: &Device, changes: Vec<Change>, chunks: &[ChunkData]) -> Hosti
         changes,
         devices: vec![pinned(gw)],
         chunks: chunks.iter().map(|c| (c.id.to_hex(), c.bytes.clone())).collect(),
+        batch: None,
     }
+}
+
+/// A `POST /v1/chunks` answer: each chunk's length (u32 BE) and bytes.
+fn framed(chunks: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in chunks {
+        out.extend_from_slice(&(c.len() as u32).to_be_bytes());
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_refuses_bad_batch_answers() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let out = root.path().join("out");
+    let tk = TenantKey::generate()?;
+    let mut gw = Device::new("gw-b", &tk)?;
+    let payload: Vec<u8> = (0..3 * CHUNK as u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+    let good = gw.file("ok/file.bin", &payload, T0_MS)?;
+    ensure!(good.chunks.len() >= 3, "want several chunks in one batch");
+    let parts: Vec<&[u8]> = good.chunks.iter().map(|c| c.bytes.as_slice()).collect();
+    let mut swapped = parts.clone();
+    swapped.swap(0, 1);
+    let whole = framed(&parts);
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("truncated", whole[..whole.len() - 1].to_vec()),
+        ("trailing bytes", [whole.clone(), vec![0]].concat()),
+        (
+            "a length over the limit",
+            [u32::MAX.to_be_bytes().to_vec(), whole.clone()].concat(),
+        ),
+        ("one chunk short", framed(&parts[1..])),
+        ("chunks swapped", framed(&swapped)),
+    ];
+    for (what, answer) in cases {
+        let mut h = hostile_set(&gw, vec![good.change.clone()], &good.chunks);
+        h.batch = Some(answer);
+        let err = restore_to(&serve_hostile(h).await?, &gw, None, &out)
+            .await
+            .err()
+            .context(what)?;
+        assert!(matches!(err, Error::Verify(_) | Error::BadRequest(_)), "{what}: {err}");
+        assert!(!out.join("ok/file.bin").exists(), "{what}");
+    }
+    // The honest batch answer restores.
+    let mut h = hostile_set(&gw, vec![good.change.clone()], &good.chunks);
+    h.batch = Some(whole);
+    restore_to(&serve_hostile(h).await?, &gw, None, &out).await?;
+    assert_eq!(std::fs::read(out.join("ok/file.bin"))?, payload);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
