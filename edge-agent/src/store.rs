@@ -103,6 +103,9 @@ pub const CACHE_BYTES: usize = 4 << 20;
 /// Make scan commits durable at least this often.
 const FLUSH_EVERY: u32 = 512;
 const FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// Non-durable commits other than records (knowledge, stat updates, disk
+/// status) after which a scan ends with a durable commit anyway.
+const IDLE_FLUSH_EVERY: u32 = 64;
 /// Outbox value header: recorded ms (u64 BE) + logical bytes (u64 BE).
 const OUTBOX_HEADER: usize = 16;
 
@@ -723,9 +726,10 @@ pub struct Store {
     cloud: Knowledge,
     /// Commits since the last durable one.
     unflushed: u32,
-    /// Clock ms of the oldest of those (meaningless while `unflushed` is 0):
-    /// a record flushes once it is [`FLUSH_INTERVAL`] old, so an idle spell
-    /// before a scan does not cost a durable commit at its first record.
+    /// Clock ms of the oldest unflushed record (meaningless while
+    /// `records_unflushed` is false): a record flushes once that is
+    /// [`FLUSH_INTERVAL`] old, so an idle spell before a scan does not cost
+    /// a durable commit at its first record.
     dirty_since: u64,
     /// Some of those commits recorded changes: they must be durable before
     /// any change leaves the device. (Knowledge, stat updates and disk
@@ -1111,7 +1115,10 @@ impl Store {
         self.meta.next_seq = seq + 1;
         self.meta.hlc = hlc;
         self.counters = counters;
-        self.records_unflushed = true;
+        if !self.records_unflushed {
+            self.dirty_since = (self.clock)();
+            self.records_unflushed = true;
+        }
         self.dirtied();
         if self.unflushed >= FLUSH_EVERY
             || (self.clock)().saturating_sub(self.dirty_since) >= FLUSH_INTERVAL.as_millis() as u64
@@ -1202,11 +1209,14 @@ impl Store {
         Ok(())
     }
 
+    /// Notes a durable commit: every commit so far is durable.
+    fn made_durable(&mut self) {
+        self.unflushed = 0;
+        self.records_unflushed = false;
+    }
+
     /// Notes a commit made with `Durability::None`.
     fn dirtied(&mut self) {
-        if self.unflushed == 0 {
-            self.dirty_since = (self.clock)();
-        }
         self.unflushed = self.unflushed.saturating_add(1);
     }
 
@@ -1224,8 +1234,13 @@ impl Store {
     }
 
     /// Whether any commit since the last durable one is not yet durable.
+    /// Whether a scan should end with a durable commit: it recorded
+    /// changes, or [`IDLE_FLUSH_EVERY`] other commits (knowledge, stat
+    /// updates, disk status) wait. Those may be lost in a crash, but redb
+    /// cannot reuse the pages they free until a durable commit, so they are
+    /// not left to pile up on an idle gateway.
     pub fn needs_flush(&self) -> bool {
-        self.unflushed > 0
+        self.records_unflushed || self.unflushed >= IDLE_FLUSH_EVERY
     }
 
     /// Durable commit of everything so far, including the counters.
@@ -1236,8 +1251,7 @@ impl Store {
             Self::put_counters(&mut meta, &self.counters)?;
         }
         txn.commit()?;
-        self.unflushed = 0;
-        self.records_unflushed = false;
+        self.made_durable();
         Ok(())
     }
 
@@ -1381,12 +1395,8 @@ impl Store {
         let mut hlc = self.meta.hlc;
         let stamp = hlc.tick(now);
         let mut counters = self.counters.clone();
-        // Not durable: a crash that loses this only makes the agent offer
-        // again what the server holds (it answers Applied), and bases stay
-        // at versions the cloud already held. Saves a durable commit, an
-        // fsync on a gateway, per acknowledgement.
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::None)?;
+        // Durable: the Superseded entry replaces a seq that already left.
+        let txn = self.db.begin_write()?;
         {
             let mut outbox = txn.open_table(OUTBOX)?;
             let key = (self.meta.epoch, change.seq);
@@ -1450,8 +1460,7 @@ impl Store {
         self.meta.hlc = hlc;
         self.counters = counters;
         self.rescan = true;
-        self.unflushed = 0;
-        self.records_unflushed = false;
+        self.made_durable();
         Ok(())
     }
 
@@ -1635,8 +1644,7 @@ impl Store {
         self.meta.offered = 0;
         self.counters = counters;
         self.rescan = true;
-        self.unflushed = 0;
-        self.records_unflushed = false;
+        self.made_durable();
         deleted.sort();
         deleted.dedup_by(|a, b| a.0 == b.0);
         for (p, shared) in deleted {
@@ -1671,8 +1679,7 @@ impl Store {
             t.insert(class, &b[..])?;
         }
         txn.commit()?;
-        self.unflushed = 0;
-        self.records_unflushed = false;
+        self.made_durable();
         Ok(spent)
     }
 
@@ -1730,8 +1737,7 @@ impl Store {
         }
         txn.commit()?;
         self.counters = counters;
-        self.unflushed = 0;
-        self.records_unflushed = false;
+        self.made_durable();
         Ok(())
     }
 

@@ -206,18 +206,37 @@ fn idle_scans_and_acknowledgements_make_no_durable_commit() {
         write_file(&watch.join(format!("f{i}.bin")), &pseudo_random(10_000, i + 1));
     }
     let clock = Arc::new(AtomicU64::new(T0));
-    let cfg = sim_config(&watch, &t.path().join("gw1.state"), &clock);
+    let mut cfg = sim_config(&watch, &t.path().join("gw1.state"), &clock);
+    // Disk watermarks, as on a gateway: every scan is followed by a check
+    // that stores its status (not durably).
+    cfg.disk = Some(
+        edge_agent::DiskWatermarks::new(
+            edge_agent::Watermark::UsedPct(90.0),
+            edge_agent::Watermark::UsedPct(80.0),
+        )
+        .unwrap(),
+    );
+    cfg.disk_probe = Arc::new(|_: &std::path::Path| {
+        Ok(edge_agent::DiskStat {
+            total: 1 << 30,
+            free: 1 << 29,
+        })
+    });
     let disk = SimDisk::default();
     let mut a = Agent::open_with_backend(cfg.clone(), Box::new(disk.clone())).unwrap();
     a.scan_once().unwrap();
+    a.enforce_disk().unwrap();
     let sent = ClientStore::pending(&mut a, &Knowledge::default(), 100, 1 << 20).unwrap();
     assert_eq!(sent.len(), 3);
     let offered = disk.synced();
 
-    clock.store(T0 + 900_000, Ordering::SeqCst);
-    let r = a.scan_once().unwrap();
-    assert_eq!((r.files_unchanged, r.changes_recorded), (3, 0));
-    assert!(disk.synced() == offered, "an idle scan made a durable commit");
+    for i in 1..=3 {
+        clock.store(T0 + i * 900_000, Ordering::SeqCst);
+        let r = a.scan_once().unwrap();
+        assert_eq!((r.files_unchanged, r.changes_recorded), (3, 0));
+        assert!(a.enforce_disk().unwrap().is_some());
+        assert!(disk.synced() == offered, "an idle scan made a durable commit");
+    }
 
     let mut server = Knowledge::default();
     for c in &sent {
@@ -240,6 +259,36 @@ fn idle_scans_and_acknowledgements_make_no_durable_commit() {
     assert_eq!(a.replica(), replica, "taken for a rolled-back state");
     assert_eq!(a.counters().state_rollbacks, 0);
     assert_eq!(a.status().unwrap().pending_changes, 0);
+}
+
+/// A `Superseded` entry replaces a seq that already left the device: it is
+/// durable at once, so a power cut right after cannot bring back the
+/// original change (whose chunks the agent could no longer send).
+#[test]
+fn a_supersede_survives_a_power_cut() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("cell");
+    std::fs::create_dir(&watch).unwrap();
+    write_file(&watch.join("f.bin"), &pseudo_random(10_000, 7));
+    let clock = Arc::new(AtomicU64::new(T0));
+    let cfg = sim_config(&watch, &t.path().join("gw1.state"), &clock);
+    let disk = SimDisk::default();
+    let mut a = Agent::open_with_backend(cfg.clone(), Box::new(disk.clone())).unwrap();
+    a.scan_once().unwrap();
+    let sent = ClientStore::pending(&mut a, &Knowledge::default(), 100, 1 << 20).unwrap();
+    assert_eq!(sent.len(), 1);
+    ClientStore::supersede(&mut a, &sent[0]).unwrap();
+    let image = disk.synced();
+    a.crash();
+    let mut a = Agent::open_with_backend(cfg, Box::new(SimDisk::from_image(image))).unwrap();
+    let again = ClientStore::pending(&mut a, &Knowledge::default(), 100, 1 << 20).unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].seq, sent[0].seq);
+    assert!(
+        matches!(again[0].body, ChangeBody::Superseded(_)),
+        "the supersede was lost: {:?}",
+        again[0].body
+    );
 }
 
 /// A disk that can fill up: writes and growth fail while `full` is set.
