@@ -324,8 +324,11 @@ async fn get_chunk(State(st): State<AppState>, Path(id): Path<String>) -> ApiRes
 /// Most chunk ids in one `POST /v1/chunks`.
 pub const MAX_BATCH_IDS: usize = 1024;
 /// Most stored bytes one `POST /v1/chunks` answers with; a batch whose
-/// chunks hold more is refused (the client asks for less at a time).
-pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+/// chunks hold more is refused (the client asks for about 1 MiB at a time).
+pub const MAX_BATCH_BYTES: u64 = 16 << 20;
+/// Batch answers being assembled at once: with [`MAX_BATCH_BYTES`], bounds
+/// the memory they hold to 128 MiB whatever the callers do.
+static BATCHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
 
 /// `POST /v1/chunks`: the body is chunk ids (32 bytes each, at most
 /// [`MAX_BATCH_IDS`]); the answer is, for each in order, its stored length
@@ -372,10 +375,21 @@ async fn get_chunks(State(st): State<AppState>, body: axum::body::Bytes) -> ApiR
             format!("the chunks hold {total} bytes, over {MAX_BATCH_BYTES}: ask for fewer"),
         ));
     }
+    let _permit = BATCHES
+        .acquire()
+        .await
+        .map_err(|_| ApiError(StatusCode::SERVICE_UNAVAILABLE, "shutting down".into()))?;
     let mut out = Vec::with_capacity(total as usize);
-    for loc in locs.into_iter().filter_map(|(_, l)| l) {
+    for (id, loc) in locs.into_iter().filter_map(|(id, l)| l.map(|l| (id, l))) {
         let end = loc.offset + u64::from(loc.len);
         let bytes = st.objects.get_range(&pack_key(&loc.pack), loc.offset..end).await?;
+        // The framing follows what was read: a short range must not shift it.
+        if bytes.len() != loc.len as usize {
+            return Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("chunk {id}: its pack gave {} of {} bytes", bytes.len(), loc.len),
+            ));
+        }
         out.extend_from_slice(&loc.len.to_be_bytes());
         out.extend_from_slice(&bytes);
     }
