@@ -316,9 +316,22 @@ async fn get_chunk(State(st): State<AppState>, Path(id): Path<String>) -> ApiRes
     let Some(loc) = loc else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("unknown chunk {id}")));
     };
-    let end = loc.offset + u64::from(loc.len);
-    let bytes = st.objects.get_range(&pack_key(&loc.pack), loc.offset..end).await?;
+    let bytes = stored_bytes(&st.objects, &id, &loc).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// A chunk's stored bytes from its pack: all `loc.len` of them, or an error
+/// (a short range would otherwise pass for a chunk, or shift a batch's framing).
+async fn stored_bytes(objects: &Objects, id: &Hash32, loc: &crate::catalog::ChunkLoc) -> ApiResult<Bytes> {
+    let end = loc.offset + u64::from(loc.len);
+    let bytes = objects.get_range(&pack_key(&loc.pack), loc.offset..end).await?;
+    if bytes.len() != loc.len as usize {
+        return Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("chunk {id}: its pack gave {} of {} bytes", bytes.len(), loc.len),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Most chunk ids in one `POST /v1/chunks`.
@@ -381,15 +394,7 @@ async fn get_chunks(State(st): State<AppState>, body: axum::body::Bytes) -> ApiR
         .map_err(|_| ApiError(StatusCode::SERVICE_UNAVAILABLE, "shutting down".into()))?;
     let mut out = Vec::with_capacity(total as usize);
     for (id, loc) in locs.into_iter().filter_map(|(id, l)| l.map(|l| (id, l))) {
-        let end = loc.offset + u64::from(loc.len);
-        let bytes = st.objects.get_range(&pack_key(&loc.pack), loc.offset..end).await?;
-        // The framing follows what was read: a short range must not shift it.
-        if bytes.len() != loc.len as usize {
-            return Err(ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("chunk {id}: its pack gave {} of {} bytes", bytes.len(), loc.len),
-            ));
-        }
+        let bytes = stored_bytes(&st.objects, &id, &loc).await?;
         out.extend_from_slice(&loc.len.to_be_bytes());
         out.extend_from_slice(&bytes);
     }

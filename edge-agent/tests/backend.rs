@@ -94,17 +94,25 @@ fn sim_config(watch: &std::path::Path, state: &std::path::Path, clock: &Arc<Atom
     cfg
 }
 
-#[test]
-fn agent_on_an_in_memory_backend_scans_and_offers_changes() {
+/// A temp dir whose `cell` folder holds `files` (name, seed of 10,000
+/// pseudo-random bytes), a virtual clock at `T0`, and an agent config
+/// watching `cell` with its state at `gw1.state`.
+fn cell(files: &[(&str, u64)]) -> (tempfile::TempDir, Arc<AtomicU64>, AgentConfig) {
     let t = tempfile::tempdir().unwrap();
     let watch = t.path().join("cell");
     std::fs::create_dir(&watch).unwrap();
-    for i in 0..3u64 {
-        write_file(&watch.join(format!("f{i}.bin")), &pseudo_random(10_000, i + 1));
+    for (name, seed) in files {
+        write_file(&watch.join(name), &pseudo_random(10_000, *seed));
     }
     let clock = Arc::new(AtomicU64::new(T0));
-    let state = t.path().join("gw1.state");
-    let cfg = sim_config(&watch, &state, &clock);
+    let cfg = sim_config(&watch, &t.path().join("gw1.state"), &clock);
+    (t, clock, cfg)
+}
+
+#[test]
+fn agent_on_an_in_memory_backend_scans_and_offers_changes() {
+    let (t, clock, cfg) = cell(&[("f0.bin", 1), ("f1.bin", 2), ("f2.bin", 3)]);
+    let (watch, state) = (t.path().join("cell"), t.path().join("gw1.state"));
     let mut a = Agent::open_with_backend(cfg.clone(), Box::new(redb::backends::InMemoryBackend::new())).unwrap();
     // The database is in memory; only the device key file is on disk.
     assert!(!state.exists());
@@ -149,13 +157,7 @@ fn agent_on_an_in_memory_backend_scans_and_offers_changes() {
 
 #[test]
 fn crash_and_restore_on_a_simulated_disk() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("cell");
-    std::fs::create_dir(&watch).unwrap();
-    write_file(&watch.join("a.bin"), &pseudo_random(10_000, 1));
-    let clock = Arc::new(AtomicU64::new(T0));
-    let state = t.path().join("gw1.state");
-    let cfg = sim_config(&watch, &state, &clock);
+    let (_t, _clock, cfg) = cell(&[("a.bin", 1)]);
     let disk = SimDisk::default();
     let a = Agent::open_with_backend(cfg.clone(), Box::new(disk.clone())).unwrap();
     let replica = a.replica();
@@ -199,14 +201,7 @@ fn crash_and_restore_on_a_simulated_disk() {
 /// for a rolled-back state.
 #[test]
 fn idle_scans_and_acknowledgements_make_no_durable_commit() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("cell");
-    std::fs::create_dir(&watch).unwrap();
-    for i in 0..3u64 {
-        write_file(&watch.join(format!("f{i}.bin")), &pseudo_random(10_000, i + 1));
-    }
-    let clock = Arc::new(AtomicU64::new(T0));
-    let mut cfg = sim_config(&watch, &t.path().join("gw1.state"), &clock);
+    let (_t, clock, mut cfg) = cell(&[("f0.bin", 1), ("f1.bin", 2), ("f2.bin", 3)]);
     // Disk watermarks, as on a gateway: every scan is followed by a check
     // that stores its status (not durably).
     cfg.disk = Some(
@@ -266,12 +261,7 @@ fn idle_scans_and_acknowledgements_make_no_durable_commit() {
 /// original change (whose chunks the agent could no longer send).
 #[test]
 fn a_supersede_survives_a_power_cut() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("cell");
-    std::fs::create_dir(&watch).unwrap();
-    write_file(&watch.join("f.bin"), &pseudo_random(10_000, 7));
-    let clock = Arc::new(AtomicU64::new(T0));
-    let cfg = sim_config(&watch, &t.path().join("gw1.state"), &clock);
+    let (_t, _clock, cfg) = cell(&[("f.bin", 7)]);
     let disk = SimDisk::default();
     let mut a = Agent::open_with_backend(cfg.clone(), Box::new(disk.clone())).unwrap();
     a.scan_once().unwrap();
@@ -336,12 +326,8 @@ impl StorageBackend for FillingDisk {
 /// nothing committed lost.
 #[test]
 fn a_full_disk_poisons_the_state_database_until_it_is_reopened() {
-    let t = tempfile::tempdir().unwrap();
+    let (t, _clock, cfg) = cell(&[("a.bin", 1)]);
     let watch = t.path().join("cell");
-    std::fs::create_dir(&watch).unwrap();
-    write_file(&watch.join("a.bin"), &pseudo_random(10_000, 1));
-    let clock = Arc::new(AtomicU64::new(T0));
-    let cfg = sim_config(&watch, &t.path().join("gw1.state"), &clock);
     let disk = FillingDisk::default();
     let mut a = Agent::open_with_backend(cfg.clone(), Box::new(disk.clone())).unwrap();
     // scan_once ends with a flush (Durability::Immediate commit).

@@ -498,6 +498,19 @@ mod tests {
         Change::sign(replica, seq, Hlc(seq), ChangeBody::Delete(format!("f{seq}")), k)
     }
 
+    /// A server, a store that holds every chunk, and an aggregator peer.
+    fn aggregator_round() -> (Server, Mem, Peer<'static>) {
+        let st = Mem {
+            all_chunks: true,
+            ..Mem::default()
+        };
+        let peer = Peer {
+            name: "agg",
+            device: None,
+        };
+        (Server::new(ServerConfig::default()), st, peer)
+    }
+
     fn statuses(m: &[Message]) -> Vec<(u64, Status)> {
         match m {
             [Message::Committed(c)] => c.results.iter().map(|r| (r.seq, r.status)).collect(),
@@ -508,15 +521,7 @@ mod tests {
     #[test]
     fn first_key_pins_a_new_device_within_a_batch_and_across_batches() {
         let (good, bad) = (key(), key());
-        let mut srv = Server::new(ServerConfig::default());
-        let mut st = Mem {
-            all_chunks: true,
-            ..Mem::default()
-        };
-        let peer = Peer {
-            name: "agg",
-            device: None,
-        };
+        let (mut srv, mut st, peer) = aggregator_round();
         // One batch, two keys for a device never seen: the second is refused.
         let b = Batch {
             batch_id: 1,
@@ -551,15 +556,7 @@ mod tests {
     #[test]
     fn held_changes_are_not_verified_again_and_never_applied_unchecked() {
         let k = key();
-        let mut srv = Server::new(ServerConfig::default());
-        let mut st = Mem {
-            all_chunks: true,
-            ..Mem::default()
-        };
-        let peer = Peer {
-            name: "agg",
-            device: None,
-        };
+        let (mut srv, mut st, peer) = aggregator_round();
         let round = |srv: &mut Server, st: &mut Mem, id: u64, changes: Vec<Change>| {
             let r = srv
                 .handle(0, &peer, Message::Batch(Batch { batch_id: id, changes }), st)
