@@ -1233,7 +1233,6 @@ impl Store {
         self.records_unflushed = false;
     }
 
-    /// Whether any commit since the last durable one is not yet durable.
     /// Whether a scan should end with a durable commit: it recorded
     /// changes, or [`IDLE_FLUSH_EVERY`] other commits (knowledge, stat
     /// updates, disk status) wait. Those may be lost in a crash, but redb
@@ -1342,8 +1341,7 @@ impl Store {
             }
             txn.commit()?;
             self.meta.offered = offered;
-            self.unflushed = 0;
-            self.records_unflushed = false;
+            self.made_durable();
         }
         Ok(out)
     }
