@@ -25,8 +25,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// (at most `MAX_DEPTH` more chunks).
 const FETCH_CONCURRENCY: usize = 8;
 /// Fetched chunks queued for the writer thread. So at most
-/// FETCH_CONCURRENCY + WRITE_QUEUE + 1 chunks are held at a time, whatever
-/// the sink answers (16 was measured no faster than 8 here: BENCHMARKS §9).
+/// FETCH_CONCURRENCY + WRITE_QUEUE + 1 chunks are held at a time, plus the
+/// batches in flight and the one being handed out (`BATCHES_IN_FLIGHT` + 1,
+/// each at most `BATCH_MAX` chunks within its answer limit), whatever the
+/// sink answers (16 was measured no faster than 8 here: BENCHMARKS §9).
 const WRITE_QUEUE: usize = 8;
 /// Full chunks with at least this many stored bytes are checked and opened
 /// on the blocking pool, in parallel; smaller ones by the writer thread:
