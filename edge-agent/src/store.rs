@@ -1820,7 +1820,7 @@ impl Store {
         let mut hlc = self.meta.hlc;
         let mut cursor = self.server_cursor;
         let (mut merged, mut refused, mut overflow) = (0usize, 0usize, false);
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
         {
             let mut states = txn.open_table(SERVER_STATE)?;
             let mut vvs = txn.open_table(SHARED_VV)?;
@@ -1905,7 +1905,20 @@ impl Store {
             }
             meta.insert("hlc", &hlc.0.to_be_bytes()[..])?;
         }
+        // A cursor that only moved (nothing merged: the hourly refresh of
+        // an up-to-date device) need not be durable: a crash that loses it
+        // only makes the next Hello ask for the same changes again, which
+        // merge as no-ops. Anything merged (a hold, a shared head) is durable.
+        let durable = merged > 0 || overflow;
+        if !durable {
+            txn.set_durability(Durability::None)?;
+        }
         txn.commit()?;
+        if durable {
+            self.made_durable();
+        } else {
+            self.dirtied();
+        }
         self.server_cursor = cursor;
         self.meta.hlc = hlc;
         Ok(merged)

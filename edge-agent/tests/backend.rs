@@ -241,6 +241,14 @@ fn idle_scans_and_acknowledgements_make_no_durable_commit() {
     assert_eq!(a.status().unwrap().pending_changes, 0);
     assert!(ClientStore::pending(&mut a, &server, 100, 1 << 20).unwrap().is_empty());
     assert!(disk.synced() == offered, "an acknowledgement made a durable commit");
+    // The hourly server-changes refresh of an up-to-date device only moves
+    // its cursor: no durable commit either.
+    ClientStore::on_server_changes(&mut a, &[], Some(42)).unwrap();
+    assert_eq!(ClientStore::server_cursor(&a), 42);
+    assert!(
+        disk.synced() == offered,
+        "a cursor-only server change made a durable commit"
+    );
 
     // A power cut (the disk keeps what was synced; redb's close would
     // still write) loses the acknowledgement, nothing else.
@@ -250,6 +258,7 @@ fn idle_scans_and_acknowledgements_make_no_durable_commit() {
     let mut a = Agent::open_with_backend(cfg, Box::new(SimDisk::from_image(image))).unwrap();
     let st = a.status().unwrap();
     assert_eq!(st.pending_changes, 3, "{st:?}");
+    assert_eq!(ClientStore::server_cursor(&a), 0, "the cursor move was not durable");
     ClientStore::on_knowledge(&mut a, &server, &server).unwrap();
     assert_eq!(a.replica(), replica, "taken for a rolled-back state");
     assert_eq!(a.counters().state_rollbacks, 0);

@@ -59,6 +59,12 @@ pub struct ClientConfig {
     /// a lost CloudAck then costs a delay, not a backlog until the next
     /// reconnect. 0 turns it off.
     pub knowledge_refresh_ms: u64,
+    /// An idle session Hellos again this long after its last Hello, so the
+    /// server changes after its cursor (shared-path heads, central metadata
+    /// such as legal holds) reach a device that stays connected even when
+    /// a push was lost (a push moves no cursor; only a Hello's answer is
+    /// complete). 0 turns it off.
+    pub changes_refresh_ms: u64,
 }
 
 impl Default for ClientConfig {
@@ -71,6 +77,7 @@ impl Default for ClientConfig {
             idle_backoff_ms: 1_000,
             software: String::new(),
             knowledge_refresh_ms: 60_000,
+            changes_refresh_ms: 3_600_000,
         }
     }
 }
@@ -155,6 +162,8 @@ pub struct ClientSession {
     changes_wait_until: Option<u64>,
     /// When knowledge last arrived (Knowledge, Committed, CloudAck).
     last_knowledge: u64,
+    /// When this connection last sent a Hello.
+    last_hello: u64,
     pub stats: ClientStats,
 }
 
@@ -177,6 +186,7 @@ impl ClientSession {
             exchanged: false,
             changes_wait_until: None,
             last_knowledge: 0,
+            last_hello: 0,
             stats: ClientStats::default(),
         }
     }
@@ -233,6 +243,7 @@ impl ClientSession {
         self.changes_wait_until = None;
         self.state = State::AwaitKnowledge;
         self.out.push_back(self.hello(store));
+        self.last_hello = now;
         self.deadline = Some(now + self.cfg.response_timeout_ms);
     }
 
@@ -254,13 +265,20 @@ impl ClientSession {
         })
     }
 
-    /// Earliest time `handle_timeout` should run.
-    /// When an idle session should Hello again to refresh cloud knowledge.
+    /// When an idle session should Hello again: to refresh cloud knowledge
+    /// (`knowledge_refresh_ms`) or server changes (`changes_refresh_ms`).
     fn refresh_due(&self) -> Option<u64> {
-        let behind = matches!(self.state, State::Idle) && !self.cloud.covers(&self.regional);
-        (behind && self.cfg.knowledge_refresh_ms > 0).then(|| self.last_knowledge + self.cfg.knowledge_refresh_ms)
+        if !matches!(self.state, State::Idle) {
+            return None;
+        }
+        let behind = !self.cloud.covers(&self.regional);
+        let knowledge =
+            (behind && self.cfg.knowledge_refresh_ms > 0).then(|| self.last_knowledge + self.cfg.knowledge_refresh_ms);
+        let changes = (self.cfg.changes_refresh_ms > 0).then(|| self.last_hello + self.cfg.changes_refresh_ms);
+        knowledge.into_iter().chain(changes).min()
     }
 
+    /// Earliest time `handle_timeout` should run.
     pub fn poll_timeout(&self) -> Option<u64> {
         let t = match (&self.state, self.deadline) {
             (State::Backoff { until, .. }, _) => Some(*until),
@@ -277,12 +295,14 @@ impl ClientSession {
             self.exchanged = true;
         }
         if self.refresh_due().is_some_and(|t| now >= t) && self.out.is_empty() {
-            // Changes are regional but not known to be in the cloud: a
-            // CloudAck may have been lost. Hello is idempotent.
+            // Changes are regional but not known to be in the cloud (a
+            // CloudAck may have been lost), or server changes may have been
+            // pushed and lost. Hello is idempotent.
             self.out.push_back(self.hello(store));
             self.state = State::AwaitKnowledge;
             self.deadline = Some(now + self.cfg.response_timeout_ms);
             self.last_knowledge = now;
+            self.last_hello = now;
             return;
         }
         match std::mem::replace(&mut self.state, State::Offline) {
@@ -571,7 +591,73 @@ mod tests {
         };
         s.handle(60_020, Message::Knowledge(k), &mut st).expect("knowledge");
         assert!(matches!(s.poll_transmit(60_020, &mut st), Ok(None)));
-        assert_eq!(s.poll_timeout(), None);
+        // Only the hourly server-changes refresh is left.
+        assert_eq!(s.poll_timeout(), Some(60_010 + 3_600_000));
+    }
+
+    #[test]
+    fn a_connected_idle_session_asks_for_server_changes_again_every_hour() {
+        let mut st = Empty(DeviceRef::new("t", "s", "d").expect("ids"));
+        let mut s = ClientSession::new(ClientConfig::default(), 1);
+        s.connected(100, &st);
+        assert!(matches!(s.poll_transmit(100, &mut st), Ok(Some(Message::Hello(_)))));
+        let k = KnowledgeMsg {
+            regional: Knowledge::default(),
+            cloud: Knowledge::default(),
+            max_message: MAX_MESSAGE as u32,
+            max_batch: 10,
+        };
+        s.handle(110, Message::Knowledge(k.clone()), &mut st)
+            .expect("knowledge");
+        let answer = Changes {
+            items: vec![],
+            upto: Some(7),
+        };
+        s.handle(110, Message::Changes(answer.clone()), &mut st)
+            .expect("changes");
+        assert!(matches!(s.poll_transmit(110, &mut st), Ok(None)));
+        assert!(s.is_idle());
+        // Nothing to send and the cloud covers everything: the next wake-up
+        // is the refresh, an hour after the Hello.
+        let due = 100 + 3_600_000;
+        assert_eq!(s.poll_timeout(), Some(due));
+        s.handle_timeout(due - 1, &st);
+        assert!(matches!(s.poll_transmit(due - 1, &mut st), Ok(None)));
+        s.handle_timeout(due, &st);
+        match s.poll_transmit(due, &mut st) {
+            Ok(Some(Message::Hello(h))) => assert_eq!(h.server_cursor, Some(0)),
+            other => panic!("expected a Hello, got {other:?}"),
+        }
+        // Answered: idle again, the next refresh an hour later.
+        let k_off = || k.clone();
+        s.handle(due + 10, Message::Knowledge(k_off()), &mut st)
+            .expect("knowledge");
+        s.handle(due + 10, Message::Changes(answer), &mut st).expect("changes");
+        assert!(matches!(s.poll_transmit(due + 10, &mut st), Ok(None)));
+        assert_eq!(s.poll_timeout(), Some(due + 3_600_000));
+        // Turned off: no refresh at all.
+        let mut s = ClientSession::new(
+            ClientConfig {
+                changes_refresh_ms: 0,
+                ..ClientConfig::default()
+            },
+            1,
+        );
+        s.connected(0, &st);
+        let _ = s.poll_transmit(0, &mut st);
+        s.handle(10, Message::Knowledge(k_off()), &mut st).expect("knowledge");
+        s.handle(
+            10,
+            Message::Changes(Changes {
+                items: vec![],
+                upto: Some(7),
+            }),
+            &mut st,
+        )
+        .expect("changes");
+        assert!(matches!(s.poll_transmit(10, &mut st), Ok(None)));
+        assert!(s.is_idle());
+        assert_eq!(s.poll_timeout(), None, "no refresh when turned off");
     }
 
     #[test]

@@ -134,6 +134,12 @@ pub enum Kind {
     Heal = 18,
     Error = 19,
     Prune = 20,
+    /// An aggregator's cloud lookup at a Hello (a = 1000 + aggregator,
+    /// b = agent, c = 0 failed, else 1 + server changes stashed).
+    Lookup = 21,
+    /// Server changes pushed to an agent (a = agent, b = items,
+    /// c = 1000 + aggregator).
+    Push = 22,
 }
 
 /// The run's event log: every event is hashed as it happens; the last few

@@ -14,7 +14,7 @@ use super::report::Metrics;
 use super::scenario::{Faults, LinkKind, Scenario, WorkloadKind};
 use aggregator::forward::{SinkRequest, SinkResponse};
 use anyhow::{anyhow, Context, Result};
-use protocol::msg::Message;
+use protocol::msg::{Changes, Message};
 use protocol::seal::TenantKey;
 use protocol::{DeviceRef, Hash32, Knowledge, ReplicaId};
 use rand::{Rng, RngCore};
@@ -78,6 +78,9 @@ enum Ev {
     },
     /// Poll aggregator `g`'s forward core (valid if it is still its timer).
     Forward(usize, Ms),
+    /// Aggregator `g` (process generation) polls the cloud for server
+    /// changes to push.
+    ChangesPoll(usize, u64),
     /// The cloud's answer to request `req_id` of aggregator `g` (process generation `gen`).
     SinkReply {
         g: usize,
@@ -135,6 +138,10 @@ struct AgentSlot {
     /// Every file the workload wrote (it never deletes one): a file missing
     /// from the watch folder was pruned.
     written: std::collections::BTreeSet<PathBuf>,
+    /// The gateway has connected to the broker at least once, so its
+    /// retained presence tells every aggregator about it (the daemon's
+    /// push goes only to devices its presence tracker knows).
+    announced: bool,
 }
 
 struct AggSlot {
@@ -147,6 +154,12 @@ struct AggSlot {
     /// Regional knowledge this aggregator acknowledged (Committed): a
     /// restart must not lose it.
     acked: Knowledge,
+    /// Cloud gseq up to which server changes were pushed (in memory, as in
+    /// the daemon: a restart starts a minute before its clock).
+    changes_cursor: u64,
+    /// After a failed Hello lookup the aggregator answers Hellos from
+    /// local knowledge alone until then (`aggregator::mqtt::CloudLookup`).
+    lookup_quiet_until: Ms,
 }
 
 /// `FERRY_DST_TRACE=<agent index>` prints that agent's messages (debugging).
@@ -213,6 +226,9 @@ pub struct Sim {
     rng_fault: ChaCha8Rng,
     rng_link: ChaCha8Rng,
     rng_sink: ChaCha8Rng,
+    /// Failures of Hello lookups and change polls (a stream of its own, so
+    /// they do not shift the forwarder's sink faults).
+    rng_lookup: ChaCha8Rng,
     pub metrics: Metrics,
     _tmp: Option<tempfile::TempDir>,
     work: PathBuf,
@@ -326,6 +342,7 @@ impl Sim {
                 clean: false,
                 group: 0,
                 written: Default::default(),
+                announced: false,
             });
         }
         // `group` gateways of a site with the same shared workload write the
@@ -358,6 +375,8 @@ impl Sim {
                 gen: 0,
                 fwd_timer: None,
                 acked: Knowledge::default(),
+                changes_cursor: changes_cursor_at(0),
+                lookup_quiet_until: 0,
             });
         }
         let cloud_disk = CrashBackend::new();
@@ -385,6 +404,7 @@ impl Sim {
             rng_fault: stream(seed, "fault", 0),
             rng_link: stream(seed, "link", 0),
             rng_sink: stream(seed, "sink", 0),
+            rng_lookup: stream(seed, "lookup", 0),
             metrics,
             sc,
             _tmp: tmp,
@@ -452,6 +472,7 @@ impl Sim {
         }
         for g in 0..self.aggs.len() {
             self.poll_forward(g)?;
+            self.schedule_changes_poll(g);
             let r = self.sc.faults.agg_crash_per_day;
             self.schedule_rate(r, 0, Ev::AggCrash(g));
         }
@@ -545,6 +566,7 @@ impl Sim {
         s.conn = Some(gen);
         let present = s.session.exists;
         s.session.exists = true;
+        s.announced = true;
         self.log.log(now, Kind::LinkUp, a as u64, gen, present as u64);
         if let Some(n) = &mut s.node {
             n.session.connected(now, &n.agent);
@@ -699,13 +721,19 @@ impl Sim {
         let now = self.now();
         let g = self.agents[a].agg;
         let device = self.agents[a].setup.device.clone();
-        let Some(node) = &mut self.aggs[g].node else {
+        if self.aggs[g].node.is_none() {
             return Ok(());
-        };
+        }
         self.log.log(now, Kind::Deliver, a as u64, 0, bytes.len() as u64);
         let msg = match Message::decode(&bytes) {
             Ok(m) => m,
             Err(e) => return Err(anyhow!("aggregator could not decode a message the agent encoded: {e}")),
+        };
+        if let Message::Hello(h) = &msg {
+            self.hello_lookup(g, a, h.server_cursor)?;
+        }
+        let Some(node) = &mut self.aggs[g].node else {
+            return Ok(());
         };
         if self.trace == Some(a) {
             eprintln!("{now:>10} agg{g} <- a{a}: {}", describe(&msg));
@@ -1134,6 +1162,108 @@ impl Sim {
         self.poll_forward(g)
     }
 
+    /// A sink request other than the forwarder's (Hello lookup, change
+    /// poll) fails: during a sink outage, and at the scenario's
+    /// `sink_error` rate before the heal.
+    fn side_request_fails(&mut self, now: Ms) -> bool {
+        let error_p = if self.healing { 0.0 } else { self.sc.faults.sink_error };
+        self.sink_down(now) || (error_p > 0.0 && self.rng_lookup.gen_bool(error_p))
+    }
+
+    /// `aggregator::mqtt::CloudLookup` at agent `a`'s Hello to aggregator
+    /// `g`: what the cloud holds of the device joins the aggregator's cloud
+    /// knowledge (an agent that moved here re-sends nothing the cloud has),
+    /// and the server changes after the Hello's cursor are stashed for the
+    /// answer (shared-path heads, central metadata). The daemon's Hello
+    /// waits a sink round trip for this; here it takes no virtual time. A
+    /// failure only costs the optimisation, and the aggregator then answers
+    /// Hellos from local knowledge alone for 30 s, as the daemon does.
+    fn hello_lookup(&mut self, g: usize, a: usize, cursor: Option<u64>) -> Result<()> {
+        let now = self.now();
+        if now < self.aggs[g].lookup_quiet_until {
+            return Ok(());
+        }
+        if self.side_request_fails(now) {
+            self.aggs[g].lookup_quiet_until = now + LOOKUP_QUIET;
+            self.log.log(now, Kind::Lookup, 1000 + g as u64, a as u64, 0);
+            return Ok(());
+        }
+        let device = self.agents[a].setup.device.clone();
+        let k = self.cloud.catalog.knowledge(std::slice::from_ref(&device))?;
+        let changes = cursor
+            .map(|after| self.cloud.catalog.device_changes(&device, after))
+            .transpose()?;
+        let Some(node) = &self.aggs[g].node else {
+            return Ok(());
+        };
+        if !k.map.is_empty() {
+            if let Err(e) = node.store.merge_cloud(&k) {
+                // The daemon logs it and answers from what it has.
+                self.log.log(now, Kind::Error, 1000 + g as u64, 2, 0);
+                tracing::debug!(agg = g, "storing cloud knowledge: {e}");
+            }
+        }
+        let n = changes.as_ref().map_or(0, |c| c.items.len() as u64);
+        if let Some(ch) = changes {
+            node.store.stash_changes(&device, ch);
+        }
+        self.metrics.server_changes_hello += n;
+        self.log.log(now, Kind::Lookup, 1000 + g as u64, a as u64, 1 + n);
+        Ok(())
+    }
+
+    fn schedule_changes_poll(&mut self, g: usize) {
+        let every = self.sc.changes_poll.0;
+        if every > 0 {
+            let gen = self.aggs[g].gen;
+            self.q.push(self.now() + every, Ev::ChangesPoll(g, gen));
+        }
+    }
+
+    /// `aggregator::mqtt::changes_loop`: aggregator `g` asks the cloud for
+    /// the server changes after its cursor, page by page, and pushes each
+    /// device's share through the broker as a `Changes` without `upto` (a
+    /// push moves no cursor; the Hello answer is what a device can rely
+    /// on). It pushes to every gateway that has ever connected: the
+    /// daemon's presence tracker learns those from the retained, unshared
+    /// presence topic, so every aggregator pushes to every gateway.
+    fn on_changes_poll(&mut self, g: usize, gen: u64) -> Result<()> {
+        if self.aggs[g].gen != gen || self.aggs[g].node.is_none() {
+            return Ok(());
+        }
+        let now = self.now();
+        self.schedule_changes_poll(g);
+        if self.side_request_fails(now) {
+            return Ok(());
+        }
+        for _ in 0..1000 {
+            let page = self.cloud.catalog.fleet_changes(self.aggs[g].changes_cursor, 1000)?;
+            let mut per: BTreeMap<usize, Vec<protocol::meta::ServerChange>> = BTreeMap::new();
+            for it in page.items {
+                let Some(a) = self.agent_index(&it.device) else {
+                    continue;
+                };
+                if it.change.body.validate().is_ok() && self.agents[a].announced {
+                    per.entry(a).or_default().push(it.change);
+                }
+            }
+            for (a, items) in per {
+                let n = items.len() as u64;
+                let b = Message::Changes(Changes { items, upto: None }).encode()?;
+                self.metrics.msgs_down += 1;
+                self.metrics.server_changes_pushed += n;
+                self.log.log(now, Kind::Push, a as u64, n, 1000 + g as u64);
+                self.send_down(a, b);
+            }
+            let slot = &mut self.aggs[g];
+            slot.changes_cursor = slot.changes_cursor.max(page.upto);
+            if !page.more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn agent_index(&self, d: &DeviceRef) -> Option<usize> {
         let s = d.device.as_str().strip_prefix("gw")?;
         let i: usize = s.parse().ok()?;
@@ -1323,8 +1453,11 @@ impl Sim {
             }
         }
         slot.node = Some(node);
+        slot.changes_cursor = changes_cursor_at(now);
+        slot.lookup_quiet_until = 0;
         self.log.log(now, Kind::Restart, 1000 + g as u64, 0, 0);
         self.poll_forward(g)?;
+        self.schedule_changes_poll(g);
         for a in 0..self.agents.len() {
             if self.agents[a].agg == g {
                 self.try_connect(a);
@@ -1475,6 +1608,7 @@ impl Sim {
                 req_id,
                 outcome,
             } => self.on_sink_reply(g, gen, req_id, outcome),
+            Ev::ChangesPoll(g, gen) => self.on_changes_poll(g, gen),
             Ev::Crash(a) => {
                 if self.healing {
                     return Ok(());
@@ -1566,7 +1700,57 @@ impl Sim {
                 }
             }
         }
-        Ok(true)
+        Ok(self.server_divergence()?.is_none())
+    }
+
+    /// `server-changes-converge`: every agent's server states (shared-path
+    /// heads, central metadata) include the cloud's latest state of every
+    /// target of its device. The first agent that lacks one, described.
+    fn server_divergence(&self) -> Result<Option<String>> {
+        for (i, s) in self.agents.iter().enumerate() {
+            let Some(n) = &s.node else {
+                return Ok(Some(format!("agent {i} is down")));
+            };
+            let mut cloud = Vec::new();
+            let mut after = 0;
+            // Paged as a Hello answer is (a cut answer's `upto` is its last item).
+            for _ in 0..10_000 {
+                let ch = self.cloud.catalog.device_changes(&s.setup.device, after)?;
+                if ch.items.is_empty() {
+                    break;
+                }
+                after = ch.upto.unwrap_or(u64::MAX);
+                cloud.extend(ch.items);
+            }
+            if cloud.is_empty() {
+                continue;
+            }
+            let have: BTreeMap<String, protocol::meta::ServerBody> = n
+                .agent
+                .server_states()?
+                .into_iter()
+                .map(|(target, _, body)| (target, body))
+                .collect();
+            for c in cloud {
+                let target = c.body.target();
+                let covered = have.get(&target).is_some_and(|b| {
+                    let mut joined = b.clone();
+                    joined.merge(&c.body);
+                    &joined == b
+                });
+                if !covered {
+                    return Ok(Some(format!(
+                        "agent {i} ({}): {target} at gseq {} is {:?} in the cloud, {:?} at the agent (cursor {})",
+                        s.setup.device,
+                        c.gseq,
+                        c.body,
+                        have.get(&target),
+                        protocol::client::ClientStore::server_cursor(&n.agent)
+                    )));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Runs to the end: the scenario, then the heal phase until quiescent
@@ -1664,7 +1848,9 @@ impl Sim {
                 })
                 .collect();
             let mut fwd = Vec::new();
+            let mut queued = false;
             for g in &self.aggs {
+                queued |= g.node.as_ref().map_or(Ok(0), |n| n.store.forward_len())? > 0;
                 fwd.push(match &g.node {
                     Some(n) => format!(
                         "{} (sink rejected {:?})",
@@ -1673,6 +1859,15 @@ impl Sim {
                     ),
                     None => "down".into(),
                 });
+            }
+            if stuck.is_empty() && !queued {
+                if let Some(d) = self.server_divergence()? {
+                    return Ok(Some(Violation {
+                        invariant: "server-changes-converge",
+                        detail: format!("{} ms after the heal: {d}", self.sc.heal.0),
+                        at: now,
+                    }));
+                }
             }
             return Ok(Some(Violation {
                 invariant: "converges-after-heal",
@@ -1886,6 +2081,17 @@ impl std::fmt::Display for Violation {
     }
 }
 impl std::error::Error for Violation {}
+
+/// How long Hellos skip the cloud lookup after one failed (the daemon's
+/// `LOOKUP_QUIET`).
+const LOOKUP_QUIET: Ms = 30 * SECOND;
+
+/// The push cursor of an aggregator (re)started at `t`: the cloud's gseq
+/// of a minute before its clock (gseqs are Unix microseconds), as
+/// `aggregator::mqtt::changes_loop` starts.
+fn changes_cursor_at(t: Ms) -> u64 {
+    wall(t, 0).saturating_sub(60_000).saturating_mul(1000)
+}
 
 fn violation(invariant: &'static str, detail: String) -> anyhow::Error {
     anyhow::Error::new(Violation {

@@ -40,6 +40,10 @@ pub struct Metrics {
     /// Versions of shared paths in the cloud, and conflicts among them.
     pub shared_versions: u64,
     pub shared_conflicts: u64,
+    /// Server changes the aggregators stashed for Hello answers, and
+    /// pushed to agents.
+    pub server_changes_hello: u64,
+    pub server_changes_pushed: u64,
 }
 
 fn kind_name(k: LinkKind) -> &'static str {
@@ -124,6 +128,11 @@ impl Metrics {
             s,
             "  shared paths: {} versions in the cloud, {} conflicts (same in any arrival order)",
             self.shared_versions, self.shared_conflicts
+        );
+        let _ = writeln!(
+            s,
+            "  server changes to agents: {} in Hello answers, {} pushed",
+            self.server_changes_hello, self.server_changes_pushed
         );
         let peak = self.backlog.iter().map(|b| b.1).max().unwrap_or(0);
         let _ = writeln!(s, "  backlog peak {peak} changes");

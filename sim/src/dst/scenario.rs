@@ -70,6 +70,11 @@ pub struct Scenario {
     pub forward_idle: Dur,
     /// Close an aggregator's open pack at least this often when changes wait.
     pub pack_max_delay: Dur,
+    /// Each aggregator polls the cloud for new server changes (shared-path
+    /// heads, central metadata) this often and pushes them to the agents
+    /// (the daemon's `--changes-poll`); 0 turns the push off, leaving only
+    /// the answer to each Hello.
+    pub changes_poll: Dur,
     /// Bounds checked by the invariants.
     pub bounds: Bounds,
     pub workload: Vec<Workload>,
@@ -110,6 +115,7 @@ impl Default for Scenario {
             sink_rtt: Dur(30),
             forward_idle: Dur(5 * SECOND),
             pack_max_delay: Dur(30 * SECOND),
+            changes_poll: Dur(5 * SECOND),
             bounds: Bounds::default(),
             workload: vec![Workload::default()],
             link: vec![LinkSpec::default()],
@@ -390,6 +396,9 @@ impl Scenario {
         }
         if self.sink_rtt.0 == 0 || self.sink_rtt.0 > HOUR {
             bail!("sink_rtt must be in (0, 1h]");
+        }
+        if self.changes_poll.0 != 0 && self.changes_poll.0 < 100 {
+            bail!("changes_poll must be 0 (off) or at least 100 ms");
         }
         if self.heal.0 > 365 * DAY {
             bail!("heal must be at most a year");
