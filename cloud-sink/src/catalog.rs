@@ -606,6 +606,17 @@ impl Catalog {
         Ok(ack)
     }
 
+    /// The presence record of each of `devices` (None: none received), in
+    /// one read transaction.
+    pub fn presence_records(&self, devices: &[DeviceRef]) -> Result<Vec<Option<crate::fleet::PresenceRecord>>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PRESENCE)?;
+        devices
+            .iter()
+            .map(|d| t.get(d.key().as_str())?.map(|v| read_presence(v.value())).transpose())
+            .collect()
+    }
+
     /// One row per device the catalog or presence knows, sorted by device key.
     pub fn fleet(&self, now_ms: u64) -> Result<Vec<crate::fleet::FleetRow>> {
         use crate::fleet::{row, CatalogCounts, PresenceRecord};

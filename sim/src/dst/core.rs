@@ -140,6 +140,9 @@ pub enum Kind {
     /// Server changes pushed to an agent (a = agent, b = items,
     /// c = 1000 + aggregator).
     Push = 22,
+    /// Presence: at the broker (a = agent, b = bytes), or an aggregator's
+    /// flush (a = 1000 + aggregator, b = entries, c = 1 sent / 0 failed).
+    Presence = 23,
 }
 
 /// The run's event log: every event is hashed as it happens; the last few

@@ -81,6 +81,18 @@ enum Ev {
     /// Aggregator `g` (process generation) polls the cloud for server
     /// changes to push.
     ChangesPoll(usize, u64),
+    /// Agent `a`'s retained presence, published on connection `gen`,
+    /// reaches the broker.
+    Presence {
+        a: usize,
+        gen: u64,
+        bytes: Vec<u8>,
+    },
+    /// Agent `a` re-publishes its presence on connection `gen` (heartbeat).
+    Heartbeat(usize, u64),
+    /// Aggregator `g` (process generation) sends its changed presence
+    /// entries to the cloud (valid if it is still its timer).
+    PresenceFlush(usize, u64, Ms),
     /// The cloud's answer to request `req_id` of aggregator `g` (process generation `gen`).
     SinkReply {
         g: usize,
@@ -138,10 +150,16 @@ struct AgentSlot {
     /// Every file the workload wrote (it never deletes one): a file missing
     /// from the watch folder was pruned.
     written: std::collections::BTreeSet<PathBuf>,
-    /// The gateway has connected to the broker at least once, so its
-    /// retained presence tells every aggregator about it (the daemon's
-    /// push goes only to devices its presence tracker knows).
+    /// The gateway has connected to the broker at least once: whom the
+    /// push reaches when presence is not simulated.
     announced: bool,
+    /// The broker's retained presence of this gateway (the latest it
+    /// published, or its last will), and the will it left with the
+    /// connection that is up.
+    retained: Option<Vec<u8>>,
+    will: Option<Vec<u8>>,
+    /// Wall ms at which an aggregator last received an up message from it.
+    last_up_ms: u64,
 }
 
 struct AggSlot {
@@ -160,6 +178,14 @@ struct AggSlot {
     /// After a failed Hello lookup the aggregator answers Hellos from
     /// local knowledge alone until then (`aggregator::mqtt::CloudLookup`).
     lookup_quiet_until: Ms,
+    /// The daemon's presence tracker (real code, in memory: a restart
+    /// starts empty and the broker sends it every retained presence).
+    tracker: std::sync::Arc<aggregator::presence::Tracker>,
+    /// The pending presence flush, its back-off after a failure, and when
+    /// everything is re-sent (`REFRESH_EVERY`).
+    presence_flush: Option<Ms>,
+    presence_backoff: Ms,
+    presence_refresh_at: Ms,
 }
 
 /// `FERRY_DST_TRACE=<agent index>` prints that agent's messages (debugging).
@@ -343,6 +369,9 @@ impl Sim {
                 group: 0,
                 written: Default::default(),
                 announced: false,
+                retained: None,
+                will: None,
+                last_up_ms: 0,
             });
         }
         // `group` gateways of a site with the same shared workload write the
@@ -377,6 +406,10 @@ impl Sim {
                 acked: Knowledge::default(),
                 changes_cursor: changes_cursor_at(0),
                 lookup_quiet_until: 0,
+                tracker: new_tracker(g),
+                presence_flush: None,
+                presence_backoff: PRESENCE_RETRY_FIRST,
+                presence_refresh_at: REFRESH_EVERY,
             });
         }
         let cloud_disk = CrashBackend::new();
@@ -550,7 +583,139 @@ impl Sim {
                 n.session.disconnected();
             }
             self.log.log(now, Kind::LinkDown, a as u64, 0, 0);
+            self.publish_will(a);
         }
+    }
+
+    /// The connection broke without a clean disconnect (nothing in the
+    /// simulation leaves cleanly): the broker publishes the gateway's last
+    /// will, its `offline` presence stamped when it connected.
+    fn publish_will(&mut self, a: usize) {
+        if let Some(will) = self.agents[a].will.take() {
+            self.presence_at_broker(a, will);
+        }
+    }
+
+    /// A presence payload of agent `a` reaches the broker: it becomes the
+    /// retained one and goes to every aggregator that is up (the presence
+    /// subscription is not shared).
+    fn presence_at_broker(&mut self, a: usize, bytes: Vec<u8>) {
+        let now = self.now();
+        let device = self.agents[a].setup.device.clone();
+        for g in 0..self.aggs.len() {
+            if self.aggs[g].node.is_some() {
+                // Refused payloads are counted by the tracker; the agent's never are.
+                let _ = self.aggs[g].tracker.on_payload(&device, &bytes, wall(now, 0));
+                self.presence_dirty(g);
+            }
+        }
+        self.log.log(now, Kind::Presence, a as u64, bytes.len() as u64, 0);
+        self.metrics.presence_published += 1;
+        self.agents[a].retained = Some(bytes);
+    }
+
+    /// Agent `a` publishes its presence (retained, QoS 1) on connection `gen`.
+    fn publish_presence(&mut self, a: usize, gen: u64) {
+        let now = self.now();
+        let s = &self.agents[a];
+        let Some(n) = &s.node else { return };
+        let bytes = n.agent.presence(true, wall(now, s.setup.skew.get()));
+        let t = now + s.link.spec.latency.0;
+        self.q.push(t, Ev::Presence { a, gen, bytes });
+    }
+
+    /// `presence-order`: right after the cloud merged presence updates,
+    /// each device's record is at least as recent (by arrival at an
+    /// aggregator) as the update it was sent, and no older last-seen: a
+    /// late copy never wins over a newer one, and a newer one is never
+    /// refused (a last will's stale `ts_ms` must not decide).
+    fn check_presence_order(&self, updates: &[(DeviceRef, cloud_sink::fleet::PresenceUpdate)]) -> Result<()> {
+        let devices: Vec<DeviceRef> = updates.iter().map(|(d, _)| d.clone()).collect();
+        let recs = self.cloud.catalog.presence_records(&devices)?;
+        for ((d, u), rec) in updates.iter().zip(recs) {
+            let Some(rec) = rec else {
+                return Err(violation(
+                    "presence-order",
+                    format!("{d}: presence sent, none recorded"),
+                ));
+            };
+            let stale_presence = match (&u.presence, &rec.presence) {
+                (Some(p), Some(r)) => r.observed_ms < p.observed_ms,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if stale_presence || rec.last_seen_ms < u.last_seen_ms {
+                return Err(violation(
+                    "presence-order",
+                    format!("{d}: the cloud kept {rec:?} after merging the newer {u:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Aggregator `g`'s tracker has entries to send: flush them a second
+    /// from now (`FLUSH_EVERY`), unless a flush is already due.
+    fn presence_dirty(&mut self, g: usize) {
+        let now = self.now();
+        let slot = &mut self.aggs[g];
+        let t = now + FLUSH_EVERY;
+        if slot.presence_flush.is_none_or(|f| f > t) && slot.tracker.pending() > 0 {
+            slot.presence_flush = Some(t);
+            self.q.push(t, Ev::PresenceFlush(g, slot.gen, t));
+        }
+    }
+
+    /// `aggregator::presence::forward_loop`: aggregator `g` sends its
+    /// changed entries to the cloud (`POST /v1/presence`: the body is
+    /// serialized and parsed by the sink's own `fleet::parse_updates`, then
+    /// `Catalog::put_presence`), at most `MAX_POST` a request. A failure
+    /// puts them back and backs off (0.5 s doubling to 30 s); every
+    /// `REFRESH_EVERY` everything is sent again.
+    fn on_presence_flush(&mut self, g: usize, gen: u64, t: Ms) -> Result<()> {
+        let now = self.now();
+        let slot = &mut self.aggs[g];
+        if slot.gen != gen || slot.presence_flush != Some(t) || slot.node.is_none() {
+            return Ok(());
+        }
+        slot.presence_flush = None;
+        if now >= slot.presence_refresh_at {
+            slot.tracker.refresh_all();
+            slot.presence_refresh_at = now + REFRESH_EVERY;
+        }
+        let tracker = slot.tracker.clone();
+        let mut retry_at = None;
+        for _ in 0..1000 {
+            let batch = tracker.take_dirty(aggregator::presence::MAX_POST);
+            if batch.is_empty() {
+                self.aggs[g].presence_backoff = PRESENCE_RETRY_FIRST;
+                break;
+            }
+            if self.side_request_fails(now) {
+                tracker.retry(&batch);
+                let slot = &mut self.aggs[g];
+                retry_at = Some(now + slot.presence_backoff);
+                slot.presence_backoff = (slot.presence_backoff * 2).min(PRESENCE_RETRY_MAX);
+                self.log
+                    .log(now, Kind::Presence, 1000 + g as u64, batch.len() as u64, 0);
+                break;
+            }
+            let body = serde_json::to_vec(&batch)?;
+            let updates = cloud_sink::fleet::parse_updates(&body, wall(now, 0))
+                .map_err(|e| anyhow!("the sink refused aggregator {g}'s presence: {e}"))?;
+            self.cloud.catalog.put_presence(&updates)?;
+            self.check_presence_order(&updates)?;
+            tracker.sent(&batch);
+            self.metrics.presence_sent += batch.len() as u64;
+            self.log
+                .log(now, Kind::Presence, 1000 + g as u64, batch.len() as u64, 1);
+        }
+        // The next flush: the retry, else the next refresh.
+        let slot = &mut self.aggs[g];
+        let next = retry_at.unwrap_or(slot.presence_refresh_at).max(now + 1);
+        slot.presence_flush = Some(next);
+        self.q.push(next, Ev::PresenceFlush(g, gen, next));
+        Ok(())
     }
 
     fn on_connect(&mut self, a: usize, gen: u64) -> Result<()> {
@@ -570,6 +735,18 @@ impl Sim {
         self.log.log(now, Kind::LinkUp, a as u64, gen, present as u64);
         if let Some(n) = &mut s.node {
             n.session.connected(now, &n.agent);
+            // The daemon sets its last will (offline, stamped now) at
+            // connect and publishes `online` once subscribed.
+            s.will = Some(n.agent.presence(false, wall(now, s.setup.skew.get())));
+        }
+        if self.sc.presence {
+            self.publish_presence(a, gen);
+            let hb = self.sc.presence_heartbeat.0;
+            if hb > 0 {
+                self.q.push(now + hb, Ev::Heartbeat(a, gen));
+            }
+        } else {
+            self.agents[a].will = None;
         }
         // Deliver what the session kept while the client was away.
         let queued: Vec<Vec<u8>> = self.agents[a].session.queue.drain(..).collect();
@@ -664,7 +841,9 @@ impl Sim {
                 if let Some(n) = &mut s.node {
                     n.session.disconnected();
                 }
+                self.publish_will(a);
             }
+            let s = &mut self.agents[a];
             s.connecting = true;
             s.gen += 1;
             let g2 = s.gen;
@@ -731,6 +910,11 @@ impl Sim {
         };
         if let Message::Hello(h) = &msg {
             self.hello_lookup(g, a, h.server_cursor)?;
+        }
+        if self.sc.presence {
+            self.aggs[g].tracker.seen(&device, wall(now, 0));
+            self.agents[a].last_up_ms = wall(now, 0);
+            self.presence_dirty(g);
         }
         let Some(node) = &mut self.aggs[g].node else {
             return Ok(());
@@ -1224,9 +1408,9 @@ impl Sim {
     /// the server changes after its cursor, page by page, and pushes each
     /// device's share through the broker as a `Changes` without `upto` (a
     /// push moves no cursor; the Hello answer is what a device can rely
-    /// on). It pushes to every gateway that has ever connected: the
-    /// daemon's presence tracker learns those from the retained, unshared
-    /// presence topic, so every aggregator pushes to every gateway.
+    /// on). It pushes to the gateways its presence tracker knows (they
+    /// published presence, retained and unshared, or sent it a message);
+    /// without simulated presence, to every gateway that has ever connected.
     fn on_changes_poll(&mut self, g: usize, gen: u64) -> Result<()> {
         if self.aggs[g].gen != gen || self.aggs[g].node.is_none() {
             return Ok(());
@@ -1243,7 +1427,13 @@ impl Sim {
                 let Some(a) = self.agent_index(&it.device) else {
                     continue;
                 };
-                if it.change.body.validate().is_ok() && self.agents[a].announced {
+                // The daemon pushes to devices its presence tracker knows.
+                let known = if self.sc.presence {
+                    self.aggs[g].tracker.get(&it.device).is_some()
+                } else {
+                    self.agents[a].announced
+                };
+                if it.change.body.validate().is_ok() && known {
                     per.entry(a).or_default().push(it.change);
                 }
             }
@@ -1455,6 +1645,18 @@ impl Sim {
         slot.node = Some(node);
         slot.changes_cursor = changes_cursor_at(now);
         slot.lookup_quiet_until = 0;
+        // Its tracker starts empty; subscribing brings every retained presence.
+        slot.tracker = new_tracker(g);
+        slot.presence_flush = None;
+        slot.presence_backoff = PRESENCE_RETRY_FIRST;
+        slot.presence_refresh_at = now + REFRESH_EVERY;
+        let tracker = slot.tracker.clone();
+        for a in 0..self.agents.len() {
+            if let Some(p) = &self.agents[a].retained {
+                let _ = tracker.on_payload(&self.agents[a].setup.device, p, wall(now, 0));
+            }
+        }
+        self.presence_dirty(g);
         self.log.log(now, Kind::Restart, 1000 + g as u64, 0, 0);
         self.poll_forward(g)?;
         self.schedule_changes_poll(g);
@@ -1609,6 +1811,23 @@ impl Sim {
                 outcome,
             } => self.on_sink_reply(g, gen, req_id, outcome),
             Ev::ChangesPoll(g, gen) => self.on_changes_poll(g, gen),
+            Ev::Presence { a, gen, bytes } => {
+                // A publish still in flight when its connection broke is
+                // lost; the next connection publishes afresh.
+                if self.agents[a].conn == Some(gen) {
+                    self.presence_at_broker(a, bytes);
+                }
+                Ok(())
+            }
+            Ev::Heartbeat(a, gen) => {
+                if self.agents[a].conn == Some(gen) {
+                    self.publish_presence(a, gen);
+                    let hb = self.sc.presence_heartbeat.0;
+                    self.q.push(self.now() + hb, Ev::Heartbeat(a, gen));
+                }
+                Ok(())
+            }
+            Ev::PresenceFlush(g, gen, t) => self.on_presence_flush(g, gen, t),
             Ev::Crash(a) => {
                 if self.healing {
                     return Ok(());
@@ -1700,7 +1919,47 @@ impl Sim {
                 }
             }
         }
-        Ok(self.server_divergence()?.is_none())
+        Ok(self.server_divergence()?.is_none() && self.presence_divergence()?.is_none())
+    }
+
+    /// `presence-converges`: every aggregator has sent its presence
+    /// entries, and the cloud's fleet view shows every gateway `online`
+    /// (all are connected now), with its current epoch and a last-seen
+    /// time no older than its last up message's arrival at an aggregator
+    /// (less the tracker's `LAST_SEEN_STEP_MS`). The first difference,
+    /// described.
+    fn presence_divergence(&self) -> Result<Option<String>> {
+        if !self.sc.presence {
+            return Ok(None);
+        }
+        for (g, slot) in self.aggs.iter().enumerate() {
+            let n = slot.tracker.pending();
+            if slot.node.is_some() && n > 0 {
+                return Ok(Some(format!("aggregator {g} has {n} presence entries to send")));
+            }
+        }
+        let rows = self.cloud.catalog.fleet(wall(self.now(), 0))?;
+        let by: BTreeMap<String, &cloud_sink::fleet::FleetRow> = rows
+            .iter()
+            .map(|r| (format!("{}/{}/{}", r.tenant, r.site, r.device), r))
+            .collect();
+        let step = aggregator::presence::LAST_SEEN_STEP_MS;
+        for (i, s) in self.agents.iter().enumerate() {
+            let key = s.setup.device.key();
+            let Some(r) = by.get(&key) else {
+                return Ok(Some(format!("agent {i} ({key}) is not in the cloud's fleet view")));
+            };
+            let epoch = s.replica.as_ref().map(|r| r.epoch);
+            let seen = r.last_seen_ms.unwrap_or(0);
+            if r.state != "online" || r.epoch != epoch || seen + step < s.last_up_ms {
+                return Ok(Some(format!(
+                    "agent {i} ({key}) is connected with epoch {epoch:?}, its last up message arrived at {}; \
+                     the fleet view says {} (aggregator {:?}), epoch {:?}, last seen {seen}",
+                    s.last_up_ms, r.state, r.aggregator, r.epoch
+                )));
+            }
+        }
+        Ok(None)
     }
 
     /// `server-changes-converge`: every agent's server states (shared-path
@@ -1864,6 +2123,13 @@ impl Sim {
                 if let Some(d) = self.server_divergence()? {
                     return Ok(Some(Violation {
                         invariant: "server-changes-converge",
+                        detail: format!("{} ms after the heal: {d}", self.sc.heal.0),
+                        at: now,
+                    }));
+                }
+                if let Some(d) = self.presence_divergence()? {
+                    return Ok(Some(Violation {
+                        invariant: "presence-converges",
                         detail: format!("{} ms after the heal: {d}", self.sc.heal.0),
                         at: now,
                     }));
@@ -2085,6 +2351,20 @@ impl std::error::Error for Violation {}
 /// How long Hellos skip the cloud lookup after one failed (the daemon's
 /// `LOOKUP_QUIET`).
 const LOOKUP_QUIET: Ms = 30 * SECOND;
+
+/// The daemon's presence timings (`aggregator::presence`), in virtual ms.
+const FLUSH_EVERY: Ms = aggregator::presence::FLUSH_EVERY.as_millis() as Ms;
+const REFRESH_EVERY: Ms = aggregator::presence::REFRESH_EVERY.as_millis() as Ms;
+/// Presence back-off: 0.5 s doubling up to the daemon's default `--sink-retry-max`.
+const PRESENCE_RETRY_FIRST: Ms = 500;
+const PRESENCE_RETRY_MAX: Ms = 30 * SECOND;
+
+fn new_tracker(g: usize) -> std::sync::Arc<aggregator::presence::Tracker> {
+    std::sync::Arc::new(aggregator::presence::Tracker::new(
+        &format!("agg{g}"),
+        std::sync::Arc::new(aggregator::AggStats::default()),
+    ))
+}
 
 /// The push cursor of an aggregator (re)started at `t`: the cloud's gseq
 /// of a minute before its clock (gseqs are Unix microseconds), as

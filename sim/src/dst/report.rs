@@ -44,6 +44,10 @@ pub struct Metrics {
     /// pushed to agents.
     pub server_changes_hello: u64,
     pub server_changes_pushed: u64,
+    /// Presence payloads at the broker (published or last wills), and
+    /// entries the aggregators sent to the cloud's fleet view.
+    pub presence_published: u64,
+    pub presence_sent: u64,
 }
 
 fn kind_name(k: LinkKind) -> &'static str {
@@ -133,6 +137,11 @@ impl Metrics {
             s,
             "  server changes to agents: {} in Hello answers, {} pushed",
             self.server_changes_hello, self.server_changes_pushed
+        );
+        let _ = writeln!(
+            s,
+            "  presence: {} payloads at the broker, {} entries sent to the fleet view",
+            self.presence_published, self.presence_sent
         );
         let peak = self.backlog.iter().map(|b| b.1).max().unwrap_or(0);
         let _ = writeln!(s, "  backlog peak {peak} changes");

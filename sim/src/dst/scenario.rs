@@ -75,6 +75,15 @@ pub struct Scenario {
     /// (the daemon's `--changes-poll`); 0 turns the push off, leaving only
     /// the answer to each Hello.
     pub changes_poll: Dur,
+    /// Drive presence: agents publish a retained `online` presence at each
+    /// connect and leave an `offline` last will; every aggregator tracks it
+    /// (with last-seen from up messages) and sends it to the cloud's fleet
+    /// view. Checked by `presence-converges`.
+    pub presence: bool,
+    /// A connected agent re-publishes its presence this often (the daemon's
+    /// `PRESENCE_MAX`, 5 min; it also publishes sooner when what the
+    /// presence says changed, which is not simulated). 0: only at connect.
+    pub presence_heartbeat: Dur,
     /// Bounds checked by the invariants.
     pub bounds: Bounds,
     pub workload: Vec<Workload>,
@@ -116,6 +125,8 @@ impl Default for Scenario {
             forward_idle: Dur(5 * SECOND),
             pack_max_delay: Dur(30 * SECOND),
             changes_poll: Dur(5 * SECOND),
+            presence: true,
+            presence_heartbeat: Dur(5 * MINUTE),
             bounds: Bounds::default(),
             workload: vec![Workload::default()],
             link: vec![LinkSpec::default()],
@@ -396,6 +407,9 @@ impl Scenario {
         }
         if self.sink_rtt.0 == 0 || self.sink_rtt.0 > HOUR {
             bail!("sink_rtt must be in (0, 1h]");
+        }
+        if self.presence_heartbeat.0 != 0 && self.presence_heartbeat.0 < SECOND {
+            bail!("presence_heartbeat must be 0 (only at connect) or at least 1 s");
         }
         if self.changes_poll.0 != 0 && self.changes_poll.0 < 100 {
             bail!("changes_poll must be 0 (off) or at least 100 ms");
