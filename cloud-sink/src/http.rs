@@ -113,6 +113,7 @@ pub async fn serve_with(
             "/v1/packs/{id}",
             put(put_pack)
                 .layer(DefaultBodyLimit::max(MAX_PACK))
+                .layer(from_fn(one_pack_upload_of_many))
                 .layer(from_fn(|r: Request, n: Next| announced_limit(MAX_PACK, r, n))),
         )
         .route("/v1/chunks/{id}", get(get_chunk))
@@ -332,6 +333,22 @@ async fn stored_bytes(objects: &Objects, id: &Hash32, loc: &crate::catalog::Chun
         ));
     }
     Ok(bytes)
+}
+
+/// Pack uploads read and stored at once. Each body is held whole (up to
+/// `MAX_PACK`, 256 MiB), so this bounds their memory to 2 GiB whatever the
+/// aggregators do. Further uploads wait for a turn before their body is
+/// read (they are not refused: a forwarder would only send them again).
+pub const PACK_UPLOADS: usize = 8;
+static PACKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(PACK_UPLOADS);
+
+/// Holds one of the [`PACK_UPLOADS`] turns while the request's body is read
+/// and stored.
+async fn one_pack_upload_of_many(req: Request, next: Next) -> Response {
+    // Never closed, so the only error cannot happen; without a turn the
+    // request would still be served, only unbounded.
+    let _turn = PACKS.acquire().await;
+    next.run(req).await
 }
 
 /// Most chunk ids in one `POST /v1/chunks`.

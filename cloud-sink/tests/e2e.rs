@@ -401,3 +401,39 @@ async fn stopped_sink_releases_the_catalog_at_once() -> Result<()> {
     }
     Ok(())
 }
+
+/// More pack uploads at once than the sink reads at a time
+/// (`PACK_UPLOADS`): the rest wait for a turn, and every one is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_concurrent_pack_uploads_than_turns_all_complete() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let sink = Sink::start(data.path()).await?;
+    let tk = TenantKey::generate()?;
+    let mut gw = Device::new("gw-1", &tk)?;
+    let n = 3 * cloud_sink::http::PACK_UPLOADS;
+    let mut packs = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let f = gw.file(
+            &format!("p/{i}.bin"),
+            &bytes(100 + i as u64, 2 * CHUNK),
+            T0_MS + i as u64,
+        )?;
+        ids.extend(f.chunks.iter().map(|c| c.id));
+        packs.push(pack(&f.chunks));
+    }
+    let uploads = packs.into_iter().map(|(id, b)| {
+        let client = &sink.client;
+        async move { client.put_pack(&id, b).await }
+    });
+    for r in futures::future::join_all(uploads).await {
+        r?;
+    }
+    for id in &ids {
+        assert!(
+            sink.client.chunk(id).await.is_ok(),
+            "chunk {id} not served after its pack was stored"
+        );
+    }
+    Ok(())
+}
