@@ -342,13 +342,33 @@ async fn stored_bytes(objects: &Objects, id: &Hash32, loc: &crate::catalog::Chun
 pub const PACK_UPLOADS: usize = 8;
 static PACKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(PACK_UPLOADS);
 
+/// Slowest upload a turn is held for: 64 KiB/s, after a minute's grace.
+const PACK_MIN_RATE: u64 = 64 << 10;
+const PACK_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Holds one of the [`PACK_UPLOADS`] turns while the request's body is read
-/// and stored.
+/// and stored, for at most a minute plus its announced length (else
+/// `MAX_PACK`) at [`PACK_MIN_RATE`]: a sender that stalls gets 408 and gives
+/// its turn back instead of holding it forever.
 async fn one_pack_upload_of_many(req: Request, next: Next) -> Response {
+    let len = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(MAX_PACK as u64);
+    let limit = PACK_GRACE + std::time::Duration::from_secs(len / PACK_MIN_RATE);
     // Never closed, so the only error cannot happen; without a turn the
     // request would still be served, only unbounded.
     let _turn = PACKS.acquire().await;
-    next.run(req).await
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("pack upload of {len} bytes not done within {} s", limit.as_secs()),
+        )
+        .into_response(),
+    }
 }
 
 /// Most chunk ids in one `POST /v1/chunks`.

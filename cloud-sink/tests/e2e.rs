@@ -402,18 +402,20 @@ async fn stopped_sink_releases_the_catalog_at_once() -> Result<()> {
     Ok(())
 }
 
-/// More pack uploads at once than the sink reads at a time
-/// (`PACK_UPLOADS`): the rest wait for a turn, and every one is stored.
+/// Pack bodies are read `PACK_UPLOADS` at a time: while that many senders
+/// stall half-way, another upload waits for a turn; once they go away it is
+/// stored. Then more uploads at once than there are turns all complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_concurrent_pack_uploads_than_turns_all_complete() -> Result<()> {
+async fn pack_uploads_take_turns_and_all_complete() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
     let data = tempfile::tempdir()?;
     let sink = Sink::start(data.path()).await?;
     let tk = TenantKey::generate()?;
     let mut gw = Device::new("gw-1", &tk)?;
-    let n = 3 * cloud_sink::http::PACK_UPLOADS;
+    let turns = cloud_sink::http::PACK_UPLOADS;
     let mut packs = Vec::new();
     let mut ids = Vec::new();
-    for i in 0..n {
+    for i in 0..3 * turns + 1 {
         let f = gw.file(
             &format!("p/{i}.bin"),
             &bytes(100 + i as u64, 2 * CHUNK),
@@ -422,6 +424,29 @@ async fn more_concurrent_pack_uploads_than_turns_all_complete() -> Result<()> {
         ids.extend(f.chunks.iter().map(|c| c.id));
         packs.push(pack(&f.chunks));
     }
+    // `turns` senders announce a body and send a tenth of it.
+    let mut stalled = Vec::new();
+    for (id, b) in &packs[..turns] {
+        let mut s = tokio::net::TcpStream::connect(sink.addr).await?;
+        let head = format!(
+            "PUT /v1/packs/{id} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            b.len()
+        );
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(&b[..b.len() / 10]).await?;
+        stalled.push(s);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (id, b) = packs[turns].clone();
+    let waiting = tokio::spawn({
+        let client = sink.client.clone();
+        async move { client.put_pack(&id, b).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(!waiting.is_finished(), "an upload was read while every turn was taken");
+    drop(stalled);
+    tokio::time::timeout(std::time::Duration::from_secs(30), waiting).await???;
+    // Three times as many uploads at once as there are turns.
     let uploads = packs.into_iter().map(|(id, b)| {
         let client = &sink.client;
         async move { client.put_pack(&id, b).await }

@@ -45,8 +45,10 @@
 //!   means offering again what the server already holds.
 //! - A change of a shared path and the path's new vector are written in
 //!   one transaction; the vector only grows.
-//! - Server changes and the server cursor move in one durable transaction,
-//!   before the cursor is reported to the server again.
+//! - Server changes and the server cursor move in one transaction, durable
+//!   before the cursor is reported to the server again whenever a state
+//!   changed; a cursor that alone moved may be lost (its items are asked
+//!   for again and merge as no-ops).
 
 use crate::central::{HeldFiles, Holds, MetaEntry, SharedEntry};
 use crate::error::{Error, Result};
@@ -1801,7 +1803,8 @@ impl Store {
         self.server_cursor
     }
 
-    /// Merges server changes in one durable transaction: each into the
+    /// Merges server changes in one transaction, durable when a state
+    /// changed (only a moved cursor is not fsynced): each into the
     /// state of its target (CRDT join, so duplicates and any order end in
     /// the same state; the higher gseq is kept), a `SharedHead`'s vector
     /// also into the path's own vector (so the next local version
@@ -1820,6 +1823,8 @@ impl Store {
         let mut hlc = self.meta.hlc;
         let mut cursor = self.server_cursor;
         let (mut merged, mut refused, mut overflow) = (0usize, 0usize, false);
+        // States that differ from what was stored (new, grown, newer gseq).
+        let mut changed = 0usize;
         let mut txn = self.db.begin_write()?;
         {
             let mut states = txn.open_table(SERVER_STATE)?;
@@ -1837,7 +1842,8 @@ impl Store {
                     None => None,
                 };
                 let (gseq, body) = match old {
-                    Some((gseq, mut body)) => {
+                    Some((gseq, old_body)) => {
+                        let mut body = old_body.clone();
                         body.merge(&it.body);
                         // Not part of the join: the policy of the newest state.
                         if let (ServerBody::SharedHead { policy, .. }, ServerBody::SharedHead { policy: p, .. }) =
@@ -1847,7 +1853,11 @@ impl Store {
                                 *policy = *p;
                             }
                         }
-                        (gseq.max(it.gseq), body)
+                        let new_gseq = gseq.max(it.gseq);
+                        if new_gseq != gseq || body != old_body {
+                            changed += 1;
+                        }
+                        (new_gseq, body)
                     }
                     None if targets >= MAX_SERVER_TARGETS => {
                         tracing::error!(
@@ -1863,6 +1873,7 @@ impl Store {
                     }
                     None => {
                         targets += 1;
+                        changed += 1;
                         (it.gseq, it.body.clone())
                     }
                 };
@@ -1905,11 +1916,12 @@ impl Store {
             }
             meta.insert("hlc", &hlc.0.to_be_bytes()[..])?;
         }
-        // A cursor that only moved (nothing merged: the hourly refresh of
-        // an up-to-date device) need not be durable: a crash that loses it
-        // only makes the next Hello ask for the same changes again, which
-        // merge as no-ops. Anything merged (a hold, a shared head) is durable.
-        let durable = merged > 0 || overflow;
+        // Nothing changed but the cursor (the hourly refresh of an
+        // up-to-date device, or items it already had from a push): no
+        // fsync. A crash that loses it only makes the next Hello ask for
+        // the same items again, which merge as no-ops. A state that changed
+        // (a hold, a shared head) is durable before this returns.
+        let durable = changed > 0 || overflow;
         if !durable {
             txn.set_durability(Durability::None)?;
         }

@@ -38,7 +38,9 @@ pub trait ClientStore {
         0
     }
     /// Merges server changes (CRDT states: idempotent, any order) and, when
-    /// `upto` is Some, moves the cursor there; durably, before returning.
+    /// `upto` is Some, moves the cursor there; a changed state durably,
+    /// before returning (a cursor that alone moved may be lost in a crash:
+    /// the items are asked for again).
     fn on_server_changes(&mut self, _items: &[ServerChange], _upto: Option<u64>) -> Result<()> {
         Ok(())
     }
@@ -59,7 +61,9 @@ pub struct ClientConfig {
     /// a lost CloudAck then costs a delay, not a backlog until the next
     /// reconnect. 0 turns it off.
     pub knowledge_refresh_ms: u64,
-    /// An idle session Hellos again this long after its last Hello, so the
+    /// An idle session Hellos again this long (less up to a tenth, fixed
+    /// per session so a fleet that reconnected together spreads out) after
+    /// its last Hello, so the
     /// server changes after its cursor (shared-path heads, central metadata
     /// such as legal holds) reach a device that stays connected even when
     /// a push was lost (a push moves no cursor; only a Hello's answer is
@@ -164,6 +168,8 @@ pub struct ClientSession {
     last_knowledge: u64,
     /// When this connection last sent a Hello.
     last_hello: u64,
+    /// Spreads the refreshes of sessions started together.
+    jitter_seed: u64,
     pub stats: ClientStats,
 }
 
@@ -187,6 +193,7 @@ impl ClientSession {
             changes_wait_until: None,
             last_knowledge: 0,
             last_hello: 0,
+            jitter_seed: first_batch_id,
             stats: ClientStats::default(),
         }
     }
@@ -274,8 +281,16 @@ impl ClientSession {
         let behind = !self.cloud.covers(&self.regional);
         let knowledge =
             (behind && self.cfg.knowledge_refresh_ms > 0).then(|| self.last_knowledge + self.cfg.knowledge_refresh_ms);
-        let changes = (self.cfg.changes_refresh_ms > 0).then(|| self.last_hello + self.cfg.changes_refresh_ms);
+        let changes = (self.cfg.changes_refresh_ms > 0).then(|| self.last_hello + self.refresh_interval());
         knowledge.into_iter().chain(changes).min()
+    }
+
+    /// `changes_refresh_ms` less a per-session share of up to a tenth of it,
+    /// from `first_batch_id` (which differs per process start).
+    fn refresh_interval(&self) -> u64 {
+        let every = self.cfg.changes_refresh_ms;
+        let spread = (every / 10).max(1);
+        every - self.jitter_seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) % spread
     }
 
     /// Earliest time `handle_timeout` should run.
@@ -592,7 +607,7 @@ mod tests {
         s.handle(60_020, Message::Knowledge(k), &mut st).expect("knowledge");
         assert!(matches!(s.poll_transmit(60_020, &mut st), Ok(None)));
         // Only the hourly server-changes refresh is left.
-        assert_eq!(s.poll_timeout(), Some(60_010 + 3_600_000));
+        assert_eq!(s.poll_timeout(), Some(60_010 + s.refresh_interval()));
     }
 
     #[test]
@@ -618,8 +633,10 @@ mod tests {
         assert!(matches!(s.poll_transmit(110, &mut st), Ok(None)));
         assert!(s.is_idle());
         // Nothing to send and the cloud covers everything: the next wake-up
-        // is the refresh, an hour after the Hello.
-        let due = 100 + 3_600_000;
+        // is the refresh, 54 to 60 minutes after the Hello.
+        let every = s.refresh_interval();
+        assert!((3_240_000..=3_600_000).contains(&every), "{every}");
+        let due = 100 + every;
         assert_eq!(s.poll_timeout(), Some(due));
         s.handle_timeout(due - 1, &st);
         assert!(matches!(s.poll_transmit(due - 1, &mut st), Ok(None)));
@@ -628,13 +645,18 @@ mod tests {
             Ok(Some(Message::Hello(h))) => assert_eq!(h.server_cursor, Some(0)),
             other => panic!("expected a Hello, got {other:?}"),
         }
-        // Answered: idle again, the next refresh an hour later.
-        let k_off = || k.clone();
-        s.handle(due + 10, Message::Knowledge(k_off()), &mut st)
+        // Answered: idle again, the next refresh as long after.
+        s.handle(due + 10, Message::Knowledge(k.clone()), &mut st)
             .expect("knowledge");
         s.handle(due + 10, Message::Changes(answer), &mut st).expect("changes");
         assert!(matches!(s.poll_transmit(due + 10, &mut st), Ok(None)));
-        assert_eq!(s.poll_timeout(), Some(due + 3_600_000));
+        assert_eq!(s.poll_timeout(), Some(due + every));
+        // Sessions started at other times refresh at other offsets.
+        let spread: std::collections::BTreeSet<u64> = (1..50)
+            .map(|id| ClientSession::new(ClientConfig::default(), id * 1_000_003).refresh_interval())
+            .collect();
+        assert!(spread.len() > 40, "{spread:?}");
+        assert!(spread.iter().all(|e| (3_240_000..=3_600_000).contains(e)));
         // Turned off: no refresh at all.
         let mut s = ClientSession::new(
             ClientConfig {
@@ -645,7 +667,7 @@ mod tests {
         );
         s.connected(0, &st);
         let _ = s.poll_transmit(0, &mut st);
-        s.handle(10, Message::Knowledge(k_off()), &mut st).expect("knowledge");
+        s.handle(10, Message::Knowledge(k), &mut st).expect("knowledge");
         s.handle(
             10,
             Message::Changes(Changes {

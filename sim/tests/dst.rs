@@ -280,7 +280,7 @@ fn presence_reaches_the_fleet_view_in_arrival_order() {
 }
 
 /// Found by the `server-changes-converge` invariant (`shared.toml` with
-/// `silent_loss = 0.3`: seeds 22, 30, 34 and 38 among the 9 of 1..41 that
+/// `silent_loss = 0.3`: seeds 22, 30, 34 and 38 among the 9 of 1..=40 that
 /// failed): a pushed server change (here a shared-path head) that was lost
 /// never reached a gateway that stayed connected, because a push moves no
 /// cursor and only the answer to a Hello is complete. An idle client

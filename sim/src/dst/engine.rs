@@ -160,6 +160,8 @@ struct AgentSlot {
     will: Option<Vec<u8>>,
     /// Wall ms at which an aggregator last received an up message from it.
     last_up_ms: u64,
+    /// The epoch its last published presence gave.
+    presence_epoch: Option<u32>,
 }
 
 struct AggSlot {
@@ -185,6 +187,7 @@ struct AggSlot {
     /// everything is re-sent (`REFRESH_EVERY`).
     presence_flush: Option<Ms>,
     presence_backoff: Ms,
+    presence_retry_at: Ms,
     presence_refresh_at: Ms,
 }
 
@@ -252,9 +255,11 @@ pub struct Sim {
     rng_fault: ChaCha8Rng,
     rng_link: ChaCha8Rng,
     rng_sink: ChaCha8Rng,
-    /// Failures of Hello lookups and change polls (a stream of its own, so
-    /// they do not shift the forwarder's sink faults).
+    /// Failures of Hello lookups and change polls, and of presence flushes
+    /// (streams of their own, so they do not shift the forwarder's sink
+    /// faults or each other).
     rng_lookup: ChaCha8Rng,
+    rng_presence: ChaCha8Rng,
     pub metrics: Metrics,
     _tmp: Option<tempfile::TempDir>,
     work: PathBuf,
@@ -372,6 +377,7 @@ impl Sim {
                 retained: None,
                 will: None,
                 last_up_ms: 0,
+                presence_epoch: None,
             });
         }
         // `group` gateways of a site with the same shared workload write the
@@ -404,13 +410,15 @@ impl Sim {
                 gen: 0,
                 fwd_timer: None,
                 acked: Knowledge::default(),
-                changes_cursor: changes_cursor_at(0),
+                changes_cursor: 0,
                 lookup_quiet_until: 0,
                 tracker: new_tracker(g),
                 presence_flush: None,
-                presence_backoff: PRESENCE_RETRY_FIRST,
-                presence_refresh_at: REFRESH_EVERY,
+                presence_backoff: 0,
+                presence_retry_at: 0,
+                presence_refresh_at: 0,
             });
+            aggs[g].reset_process(g, 0);
         }
         let cloud_disk = CrashBackend::new();
         let cloud = CloudNode::open(
@@ -438,6 +446,7 @@ impl Sim {
             rng_link: stream(seed, "link", 0),
             rng_sink: stream(seed, "sink", 0),
             rng_lookup: stream(seed, "lookup", 0),
+            rng_presence: stream(seed, "presence", 0),
             metrics,
             sc,
             _tmp: tmp,
@@ -574,7 +583,13 @@ impl Sim {
         self.q.push(t, Ev::Connect(a, gen));
     }
 
+    /// The agent's connection breaks (link, crash, store error): the broker
+    /// publishes its last will.
     fn disconnect(&mut self, a: usize) {
+        self.disconnect_with(a, true);
+    }
+
+    fn disconnect_with(&mut self, a: usize, will: bool) {
         let now = self.now();
         let s = &mut self.agents[a];
         s.connecting = false;
@@ -583,7 +598,11 @@ impl Sim {
                 n.session.disconnected();
             }
             self.log.log(now, Kind::LinkDown, a as u64, 0, 0);
-            self.publish_will(a);
+            if will {
+                self.publish_will(a);
+            } else {
+                self.agents[a].will = None;
+            }
         }
     }
 
@@ -620,34 +639,44 @@ impl Sim {
         let s = &self.agents[a];
         let Some(n) = &s.node else { return };
         let bytes = n.agent.presence(true, wall(now, s.setup.skew.get()));
+        let epoch = n.agent.replica().epoch;
         let t = now + s.link.spec.latency.0;
+        self.agents[a].presence_epoch = Some(epoch);
         self.q.push(t, Ev::Presence { a, gen, bytes });
     }
 
-    /// `presence-order`: right after the cloud merged presence updates,
-    /// each device's record is at least as recent (by arrival at an
-    /// aggregator) as the update it was sent, and no older last-seen: a
-    /// late copy never wins over a newer one, and a newer one is never
-    /// refused (a last will's stale `ts_ms` must not decide).
-    fn check_presence_order(&self, updates: &[(DeviceRef, cloud_sink::fleet::PresenceUpdate)]) -> Result<()> {
+    /// `presence-order`: after the cloud merged presence updates, each
+    /// device's record holds, of what it held before and what was sent,
+    /// the presence that arrived last at an aggregator (by `observed_ms`;
+    /// on a tie, either) and the later last-seen: a late copy never wins
+    /// over a newer one, and a newer one is never refused (a last will's
+    /// stale `ts_ms` must not decide).
+    fn check_presence_order(
+        &self,
+        updates: &[(DeviceRef, cloud_sink::fleet::PresenceUpdate)],
+        before: Vec<Option<cloud_sink::fleet::PresenceRecord>>,
+    ) -> Result<()> {
         let devices: Vec<DeviceRef> = updates.iter().map(|(d, _)| d.clone()).collect();
-        let recs = self.cloud.catalog.presence_records(&devices)?;
-        for ((d, u), rec) in updates.iter().zip(recs) {
+        let after = self.cloud.catalog.presence_records(&devices)?;
+        for (((d, u), old), rec) in updates.iter().zip(before).zip(after) {
             let Some(rec) = rec else {
                 return Err(violation(
                     "presence-order",
                     format!("{d}: presence sent, none recorded"),
                 ));
             };
-            let stale_presence = match (&u.presence, &rec.presence) {
-                (Some(p), Some(r)) => r.observed_ms < p.observed_ms,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
-            if stale_presence || rec.last_seen_ms < u.last_seen_ms {
+            let old_p = old.as_ref().and_then(|o| o.presence.as_ref());
+            let want_observed = old_p
+                .map(|p| p.observed_ms)
+                .into_iter()
+                .chain(u.presence.as_ref().map(|p| p.observed_ms))
+                .max();
+            let want_seen = old.as_ref().map_or(0, |o| o.last_seen_ms).max(u.last_seen_ms);
+            let got_observed = rec.presence.as_ref().map(|p| p.observed_ms);
+            if got_observed != want_observed || rec.last_seen_ms != want_seen {
                 return Err(violation(
                     "presence-order",
-                    format!("{d}: the cloud kept {rec:?} after merging the newer {u:?}"),
+                    format!("{d}: held {old:?}, sent {u:?}, the cloud kept {rec:?}"),
                 ));
             }
         }
@@ -659,7 +688,9 @@ impl Sim {
     fn presence_dirty(&mut self, g: usize) {
         let now = self.now();
         let slot = &mut self.aggs[g];
-        let t = now + FLUSH_EVERY;
+        // Never before a failed flush's back-off is over (`forward_loop`
+        // sleeps it out).
+        let t = (now + FLUSH_EVERY).max(slot.presence_retry_at);
         if slot.presence_flush.is_none_or(|f| f > t) && slot.tracker.pending() > 0 {
             slot.presence_flush = Some(t);
             self.q.push(t, Ev::PresenceFlush(g, slot.gen, t));
@@ -679,7 +710,10 @@ impl Sim {
             return Ok(());
         }
         slot.presence_flush = None;
-        if now >= slot.presence_refresh_at {
+        // A refresh re-sends every entry, the same as already sent: the
+        // order check (two reads per entry) is for the changed ones.
+        let refresh = now >= slot.presence_refresh_at;
+        if refresh {
             slot.tracker.refresh_all();
             slot.presence_refresh_at = now + REFRESH_EVERY;
         }
@@ -691,10 +725,11 @@ impl Sim {
                 self.aggs[g].presence_backoff = PRESENCE_RETRY_FIRST;
                 break;
             }
-            if self.side_request_fails(now) {
+            if self.side_request_fails(now, true) {
                 tracker.retry(&batch);
                 let slot = &mut self.aggs[g];
                 retry_at = Some(now + slot.presence_backoff);
+                slot.presence_retry_at = now + slot.presence_backoff;
                 slot.presence_backoff = (slot.presence_backoff * 2).min(PRESENCE_RETRY_MAX);
                 self.log
                     .log(now, Kind::Presence, 1000 + g as u64, batch.len() as u64, 0);
@@ -703,8 +738,14 @@ impl Sim {
             let body = serde_json::to_vec(&batch)?;
             let updates = cloud_sink::fleet::parse_updates(&body, wall(now, 0))
                 .map_err(|e| anyhow!("the sink refused aggregator {g}'s presence: {e}"))?;
-            self.cloud.catalog.put_presence(&updates)?;
-            self.check_presence_order(&updates)?;
+            if refresh {
+                self.cloud.catalog.put_presence(&updates)?;
+            } else {
+                let devices: Vec<DeviceRef> = updates.iter().map(|(d, _)| d.clone()).collect();
+                let before = self.cloud.catalog.presence_records(&devices)?;
+                self.cloud.catalog.put_presence(&updates)?;
+                self.check_presence_order(&updates, before)?;
+            }
             tracker.sent(&batch);
             self.metrics.presence_sent += batch.len() as u64;
             self.log
@@ -735,8 +776,10 @@ impl Sim {
         self.log.log(now, Kind::LinkUp, a as u64, gen, present as u64);
         if let Some(n) = &mut s.node {
             n.session.connected(now, &n.agent);
-            // The daemon sets its last will (offline, stamped now) at
-            // connect and publishes `online` once subscribed.
+            // The last will goes with CONNECT and `online` is published once
+            // subscribed. The daemon's will was built at its previous
+            // presence publish (an older `ts_ms`); presence is ordered by
+            // arrival, so only the stamp differs.
             s.will = Some(n.agent.presence(false, wall(now, s.setup.skew.get())));
         }
         if self.sc.presence {
@@ -836,13 +879,7 @@ impl Sim {
             return self.process_exit(a);
         }
         if store_error {
-            let s = &mut self.agents[a];
-            if s.conn.take().is_some() {
-                if let Some(n) = &mut s.node {
-                    n.session.disconnected();
-                }
-                self.publish_will(a);
-            }
+            self.disconnect(a);
             let s = &mut self.agents[a];
             s.connecting = true;
             s.gen += 1;
@@ -969,6 +1006,13 @@ impl Sim {
                     return self.process_exit(a);
                 }
             }
+        }
+        // The daemon re-publishes presence when what it says changed (at
+        // most every 10 s; here at once, and only for a new epoch, e.g.
+        // after a rollback was detected: the rest only refreshes figures).
+        let epoch = self.agents[a].node.as_ref().map(|n| n.agent.replica().epoch);
+        if self.sc.presence && epoch.is_some() && epoch != self.agents[a].presence_epoch {
+            self.publish_presence(a, gen);
         }
         self.after_knowledge(a)?;
         self.pump(a)
@@ -1349,9 +1393,17 @@ impl Sim {
     /// A sink request other than the forwarder's (Hello lookup, change
     /// poll) fails: during a sink outage, and at the scenario's
     /// `sink_error` rate before the heal.
-    fn side_request_fails(&mut self, now: Ms) -> bool {
+    fn side_request_fails(&mut self, now: Ms, presence: bool) -> bool {
         let error_p = if self.healing { 0.0 } else { self.sc.faults.sink_error };
-        self.sink_down(now) || (error_p > 0.0 && self.rng_lookup.gen_bool(error_p))
+        if self.sink_down(now) {
+            return true;
+        }
+        let rng = if presence {
+            &mut self.rng_presence
+        } else {
+            &mut self.rng_lookup
+        };
+        error_p > 0.0 && rng.gen_bool(error_p)
     }
 
     /// `aggregator::mqtt::CloudLookup` at agent `a`'s Hello to aggregator
@@ -1367,7 +1419,7 @@ impl Sim {
         if now < self.aggs[g].lookup_quiet_until {
             return Ok(());
         }
-        if self.side_request_fails(now) {
+        if self.side_request_fails(now, false) {
             self.aggs[g].lookup_quiet_until = now + LOOKUP_QUIET;
             self.log.log(now, Kind::Lookup, 1000 + g as u64, a as u64, 0);
             return Ok(());
@@ -1417,7 +1469,7 @@ impl Sim {
         }
         let now = self.now();
         self.schedule_changes_poll(g);
-        if self.side_request_fails(now) {
+        if self.side_request_fails(now, false) {
             return Ok(());
         }
         for _ in 0..1000 {
@@ -1528,10 +1580,13 @@ impl Sim {
         self.log.log(now, Kind::SessionLoss, 0, 0, 0);
         self.metrics.session_losses += 1;
         // A broker restart: every client is cut off and every session (and
-        // what it queued) is gone.
+        // what it queued) is gone, and with it, as Mosquitto keeps no
+        // state by default, the retained presence and the wills (a broker
+        // that stops publishes none).
         for a in 0..self.agents.len() {
-            self.disconnect(a);
+            self.disconnect_with(a, false);
             self.agents[a].session = Session::default();
+            self.agents[a].retained = None;
         }
         for a in 0..self.agents.len() {
             self.try_connect(a);
@@ -1555,13 +1610,15 @@ impl Sim {
             self.metrics.agg_crashes += 1;
             let back = now + self.sc.faults.agg_down_for.0;
             self.q.push(back, Ev::AggRestart(g));
-            // Its agents fail over to the next aggregator that is up.
+            // Its agents fail over to the next aggregator that is up. (Their
+            // broker connections would survive; the simulator reconnects
+            // them to route them anew, without publishing their wills.)
             let n = self.aggs.len();
             for a in 0..self.agents.len() {
                 if self.agents[a].agg != g {
                     continue;
                 }
-                self.disconnect(a);
+                self.disconnect_with(a, false);
                 if let Some(h) = (1..n).map(|k| (g + k) % n).find(|h| self.aggs[*h].node.is_some()) {
                     self.agents[a].agg = h;
                 }
@@ -1643,13 +1700,8 @@ impl Sim {
             }
         }
         slot.node = Some(node);
-        slot.changes_cursor = changes_cursor_at(now);
-        slot.lookup_quiet_until = 0;
-        // Its tracker starts empty; subscribing brings every retained presence.
-        slot.tracker = new_tracker(g);
-        slot.presence_flush = None;
-        slot.presence_backoff = PRESENCE_RETRY_FIRST;
-        slot.presence_refresh_at = now + REFRESH_EVERY;
+        slot.reset_process(g, now);
+        // Subscribing brings every retained presence.
         let tracker = slot.tracker.clone();
         for a in 0..self.agents.len() {
             if let Some(p) = &self.agents[a].retained {
@@ -1949,7 +2001,8 @@ impl Sim {
             let Some(r) = by.get(&key) else {
                 return Ok(Some(format!("agent {i} ({key}) is not in the cloud's fleet view")));
             };
-            let epoch = s.replica.as_ref().map(|r| r.epoch);
+            // The agent's own (a rollback may start an epoch while connected).
+            let epoch = s.node.as_ref().map(|n| n.agent.replica().epoch);
             let seen = r.last_seen_ms.unwrap_or(0);
             if r.state != "online" || r.epoch != epoch || seen + step < s.last_up_ms {
                 return Ok(Some(format!(
@@ -2358,6 +2411,20 @@ const REFRESH_EVERY: Ms = aggregator::presence::REFRESH_EVERY.as_millis() as Ms;
 /// Presence back-off: 0.5 s doubling up to the daemon's default `--sink-retry-max`.
 const PRESENCE_RETRY_FIRST: Ms = 500;
 const PRESENCE_RETRY_MAX: Ms = 30 * SECOND;
+
+impl AggSlot {
+    /// What a new aggregator process at `now` starts from (all in memory
+    /// in the daemon).
+    fn reset_process(&mut self, g: usize, now: Ms) {
+        self.changes_cursor = changes_cursor_at(now);
+        self.lookup_quiet_until = 0;
+        self.tracker = new_tracker(g);
+        self.presence_flush = None;
+        self.presence_backoff = PRESENCE_RETRY_FIRST;
+        self.presence_retry_at = 0;
+        self.presence_refresh_at = now + REFRESH_EVERY;
+    }
+}
 
 fn new_tracker(g: usize) -> std::sync::Arc<aggregator::presence::Tracker> {
     std::sync::Arc::new(aggregator::presence::Tracker::new(
