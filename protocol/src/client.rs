@@ -121,6 +121,9 @@ pub struct ClientStats {
     pub chunk_bytes_sent: u64,
     pub changes_applied: u64,
     pub resends: u64,
+    /// Hellos of an idle session for server changes (`changes_refresh_ms`),
+    /// not for lagging cloud knowledge.
+    pub changes_refreshes: u64,
 }
 
 enum State {
@@ -310,6 +313,12 @@ impl ClientSession {
             self.exchanged = true;
         }
         if self.refresh_due().is_some_and(|t| now >= t) && self.out.is_empty() {
+            let knowledge_due = self.cfg.knowledge_refresh_ms > 0
+                && !self.cloud.covers(&self.regional)
+                && now >= self.last_knowledge + self.cfg.knowledge_refresh_ms;
+            if !knowledge_due {
+                self.stats.changes_refreshes += 1;
+            }
             // Changes are regional but not known to be in the cloud (a
             // CloudAck may have been lost), or server changes may have been
             // pushed and lost. Hello is idempotent.
@@ -645,6 +654,7 @@ mod tests {
             Ok(Some(Message::Hello(h))) => assert_eq!(h.server_cursor, Some(0)),
             other => panic!("expected a Hello, got {other:?}"),
         }
+        assert_eq!(s.stats.changes_refreshes, 1);
         // Answered: idle again, the next refresh as long after.
         s.handle(due + 10, Message::Knowledge(k.clone()), &mut st)
             .expect("knowledge");

@@ -1518,6 +1518,7 @@ impl Sim {
         let torn = self.sc.faults.torn_writes;
         let s = &mut self.agents[a];
         if let Some(node) = s.node.take() {
+            self.metrics.changes_refreshes += node.session.stats.changes_refreshes;
             // Power cut: unsynced pages are gone (or some survive, torn), and
             // the dead process can no longer write.
             if torn {
@@ -1549,6 +1550,7 @@ impl Sim {
         let now = self.now();
         self.disconnect(a);
         if let Some(node) = self.agents[a].node.take() {
+            self.metrics.changes_refreshes += node.session.stats.changes_refreshes;
             node.agent.crash();
             self.metrics.process_exits += 1;
             self.log.log(now, Kind::Crash, a as u64, 1, 0);
@@ -2111,6 +2113,12 @@ impl Sim {
         }
         self.metrics.events = steps;
         self.metrics.end_ms = self.now();
+        self.metrics.changes_refreshes += self
+            .agents
+            .iter()
+            .filter_map(|s| s.node.as_ref())
+            .map(|n| n.session.stats.changes_refreshes)
+            .sum::<u64>();
         self.finish()
     }
 

@@ -44,6 +44,9 @@ pub struct Metrics {
     /// pushed to agents.
     pub server_changes_hello: u64,
     pub server_changes_pushed: u64,
+    /// Hellos idle agents sent to refresh server changes (sessions that
+    /// ended in a crash or exit included).
+    pub changes_refreshes: u64,
     /// Presence payloads at the broker (published or last wills), and
     /// entries the aggregators sent to the cloud's fleet view.
     pub presence_published: u64,
@@ -135,8 +138,8 @@ impl Metrics {
         );
         let _ = writeln!(
             s,
-            "  server changes to agents: {} in Hello answers, {} pushed",
-            self.server_changes_hello, self.server_changes_pushed
+            "  server changes to agents: {} in Hello answers, {} pushed; {} hourly refresh Hellos",
+            self.server_changes_hello, self.server_changes_pushed, self.changes_refreshes
         );
         let _ = writeln!(
             s,
