@@ -61,13 +61,12 @@ pub struct ClientConfig {
     /// a lost CloudAck then costs a delay, not a backlog until the next
     /// reconnect. 0 turns it off.
     pub knowledge_refresh_ms: u64,
-    /// An idle session Hellos again this long (less up to a tenth, fixed
-    /// per session so a fleet that reconnected together spreads out) after
-    /// its last Hello, so the
-    /// server changes after its cursor (shared-path heads, central metadata
-    /// such as legal holds) reach a device that stays connected even when
-    /// a push was lost (a push moves no cursor; only a Hello's answer is
-    /// complete). 0 turns it off.
+    /// An idle session Hellos again this long after its last Hello (less up
+    /// to a tenth, fixed per session, so a fleet that reconnected together
+    /// spreads out), so the server changes after its cursor (shared-path
+    /// heads, central metadata such as legal holds) reach a device that
+    /// stays connected even when a push was lost (a push moves no cursor;
+    /// only a Hello's answer is complete). 0 turns it off.
     pub changes_refresh_ms: u64,
 }
 
@@ -281,11 +280,15 @@ impl ClientSession {
         if !matches!(self.state, State::Idle) {
             return None;
         }
-        let behind = !self.cloud.covers(&self.regional);
-        let knowledge =
-            (behind && self.cfg.knowledge_refresh_ms > 0).then(|| self.last_knowledge + self.cfg.knowledge_refresh_ms);
         let changes = (self.cfg.changes_refresh_ms > 0).then(|| self.last_hello + self.refresh_interval());
-        knowledge.into_iter().chain(changes).min()
+        self.knowledge_refresh_at().into_iter().chain(changes).min()
+    }
+
+    /// When cloud knowledge is due a refresh: only while the server holds
+    /// changes not yet known to be in the cloud.
+    fn knowledge_refresh_at(&self) -> Option<u64> {
+        let behind = !self.cloud.covers(&self.regional);
+        (behind && self.cfg.knowledge_refresh_ms > 0).then(|| self.last_knowledge + self.cfg.knowledge_refresh_ms)
     }
 
     /// `changes_refresh_ms` less a per-session share of up to a tenth of it,
@@ -313,10 +316,7 @@ impl ClientSession {
             self.exchanged = true;
         }
         if self.refresh_due().is_some_and(|t| now >= t) && self.out.is_empty() {
-            let knowledge_due = self.cfg.knowledge_refresh_ms > 0
-                && !self.cloud.covers(&self.regional)
-                && now >= self.last_knowledge + self.cfg.knowledge_refresh_ms;
-            if !knowledge_due {
+            if self.knowledge_refresh_at().is_none_or(|t| now < t) {
                 self.stats.changes_refreshes += 1;
             }
             // Changes are regional but not known to be in the cloud (a
@@ -619,28 +619,32 @@ mod tests {
         assert_eq!(s.poll_timeout(), Some(60_010 + s.refresh_interval()));
     }
 
-    #[test]
-    fn a_connected_idle_session_asks_for_server_changes_again_every_hour() {
-        let mut st = Empty(DeviceRef::new("t", "s", "d").expect("ids"));
-        let mut s = ClientSession::new(ClientConfig::default(), 1);
-        s.connected(100, &st);
-        assert!(matches!(s.poll_transmit(100, &mut st), Ok(Some(Message::Hello(_)))));
+    /// A server's answer to a Hello at `t` (empty knowledge, no changes,
+    /// cursor 7); the session is idle after it.
+    fn answer_hello(s: &mut ClientSession, st: &mut Empty, t: u64) {
         let k = KnowledgeMsg {
             regional: Knowledge::default(),
             cloud: Knowledge::default(),
             max_message: MAX_MESSAGE as u32,
             max_batch: 10,
         };
-        s.handle(110, Message::Knowledge(k.clone()), &mut st)
-            .expect("knowledge");
+        s.handle(t, Message::Knowledge(k), st).expect("knowledge");
         let answer = Changes {
             items: vec![],
             upto: Some(7),
         };
-        s.handle(110, Message::Changes(answer.clone()), &mut st)
-            .expect("changes");
-        assert!(matches!(s.poll_transmit(110, &mut st), Ok(None)));
+        s.handle(t, Message::Changes(answer), st).expect("changes");
+        assert!(matches!(s.poll_transmit(t, st), Ok(None)));
         assert!(s.is_idle());
+    }
+
+    #[test]
+    fn a_connected_idle_session_asks_for_server_changes_again_every_hour() {
+        let mut st = Empty(DeviceRef::new("t", "s", "d").expect("ids"));
+        let mut s = ClientSession::new(ClientConfig::default(), 1);
+        s.connected(100, &st);
+        assert!(matches!(s.poll_transmit(100, &mut st), Ok(Some(Message::Hello(_)))));
+        answer_hello(&mut s, &mut st, 110);
         // Nothing to send and the cloud covers everything: the next wake-up
         // is the refresh, 54 to 60 minutes after the Hello.
         let every = s.refresh_interval();
@@ -656,10 +660,7 @@ mod tests {
         }
         assert_eq!(s.stats.changes_refreshes, 1);
         // Answered: idle again, the next refresh as long after.
-        s.handle(due + 10, Message::Knowledge(k.clone()), &mut st)
-            .expect("knowledge");
-        s.handle(due + 10, Message::Changes(answer), &mut st).expect("changes");
-        assert!(matches!(s.poll_transmit(due + 10, &mut st), Ok(None)));
+        answer_hello(&mut s, &mut st, due + 10);
         assert_eq!(s.poll_timeout(), Some(due + every));
         // Sessions started at other times refresh at other offsets.
         let spread: std::collections::BTreeSet<u64> = (1..50)
@@ -677,18 +678,7 @@ mod tests {
         );
         s.connected(0, &st);
         let _ = s.poll_transmit(0, &mut st);
-        s.handle(10, Message::Knowledge(k), &mut st).expect("knowledge");
-        s.handle(
-            10,
-            Message::Changes(Changes {
-                items: vec![],
-                upto: Some(7),
-            }),
-            &mut st,
-        )
-        .expect("changes");
-        assert!(matches!(s.poll_transmit(10, &mut st), Ok(None)));
-        assert!(s.is_idle());
+        answer_hello(&mut s, &mut st, 10);
         assert_eq!(s.poll_timeout(), None, "no refresh when turned off");
     }
 

@@ -633,6 +633,16 @@ impl Sim {
         self.agents[a].retained = Some(bytes);
     }
 
+    /// Agent `a` publishes its presence on connection `gen` (at connect and
+    /// on each heartbeat) and schedules the next heartbeat.
+    fn presence_beat(&mut self, a: usize, gen: u64) {
+        self.publish_presence(a, gen);
+        let hb = self.sc.presence_heartbeat.0;
+        if hb > 0 {
+            self.q.push(self.now() + hb, Ev::Heartbeat(a, gen));
+        }
+    }
+
     /// Agent `a` publishes its presence (retained, QoS 1) on connection `gen`.
     fn publish_presence(&mut self, a: usize, gen: u64) {
         let now = self.now();
@@ -653,11 +663,11 @@ impl Sim {
     /// stale `ts_ms` must not decide).
     fn check_presence_order(
         &self,
+        devices: &[DeviceRef],
         updates: &[(DeviceRef, cloud_sink::fleet::PresenceUpdate)],
         before: Vec<Option<cloud_sink::fleet::PresenceRecord>>,
     ) -> Result<()> {
-        let devices: Vec<DeviceRef> = updates.iter().map(|(d, _)| d.clone()).collect();
-        let after = self.cloud.catalog.presence_records(&devices)?;
+        let after = self.cloud.catalog.presence_records(devices)?;
         for (((d, u), old), rec) in updates.iter().zip(before).zip(after) {
             let Some(rec) = rec else {
                 return Err(violation(
@@ -718,7 +728,7 @@ impl Sim {
             slot.presence_refresh_at = now + REFRESH_EVERY;
         }
         let tracker = slot.tracker.clone();
-        let mut retry_at = None;
+        let mut failed = false;
         for _ in 0..1000 {
             let batch = tracker.take_dirty(aggregator::presence::MAX_POST);
             if batch.is_empty() {
@@ -728,7 +738,7 @@ impl Sim {
             if self.side_request_fails(now, true) {
                 tracker.retry(&batch);
                 let slot = &mut self.aggs[g];
-                retry_at = Some(now + slot.presence_backoff);
+                failed = true;
                 slot.presence_retry_at = now + slot.presence_backoff;
                 slot.presence_backoff = (slot.presence_backoff * 2).min(PRESENCE_RETRY_MAX);
                 self.log
@@ -744,7 +754,7 @@ impl Sim {
                 let devices: Vec<DeviceRef> = updates.iter().map(|(d, _)| d.clone()).collect();
                 let before = self.cloud.catalog.presence_records(&devices)?;
                 self.cloud.catalog.put_presence(&updates)?;
-                self.check_presence_order(&updates, before)?;
+                self.check_presence_order(&devices, &updates, before)?;
             }
             tracker.sent(&batch);
             self.metrics.presence_sent += batch.len() as u64;
@@ -753,7 +763,12 @@ impl Sim {
         }
         // The next flush: the retry, else the next refresh.
         let slot = &mut self.aggs[g];
-        let next = retry_at.unwrap_or(slot.presence_refresh_at).max(now + 1);
+        let next = if failed {
+            slot.presence_retry_at
+        } else {
+            slot.presence_refresh_at
+        }
+        .max(now + 1);
         slot.presence_flush = Some(next);
         self.q.push(next, Ev::PresenceFlush(g, gen, next));
         Ok(())
@@ -780,16 +795,13 @@ impl Sim {
             // subscribed. The daemon's will was built at its previous
             // presence publish (an older `ts_ms`); presence is ordered by
             // arrival, so only the stamp differs.
-            s.will = Some(n.agent.presence(false, wall(now, s.setup.skew.get())));
+            s.will = self
+                .sc
+                .presence
+                .then(|| n.agent.presence(false, wall(now, s.setup.skew.get())));
         }
         if self.sc.presence {
-            self.publish_presence(a, gen);
-            let hb = self.sc.presence_heartbeat.0;
-            if hb > 0 {
-                self.q.push(now + hb, Ev::Heartbeat(a, gen));
-            }
-        } else {
-            self.agents[a].will = None;
+            self.presence_beat(a, gen);
         }
         // Deliver what the session kept while the client was away.
         let queued: Vec<Vec<u8>> = self.agents[a].session.queue.drain(..).collect();
@@ -1875,9 +1887,7 @@ impl Sim {
             }
             Ev::Heartbeat(a, gen) => {
                 if self.agents[a].conn == Some(gen) {
-                    self.publish_presence(a, gen);
-                    let hb = self.sc.presence_heartbeat.0;
-                    self.q.push(self.now() + hb, Ev::Heartbeat(a, gen));
+                    self.presence_beat(a, gen);
                 }
                 Ok(())
             }
