@@ -222,6 +222,8 @@ pub struct AggStats {
     pub presence_forwarded: AtomicU64,
     /// Failed `POST /v1/presence` attempts (retried).
     pub presence_forward_errors: AtomicU64,
+    /// Times the sink answered a new presence view and everything was re-sent.
+    pub presence_resends: AtomicU64,
 }
 
 /// A plain copy of [`AggStats`].
@@ -255,6 +257,7 @@ pub struct StatsSnapshot {
     pub presence_dropped: u64,
     pub presence_forwarded: u64,
     pub presence_forward_errors: u64,
+    pub presence_resends: u64,
 }
 
 impl AggStats {
@@ -293,6 +296,7 @@ impl AggStats {
             presence_dropped: g(&self.presence_dropped),
             presence_forwarded: g(&self.presence_forwarded),
             presence_forward_errors: g(&self.presence_forward_errors),
+            presence_resends: g(&self.presence_resends),
         }
     }
 }

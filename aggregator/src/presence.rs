@@ -21,6 +21,12 @@
 //!   sends what changed to `POST /v1/presence` at most every second, in
 //!   bodies of at most [`MAX_POST`] entries; failures are retried with
 //!   back-off (entries stay dirty), and the sink merges idempotently.
+//! - re-sends every entry when the sink answers with a presence `view`
+//!   other than the one it answered before: a restarted sink may have lost
+//!   presence (not fsynced) and a rebuilt catalog has none. To learn the
+//!   view while nothing changes, it posts an empty array every
+//!   [`REFRESH_EVERY`]. A sink that names no view (older) is sent
+//!   everything every [`REFRESH_EVERY`] instead.
 
 use crate::sink::SinkHttp;
 use crate::AggStats;
@@ -44,9 +50,12 @@ pub const MAX_POST: usize = 1_000;
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// A device's `last_seen_ms` alone is re-sent only once it moved this much.
 pub const LAST_SEEN_STEP_MS: u64 = 2_000;
-/// Everything is re-sent this often (a sink whose catalog was rebuilt or
-/// replaced learns the fleet again).
+/// The sink is posted to at least this often (an empty array when nothing
+/// changed) to learn its presence view; a sink that names no view is sent
+/// everything again this often instead.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// Longest sink view accepted; a longer one counts as none.
+pub const MAX_VIEW: usize = 128;
 
 /// Why a presence payload was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -194,6 +203,21 @@ struct Entry {
 struct Inner {
     devices: HashMap<String, Entry>,
     dirty: BTreeSet<String>,
+    /// The presence view the sink last answered (None: none yet, or a sink
+    /// that names none).
+    sink_view: Option<String>,
+}
+
+/// The `view` of a `POST /v1/presence` answer; None if there is none or the
+/// answer is not the expected JSON.
+pub fn sink_view(answer: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Ack {
+        #[serde(default)]
+        view: String,
+    }
+    let ack: Ack = serde_json::from_slice(answer).ok()?;
+    (!ack.view.is_empty() && ack.view.len() <= MAX_VIEW).then_some(ack.view)
 }
 
 /// Latest presence and last-seen per device, and which entries the sink
@@ -341,6 +365,26 @@ impl Tracker {
         g.dirty.extend(keys);
     }
 
+    /// The sink answered a post with `view`. If it answered another view
+    /// before, it may lack what was sent to it: every entry is marked to be
+    /// sent again and true is returned.
+    pub fn sink_view(&self, view: Option<String>) -> bool {
+        let mut g = self.lock();
+        let changed = matches!((&g.sink_view, &view), (Some(old), Some(new)) if old != new);
+        g.sink_view = view;
+        if changed {
+            let keys: Vec<String> = g.devices.keys().cloned().collect();
+            g.dirty.extend(keys);
+        }
+        changed
+    }
+
+    /// Whether the sink's last answer named a view (else the periodic
+    /// refresh sends everything).
+    pub fn knows_sink_view(&self) -> bool {
+        self.lock().sink_view.is_some()
+    }
+
     pub fn pending(&self) -> usize {
         self.lock().dirty.len()
     }
@@ -355,22 +399,37 @@ pub async fn forward_loop(tracker: Arc<Tracker>, sink: SinkHttp, retry_max: Dura
     let first = Duration::from_millis(500).min(retry_max);
     let mut backoff = first;
     let mut next_refresh = tokio::time::Instant::now() + REFRESH_EVERY;
+    // A post is due even if nothing changed: it tells the sink's view.
+    let mut probe = false;
     loop {
         tokio::time::sleep(FLUSH_EVERY).await;
         if tokio::time::Instant::now() >= next_refresh {
-            tracker.refresh_all();
+            if tracker.knows_sink_view() {
+                probe = true;
+            } else {
+                tracker.refresh_all();
+            }
             next_refresh = tokio::time::Instant::now() + REFRESH_EVERY;
         }
         loop {
             let batch = tracker.take_dirty(MAX_POST);
-            if batch.is_empty() {
+            if batch.is_empty() && !probe {
                 backoff = first;
                 break;
             }
             match sink.post_presence(&batch).await {
-                Ok(()) => {
+                Ok(view) => {
+                    probe = false;
                     AggStats::add(&tracker.stats.presence_forwarded, batch.len() as u64);
                     tracker.sent(&batch);
+                    if tracker.sink_view(view) {
+                        AggStats::add(&tracker.stats.presence_resends, 1);
+                        tracing::info!(
+                            devices = tracker.pending(),
+                            "{} answers a new presence view (restarted or rebuilt): re-sending all presence",
+                            sink.base()
+                        );
+                    }
                 }
                 Err(e) => {
                     AggStats::add(&tracker.stats.presence_forward_errors, 1);
@@ -488,5 +547,39 @@ mod tests {
         }
         assert_eq!(t.take_dirty(3).len(), 3);
         assert_eq!(t.take_dirty(MAX_POST).len(), 2);
+    }
+
+    #[test]
+    fn a_new_sink_view_marks_everything_to_be_sent_again() {
+        let t = Tracker::new("agg", Arc::new(AggStats::default()));
+        for i in 0..3 {
+            t.seen(&dev(&format!("gw-{i}")), 1);
+        }
+        let batch = t.take_dirty(MAX_POST);
+        t.sent(&batch);
+        assert!(!t.knows_sink_view());
+        // The first view learned, then the same again: nothing to re-send.
+        assert!(!t.sink_view(Some("v1".into())));
+        assert!(!t.sink_view(Some("v1".into())));
+        assert!(t.knows_sink_view());
+        assert_eq!(t.pending(), 0);
+        // The sink restarted.
+        assert!(t.sink_view(Some("v2".into())));
+        assert_eq!(t.take_dirty(MAX_POST), batch);
+        // A sink that names no view: the periodic refresh takes over.
+        assert!(!t.sink_view(None));
+        assert!(!t.knows_sink_view());
+        assert_eq!(t.pending(), 0);
+
+        assert_eq!(
+            sink_view(br#"{"applied":1,"unchanged":0,"view":"ab12"}"#),
+            Some("ab12".into())
+        );
+        assert_eq!(sink_view(br#"{"applied":1,"unchanged":0}"#), None);
+        assert_eq!(sink_view(br#"{"view":""}"#), None);
+        assert_eq!(sink_view(br#"{"view":7}"#), None);
+        assert_eq!(sink_view(b"\xff"), None);
+        let long = format!(r#"{{"view":"{}"}}"#, "a".repeat(MAX_VIEW + 1));
+        assert_eq!(sink_view(long.as_bytes()), None);
     }
 }

@@ -202,8 +202,10 @@ impl SinkHttp {
         Ok(protocol::from_cbor(&bytes, MAX_MESSAGE)?)
     }
 
-    /// `POST /v1/presence` with a JSON array of presence updates.
-    pub async fn post_presence(&self, updates: &[crate::presence::Update]) -> Result<()> {
+    /// `POST /v1/presence` with a JSON array of presence updates (empty: a
+    /// probe). Returns the sink's presence view, `None` from a sink that
+    /// names none (older) or an answer that does not parse.
+    pub async fn post_presence(&self, updates: &[crate::presence::Update]) -> Result<Option<String>> {
         let body = serde_json::to_vec(updates).map_err(|e| Error::Sink(format!("encoding presence: {e}")))?;
         self.send(
             reqwest::Method::POST,
@@ -214,7 +216,7 @@ impl SinkHttp {
             "POST presence",
         )
         .await
-        .map(|_| ())
+        .map(|answer| crate::presence::sink_view(&answer))
     }
 }
 

@@ -29,8 +29,14 @@ async fn presence_with_mosquitto() -> Result<()> {
     scenario(m.port).await
 }
 
-/// A sink that records `POST /v1/presence` bodies and answers everything else 503.
+/// A sink that records `POST /v1/presence` bodies and answers everything
+/// else 503. Its presence answers name no view (a sink older than views).
 async fn fake_sink() -> Result<(u16, Arc<Mutex<Vec<serde_json::Value>>>)> {
+    fake_sink_with_view(Arc::new(Mutex::new(String::new()))).await
+}
+
+/// [`fake_sink`] whose presence answers name `view` when it is not empty.
+async fn fake_sink_with_view(view: Arc<Mutex<String>>) -> Result<(u16, Arc<Mutex<Vec<serde_json::Value>>>)> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = l.local_addr()?.port();
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -38,6 +44,7 @@ async fn fake_sink() -> Result<(u16, Arc<Mutex<Vec<serde_json::Value>>>)> {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             let g = g.clone();
+            let view = view.lock().map(|v| v.clone()).unwrap_or_default();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut tmp = vec![0u8; 64 << 10];
@@ -60,17 +67,26 @@ async fn fake_sink() -> Result<(u16, Arc<Mutex<Vec<serde_json::Value>>>)> {
                         break (head, buf[end + 4..end + 4 + len].to_vec());
                     }
                 };
-                let answer: &[u8] = if head.starts_with("post /v1/presence ") {
+                let answer = if head.starts_with("post /v1/presence ") {
                     if let Ok(serde_json::Value::Array(v)) = serde_json::from_slice(&body) {
                         if let Ok(mut g) = g.lock() {
                             g.extend(v);
                         }
                     }
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+                    let json = if view.is_empty() {
+                        "{}".to_string()
+                    } else {
+                        format!(r#"{{"applied":0,"unchanged":0,"view":"{view}"}}"#)
+                    };
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{json}",
+                        json.len()
+                    )
                 } else {
-                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 5\r\nconnection: close\r\n\r\naway\n"
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 5\r\nconnection: close\r\n\r\naway\n"
+                        .to_string()
                 };
-                let _ = s.write_all(answer).await;
+                let _ = s.write_all(answer.as_bytes()).await;
             });
         }
     });
@@ -182,6 +198,72 @@ async fn scenario(broker: u16) -> Result<()> {
     // Clean the retained messages so a shared broker is not polluted.
     dev.client
         .publish(topic::presence(&d), QoS::AtLeastOnce, true, Vec::new())
+        .await?;
+    agg.stop().await?;
+    Ok(())
+}
+
+/// A sink answering another presence view than before (it restarted and may
+/// have lost presence) is sent every device's presence again, including
+/// devices that stayed quiet; while the view stays the same, nothing already
+/// sent is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sink_with_a_new_view_is_sent_all_presence_again() -> Result<()> {
+    let broker = start_broker()?;
+    let view = Arc::new(Mutex::new("v1".to_string()));
+    let (sink, posted) = fake_sink_with_view(view.clone()).await?;
+    let quiet = DeviceRef::new("acme", "plant-1", "gw-quiet")?;
+    let busy = DeviceRef::new("acme", "plant-1", "gw-busy")?;
+    let q = Device::connect(broker, quiet.clone()).await?;
+    q.client
+        .publish(
+            topic::presence(&quiet),
+            QoS::AtLeastOnce,
+            true,
+            br#"{"state":"online","epoch":1,"ts_ms":1}"#.to_vec(),
+        )
+        .await?;
+    let mut b = Device::connect(broker, busy.clone()).await?;
+    let data = tempfile::tempdir()?;
+    let stats = Arc::new(AggStats::default());
+    let agg = start_agg(broker, sink, data.path(), stats.clone());
+    let posts_of = |name: &str| -> usize {
+        posted
+            .lock()
+            .map(|g| g.iter().filter(|u| u["device"] == name).count())
+            .unwrap_or(0)
+    };
+    let wait_for = |what: &'static str, f: &dyn Fn() -> bool| {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            ensure!(t0.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    b.hello().await?;
+    wait_for("both devices forwarded", &|| {
+        posts_of("gw-quiet") >= 1 && posts_of("gw-busy") >= 1
+    })?;
+    // Same view: the busy device's next sign of life is sent, the quiet one is not.
+    tokio::time::sleep(Duration::from_millis(aggregator::presence::LAST_SEEN_STEP_MS + 200)).await;
+    let (quiet_before, busy_before) = (posts_of("gw-quiet"), posts_of("gw-busy"));
+    b.hello().await?;
+    wait_for("the busy device's last-seen", &|| posts_of("gw-busy") > busy_before)?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ensure!(
+        posts_of("gw-quiet") == quiet_before,
+        "quiet device re-sent while the view stayed"
+    );
+    ensure!(stats.snapshot().presence_resends == 0);
+    // The sink restarts: its next answer names a new view.
+    *view.lock().map_err(|_| anyhow::anyhow!("lock"))? = "v2".into();
+    tokio::time::sleep(Duration::from_millis(aggregator::presence::LAST_SEEN_STEP_MS + 200)).await;
+    b.hello().await?;
+    wait_for("the quiet device re-sent", &|| posts_of("gw-quiet") > quiet_before)?;
+    ensure!(stats.snapshot().presence_resends == 1, "{:?}", stats.snapshot());
+    q.client
+        .publish(topic::presence(&quiet), QoS::AtLeastOnce, true, Vec::new())
         .await?;
     agg.stop().await?;
     Ok(())

@@ -229,6 +229,10 @@ impl Selector {
 pub struct Catalog {
     db: Database,
     clock: crate::SinkClock,
+    /// Names this process's presence table (random, new at every open):
+    /// presence commits are not fsynced and `rebuild` starts it empty, so an
+    /// aggregator that sees another view re-sends everything (`PresenceAck::view`).
+    presence_view: String,
 }
 
 /// A boxed backend as a `redb::StorageBackend` (redb takes one by value).
@@ -356,7 +360,19 @@ impl Catalog {
         crate::shared::SharedTables::open(&tx)?;
         crate::changes::StateTables::open(&tx, 0)?;
         tx.commit()?;
-        Ok(Catalog { db, clock })
+        let mut id = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+            .map_err(|_| Error::Corrupt("no randomness for the presence view".into()))?;
+        Ok(Catalog {
+            db,
+            clock,
+            presence_view: hex::encode(id),
+        })
+    }
+
+    /// This process's presence view (see [`crate::fleet::PresenceAck::view`]).
+    pub fn presence_view(&self) -> &str {
+        &self.presence_view
     }
 
     pub fn has_chunk(&self, id: &Hash32) -> Result<bool> {
@@ -578,7 +594,14 @@ impl Catalog {
         &self,
         updates: &[(DeviceRef, crate::fleet::PresenceUpdate)],
     ) -> Result<crate::fleet::PresenceAck> {
-        let mut ack = crate::fleet::PresenceAck::default();
+        let mut ack = crate::fleet::PresenceAck {
+            view: self.presence_view.clone(),
+            ..Default::default()
+        };
+        // An empty post is an aggregator asking for the view: no transaction.
+        if updates.is_empty() {
+            return Ok(ack);
+        }
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::None)?;
         {

@@ -4,8 +4,11 @@
 //!
 //! Presence lives in the catalog's `presence` table. It is live state, not
 //! history: `rebuild` does not recreate it (nothing in the objects holds
-//! it); aggregators re-send every device's presence within
-//! `REFRESH_EVERY` (5 min) and at once after their own restart.
+//! it); each answer names the sink process's presence `view`, new at
+//! every start, and an aggregator answered a new view re-sends every
+//! device's presence. Aggregators post at least every `REFRESH_EVERY`
+//! (5 min; an empty array when nothing changed) to learn the view, and
+//! re-send everything after their own restart.
 
 use crate::{Error, Result};
 use protocol::DeviceRef;
@@ -161,6 +164,12 @@ pub struct PresenceAck {
     pub applied: usize,
     /// Entries that changed nothing (older or duplicate).
     pub unchanged: usize,
+    /// Names the presence this sink process holds; a new one at every start.
+    /// An aggregator that was answered another view before re-sends every
+    /// entry: what it sent may be lost (presence commits are not fsynced,
+    /// `rebuild` starts empty). Empty from sinks older than this field.
+    #[serde(default)]
+    pub view: String,
 }
 
 /// One row of `GET /v1/fleet`.

@@ -1,6 +1,7 @@
 //! `POST /v1/presence` and `GET /v1/fleet`: presence merges by observation
 //! time, replays change nothing, bad bodies get a 4xx and store nothing,
-//! presence survives a restart, and the fleet view joins catalog counts.
+//! presence survives a restart, each sink process names its own presence
+//! view, and the fleet view joins catalog counts.
 
 mod common;
 
@@ -43,12 +44,22 @@ async fn presence_and_fleet() -> Result<()> {
         ])
         .await?;
     ensure!(ack.applied == 2, "{ack:?}");
+    // The presence view names this sink process: the same in every answer
+    // (an empty post asks for it), another one after a restart.
+    let view = ack.view.clone();
+    ensure!(view.len() == 32, "{ack:?}");
+    let probe = sink.client.post_presence(&[]).await?;
+    ensure!(
+        probe.view == view && probe.applied == 0 && probe.unchanged == 0,
+        "{probe:?}"
+    );
     // Replays change nothing; an older observation loses to a newer one.
     let ack = sink
         .client
         .post_presence(&[upd("gw-1", "online", now - 5000, now - 5000)])
         .await?;
     ensure!(ack.applied == 0 && ack.unchanged == 1, "{ack:?}");
+    ensure!(ack.view == view, "{ack:?}");
     sink.client
         .post_presence(&[upd("gw-1", "offline", now - 1000, 0)])
         .await?;
@@ -116,6 +127,11 @@ async fn presence_and_fleet() -> Result<()> {
     let sink = Sink::start(dir.path()).await?;
     let rows = sink.client.fleet().await?;
     ensure!(rows.len() == 2 && rows[0].state == "offline", "{rows:?}");
+    let after = sink.client.post_presence(&[]).await?;
+    ensure!(
+        after.view.len() == 32 && after.view != view,
+        "a restarted sink names a new view: {after:?}"
+    );
     sink.stop().await?;
     Ok(())
 }

@@ -183,12 +183,13 @@ struct AggSlot {
     /// The daemon's presence tracker (real code, in memory: a restart
     /// starts empty and the broker sends it every retained presence).
     tracker: std::sync::Arc<aggregator::presence::Tracker>,
-    /// The pending presence flush, its back-off after a failure, and when
-    /// everything is re-sent (`REFRESH_EVERY`).
+    /// The pending presence flush, its back-off after a failure, when a
+    /// post is next due (`REFRESH_EVERY`), and whether it still is.
     presence_flush: Option<Ms>,
     presence_backoff: Ms,
     presence_retry_at: Ms,
     presence_refresh_at: Ms,
+    presence_probe: bool,
 }
 
 /// `FERRY_DST_TRACE=<agent index>` prints that agent's messages (debugging).
@@ -417,6 +418,7 @@ impl Sim {
                 presence_backoff: 0,
                 presence_retry_at: 0,
                 presence_refresh_at: 0,
+                presence_probe: false,
             });
             aggs[g].reset_process(g, 0);
         }
@@ -711,8 +713,10 @@ impl Sim {
     /// changed entries to the cloud (`POST /v1/presence`: the body is
     /// serialized and parsed by the sink's own `fleet::parse_updates`, then
     /// `Catalog::put_presence`), at most `MAX_POST` a request. A failure
-    /// puts them back and backs off (0.5 s doubling to 30 s); every
-    /// `REFRESH_EVERY` everything is sent again.
+    /// puts them back and backs off (0.5 s doubling to 30 s). Every
+    /// `REFRESH_EVERY` a post is due even with nothing to send (a probe);
+    /// an answer naming another presence view than before (the cloud
+    /// restarted) marks everything to be sent again.
     fn on_presence_flush(&mut self, g: usize, gen: u64, t: Ms) -> Result<()> {
         let now = self.now();
         let slot = &mut self.aggs[g];
@@ -720,18 +724,19 @@ impl Sim {
             return Ok(());
         }
         slot.presence_flush = None;
-        // A refresh re-sends every entry, the same as already sent: the
-        // order check (two reads per entry) is for the changed ones.
-        let refresh = now >= slot.presence_refresh_at;
-        if refresh {
-            slot.tracker.refresh_all();
+        if now >= slot.presence_refresh_at {
+            if slot.tracker.knows_sink_view() {
+                slot.presence_probe = true;
+            } else {
+                slot.tracker.refresh_all();
+            }
             slot.presence_refresh_at = now + REFRESH_EVERY;
         }
         let tracker = slot.tracker.clone();
         let mut failed = false;
         for _ in 0..1000 {
             let batch = tracker.take_dirty(aggregator::presence::MAX_POST);
-            if batch.is_empty() {
+            if batch.is_empty() && !self.aggs[g].presence_probe {
                 self.aggs[g].presence_backoff = PRESENCE_RETRY_FIRST;
                 break;
             }
@@ -748,20 +753,20 @@ impl Sim {
             let body = serde_json::to_vec(&batch)?;
             let updates = cloud_sink::fleet::parse_updates(&body, wall(now, 0))
                 .map_err(|e| anyhow!("the sink refused aggregator {g}'s presence: {e}"))?;
-            if refresh {
-                self.cloud.catalog.put_presence(&updates)?;
-            } else {
-                let devices: Vec<DeviceRef> = updates.iter().map(|(d, _)| d.clone()).collect();
-                let before = self.cloud.catalog.presence_records(&devices)?;
-                self.cloud.catalog.put_presence(&updates)?;
-                self.check_presence_order(&devices, &updates, before)?;
-            }
+            let devices: Vec<DeviceRef> = updates.iter().map(|(d, _)| d.clone()).collect();
+            let before = self.cloud.catalog.presence_records(&devices)?;
+            let ack = self.cloud.catalog.put_presence(&updates)?;
+            self.check_presence_order(&devices, &updates, before)?;
+            self.aggs[g].presence_probe = false;
             tracker.sent(&batch);
+            if tracker.sink_view(aggregator::presence::sink_view(&serde_json::to_vec(&ack)?)) {
+                self.metrics.presence_resends += 1;
+            }
             self.metrics.presence_sent += batch.len() as u64;
             self.log
                 .log(now, Kind::Presence, 1000 + g as u64, batch.len() as u64, 1);
         }
-        // The next flush: the retry, else the next refresh.
+        // The next flush: the retry, else the next probe.
         let slot = &mut self.aggs[g];
         let next = if failed {
             slot.presence_retry_at
@@ -2441,6 +2446,7 @@ impl AggSlot {
         self.presence_backoff = PRESENCE_RETRY_FIRST;
         self.presence_retry_at = 0;
         self.presence_refresh_at = now + REFRESH_EVERY;
+        self.presence_probe = false;
     }
 }
 

@@ -51,6 +51,8 @@ pub struct Metrics {
     /// entries the aggregators sent to the cloud's fleet view.
     pub presence_published: u64,
     pub presence_sent: u64,
+    /// Times an aggregator was answered a new presence view and re-sent everything.
+    pub presence_resends: u64,
 }
 
 fn kind_name(k: LinkKind) -> &'static str {
@@ -143,8 +145,8 @@ impl Metrics {
         );
         let _ = writeln!(
             s,
-            "  presence: {} payloads at the broker, {} entries sent to the fleet view",
-            self.presence_published, self.presence_sent
+            "  presence: {} payloads at the broker, {} entries sent to the fleet view, {} re-sends to a restarted cloud",
+            self.presence_published, self.presence_sent, self.presence_resends
         );
         let peak = self.backlog.iter().map(|b| b.1).max().unwrap_or(0);
         let _ = writeln!(s, "  backlog peak {peak} changes");
