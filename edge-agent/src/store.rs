@@ -1841,7 +1841,7 @@ impl Store {
                     Some(v) => Some(decode_server_state(v.value())?),
                     None => None,
                 };
-                let (gseq, body) = match old {
+                let (gseq, body, item_changed) = match old {
                     Some((gseq, old_body)) => {
                         let mut body = old_body.clone();
                         body.merge(&it.body);
@@ -1854,10 +1854,8 @@ impl Store {
                             }
                         }
                         let new_gseq = gseq.max(it.gseq);
-                        if new_gseq != gseq || body != old_body {
-                            changed += 1;
-                        }
-                        (new_gseq, body)
+                        let item_changed = new_gseq != gseq || body != old_body;
+                        (new_gseq, body, item_changed)
                     }
                     None if targets >= MAX_SERVER_TARGETS => {
                         tracing::error!(
@@ -1873,25 +1871,33 @@ impl Store {
                     }
                     None => {
                         targets += 1;
-                        changed += 1;
-                        (it.gseq, it.body.clone())
+                        (it.gseq, it.body.clone(), true)
                     }
                 };
-                let mut v = Vec::with_capacity(64);
-                v.extend_from_slice(&gseq.to_be_bytes());
-                let _ = minicbor::encode(&body, &mut v);
-                states.insert(target.as_str(), v.as_slice())?;
+                // Unchanged states are not written again: a push or refresh
+                // that brings nothing new writes nothing at all (below).
+                if item_changed {
+                    changed += 1;
+                    let mut v = Vec::with_capacity(64);
+                    v.extend_from_slice(&gseq.to_be_bytes());
+                    let _ = minicbor::encode(&body, &mut v);
+                    states.insert(target.as_str(), v.as_slice())?;
+                }
                 if let (ServerBody::SharedHead { path, vv, .. }, ServerBody::SharedHead { policy, .. }) =
                     (&it.body, &body)
                 {
-                    let mut sh: Shared = match vvs.get(path.as_str())? {
+                    let old: Shared = match vvs.get(path.as_str())? {
                         Some(v) => cbor_decode("shared path vector", v.value())?,
                         None => Shared::default(),
                     };
+                    let mut sh = old.clone();
                     sh.vv.merge(vv);
                     // The cloud's current policy, until a local change says.
                     sh.policy = *policy;
-                    vvs.insert(path.as_str(), protocol::to_cbor(&sh).as_slice())?;
+                    if sh != old {
+                        changed += 1;
+                        vvs.insert(path.as_str(), protocol::to_cbor(&sh).as_slice())?;
+                    }
                     // Observed by this device's clock (the own entry too, e.g.
                     // after a restored state file): the next local change gets
                     // a higher HLC than every version it dominates.
@@ -1906,21 +1912,32 @@ impl Store {
                 }
                 merged += 1;
             }
-            let mut meta = txn.open_table(META)?;
             if let Some(u) = upto.filter(|_| refused == 0) {
                 cursor = cursor.max(u);
+            }
+            if cursor == self.server_cursor && hlc.0 == self.meta.hlc.0 && changed == 0 && !overflow {
+                // Items it already had (most pushes, sent to every device
+                // an aggregator knows): nothing to write.
+                drop((states, vvs));
+                txn.abort()?;
+                return Ok(merged);
+            }
+            let mut meta = txn.open_table(META)?;
+            if cursor != self.server_cursor {
                 meta.insert("server_cursor", &cursor.to_be_bytes()[..])?;
             }
             if overflow {
                 meta.insert("server_overflow", &[1u8][..])?;
             }
-            meta.insert("hlc", &hlc.0.to_be_bytes()[..])?;
+            if hlc.0 != self.meta.hlc.0 {
+                meta.insert("hlc", &hlc.0.to_be_bytes()[..])?;
+            }
         }
-        // Nothing changed but the cursor (the hourly refresh of an
-        // up-to-date device, or items it already had from a push): no
-        // fsync. A crash that loses it only makes the next Hello ask for
-        // the same items again, which merge as no-ops. A state that changed
-        // (a hold, a shared head) is durable before this returns.
+        // Nothing changed but the cursor or the clock (the hourly refresh
+        // of an up-to-date device): no fsync. A crash that loses it only
+        // makes the next Hello ask for the same items again, which merge
+        // as no-ops. A state that changed (a hold, a shared head) is
+        // durable before this returns.
         let durable = changed > 0 || overflow;
         if !durable {
             txn.set_durability(Durability::None)?;

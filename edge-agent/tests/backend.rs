@@ -265,6 +265,64 @@ fn idle_scans_and_acknowledgements_make_no_durable_commit() {
     assert_eq!(a.status().unwrap().pending_changes, 0);
 }
 
+/// Aggregators push every server change to every device they know, so
+/// most pushes bring a device nothing new: those commit nothing. Were they
+/// non-durable commits, every `IDLE_FLUSH_EVERY` (64) of them would cost an
+/// idle gateway an fsync at its next scan. A new state (a legal hold, a
+/// shared head) is durable when it returns.
+#[test]
+fn server_changes_the_device_already_has_commit_nothing() {
+    use protocol::meta::{MetaState, ServerBody, ServerChange};
+    use protocol::shared::{ConflictPolicy, VersionVector};
+    let (_t, _clock, cfg) = cell(&[("f.bin", 7)]);
+    let disk = SimDisk::default();
+    let mut a = Agent::open_with_backend(cfg, Box::new(disk.clone())).unwrap();
+    a.scan_once().unwrap();
+    let mut hold = MetaState::default();
+    hold.holds.add("audit", 1);
+    let mut vv = VersionVector::default();
+    vv.0.insert("gw-other".into(), 1_700_000_000_000 << 16);
+    let items = vec![
+        ServerChange {
+            gseq: 5,
+            body: ServerBody::Meta {
+                path: "**".into(),
+                state: hold,
+            },
+        },
+        ServerChange {
+            gseq: 6,
+            body: ServerBody::SharedHead {
+                path: "cell/f.bin".into(),
+                vv,
+                policy: ConflictPolicy::KeepBoth,
+                conflicts: 0,
+            },
+        },
+    ];
+    let before = disk.synced();
+    ClientStore::on_server_changes(&mut a, &items, None).unwrap();
+    let durable = disk.synced();
+    assert!(durable != before, "new server states are durable at once");
+    // The hourly refresh moves the cursor (not durably), then the same
+    // items arrive again and again: pushes from both aggregators, and
+    // refreshes answered with a cursor already reached.
+    ClientStore::on_server_changes(&mut a, &items, Some(6)).unwrap();
+    for _ in 0..100 {
+        ClientStore::on_server_changes(&mut a, &items, None).unwrap();
+        ClientStore::on_server_changes(&mut a, &items, Some(6)).unwrap();
+    }
+    assert_eq!(ClientStore::server_cursor(&a), 6);
+    assert_eq!(a.server_states().unwrap().len(), 2);
+    assert!(disk.synced() == durable);
+    let r = a.scan_once().unwrap();
+    assert_eq!(r.changes_recorded, 0);
+    assert!(
+        disk.synced() == durable,
+        "pushes that brought nothing new made the idle scan flush"
+    );
+}
+
 /// A `Superseded` entry replaces a seq that already left the device: it is
 /// durable at once, so a power cut right after cannot bring back the
 /// original change (whose chunks the agent could no longer send).
