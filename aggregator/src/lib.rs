@@ -118,6 +118,9 @@ pub struct AggConfig {
     /// retention, shared-path heads) and push them to the agents this
     /// aggregator serves. Agents also get them at every Hello. Zero: off.
     pub changes_poll: Duration,
+    /// Presence is posted to the sink at least this often, to learn whether
+    /// it restarted (`presence::REFRESH_EVERY`; tests shorten it).
+    pub presence_refresh: Duration,
 }
 
 impl AggConfig {
@@ -136,6 +139,7 @@ impl AggConfig {
             sink_timeout: Duration::from_secs(30),
             sink_min_rate: 256 << 10,
             sink_retry_max: Duration::from_secs(30),
+            presence_refresh: presence::REFRESH_EVERY,
             cloud_lookup_timeout: Duration::from_secs(3),
             changes_poll: Duration::from_secs(5),
         }
@@ -346,6 +350,7 @@ pub async fn run_with_stats(cfg: AggConfig, stats: Arc<AggStats>, shutdown: impl
         tracker.clone(),
         sink.clone(),
         cfg.sink_retry_max,
+        cfg.presence_refresh.max(presence::FLUSH_EVERY),
     ));
     tasks.spawn(mqtt::changes_loop(
         sink.clone(),

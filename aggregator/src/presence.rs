@@ -206,6 +206,15 @@ struct Inner {
     /// The presence view the sink last answered (None: none yet, or a sink
     /// that names none).
     sink_view: Option<String>,
+    /// Whether the sink answered a post yet.
+    answered: bool,
+}
+
+impl Inner {
+    fn mark_all_dirty(&mut self) {
+        let keys: Vec<String> = self.devices.keys().cloned().collect();
+        self.dirty.extend(keys);
+    }
 }
 
 /// The `view` of a `POST /v1/presence` answer; None if there is none or the
@@ -360,23 +369,34 @@ impl Tracker {
 
     /// Marks every entry to be sent again.
     pub fn refresh_all(&self) {
-        let mut g = self.lock();
-        let keys: Vec<String> = g.devices.keys().cloned().collect();
-        g.dirty.extend(keys);
+        self.lock().mark_all_dirty();
     }
 
     /// The sink answered a post with `view`. If it answered another view
-    /// before, it may lack what was sent to it: every entry is marked to be
-    /// sent again and true is returned.
+    /// before (or none: a sink upgraded to name one restarted to do so), it
+    /// may lack what was sent to it: every entry is marked to be sent again
+    /// and true is returned.
     pub fn sink_view(&self, view: Option<String>) -> bool {
         let mut g = self.lock();
-        let changed = matches!((&g.sink_view, &view), (Some(old), Some(new)) if old != new);
+        let changed = g.answered && g.sink_view != view;
+        g.answered = true;
         g.sink_view = view;
         if changed {
-            let keys: Vec<String> = g.devices.keys().cloned().collect();
-            g.dirty.extend(keys);
+            g.mark_all_dirty();
         }
         changed
+    }
+
+    /// At each [`REFRESH_EVERY`]: whether a post is due even with nothing
+    /// changed (a probe for the sink's view). A sink that names no view is
+    /// sent every entry again instead.
+    pub fn refresh_due(&self) -> bool {
+        let mut g = self.lock();
+        if g.sink_view.is_some() {
+            return true;
+        }
+        g.mark_all_dirty();
+        false
     }
 
     /// Whether the sink's last answer named a view (else the periodic
@@ -394,22 +414,19 @@ impl Tracker {
     }
 }
 
-/// Sends changed entries to the sink at most every [`FLUSH_EVERY`], forever.
-pub async fn forward_loop(tracker: Arc<Tracker>, sink: SinkHttp, retry_max: Duration) {
+/// Sends changed entries to the sink at most every [`FLUSH_EVERY`], and
+/// posts at least every `refresh` ([`REFRESH_EVERY`]), forever.
+pub async fn forward_loop(tracker: Arc<Tracker>, sink: SinkHttp, retry_max: Duration, refresh: Duration) {
     let first = Duration::from_millis(500).min(retry_max);
     let mut backoff = first;
-    let mut next_refresh = tokio::time::Instant::now() + REFRESH_EVERY;
+    let mut next_refresh = tokio::time::Instant::now() + refresh;
     // A post is due even if nothing changed: it tells the sink's view.
     let mut probe = false;
     loop {
         tokio::time::sleep(FLUSH_EVERY).await;
         if tokio::time::Instant::now() >= next_refresh {
-            if tracker.knows_sink_view() {
-                probe = true;
-            } else {
-                tracker.refresh_all();
-            }
-            next_refresh = tokio::time::Instant::now() + REFRESH_EVERY;
+            probe |= tracker.refresh_due();
+            next_refresh = tokio::time::Instant::now() + refresh;
         }
         loop {
             let batch = tracker.take_dirty(MAX_POST);
@@ -566,9 +583,22 @@ mod tests {
         // The sink restarted.
         assert!(t.sink_view(Some("v2".into())));
         assert_eq!(t.take_dirty(MAX_POST), batch);
-        // A sink that names no view: the periodic refresh takes over.
+        assert_eq!(t.pending(), 0);
+        // A sink that names no view (older): counted as another view, and
+        // the periodic refresh takes over.
+        assert!(t.sink_view(None));
+        assert_eq!(t.take_dirty(MAX_POST).len(), 3);
         assert!(!t.sink_view(None));
         assert!(!t.knows_sink_view());
+        assert_eq!(t.pending(), 0);
+        assert!(!t.refresh_due());
+        assert_eq!(t.pending(), 3);
+        assert_eq!(t.take_dirty(MAX_POST).len(), 3);
+        // Upgraded: the restart that brought the first view may have lost
+        // presence.
+        assert!(t.sink_view(Some("v3".into())));
+        assert_eq!(t.take_dirty(MAX_POST).len(), 3);
+        assert!(t.refresh_due());
         assert_eq!(t.pending(), 0);
 
         assert_eq!(

@@ -268,3 +268,59 @@ async fn a_sink_with_a_new_view_is_sent_all_presence_again() -> Result<()> {
     agg.stop().await?;
     Ok(())
 }
+
+/// With no device traffic at all, the aggregator still posts (an empty
+/// probe) every `presence_refresh`: while the sink's view stays the same it
+/// re-sends nothing; once the sink restarted (a new view), the probe's
+/// answer makes it re-send every device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probes_find_a_restarted_sink_without_device_traffic() -> Result<()> {
+    let broker = start_broker()?;
+    let view = Arc::new(Mutex::new("v1".to_string()));
+    let (sink, posted) = fake_sink_with_view(view.clone()).await?;
+    let quiet = DeviceRef::new("acme", "plant-1", "gw-probe")?;
+    let q = Device::connect(broker, quiet.clone()).await?;
+    q.client
+        .publish(
+            topic::presence(&quiet),
+            QoS::AtLeastOnce,
+            true,
+            br#"{"state":"online","epoch":1,"ts_ms":1}"#.to_vec(),
+        )
+        .await?;
+    let data = tempfile::tempdir()?;
+    let stats = Arc::new(AggStats::default());
+    let agg = start_agg_with(broker, sink, data.path(), stats.clone(), |c| {
+        c.presence_refresh = Duration::from_secs(2);
+    });
+    let posts = || -> usize {
+        posted
+            .lock()
+            .map(|g| g.iter().filter(|u| u["device"] == "gw-probe").count())
+            .unwrap_or(0)
+    };
+    let t0 = std::time::Instant::now();
+    while posts() == 0 {
+        ensure!(t0.elapsed() < Duration::from_secs(20), "presence never forwarded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Three refresh periods with the same view: probes only.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    ensure!(posts() == 1, "re-sent while the sink's view stayed: {}", posts());
+    *view.lock().map_err(|_| anyhow::anyhow!("lock"))? = "v2".into();
+    let t0 = std::time::Instant::now();
+    while posts() < 2 {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a restarted sink was not found by a probe: {:?}",
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(stats.snapshot().presence_resends == 1, "{:?}", stats.snapshot());
+    q.client
+        .publish(topic::presence(&quiet), QoS::AtLeastOnce, true, Vec::new())
+        .await?;
+    agg.stop().await?;
+    Ok(())
+}

@@ -362,7 +362,7 @@ impl Catalog {
         tx.commit()?;
         let mut id = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-            .map_err(|_| Error::Corrupt("no randomness for the presence view".into()))?;
+            .map_err(|_| Error::Io(std::io::Error::other("the OS gave no randomness for the presence view")))?;
         Ok(Catalog {
             db,
             clock,

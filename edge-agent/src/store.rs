@@ -1803,8 +1803,10 @@ impl Store {
         self.server_cursor
     }
 
-    /// Merges server changes in one transaction, durable when a state
-    /// changed (only a moved cursor is not fsynced): each into the
+    /// Merges server changes in one transaction: none when nothing is new
+    /// (the usual push), not fsynced when only the cursor or the clock
+    /// moved, durable when a state or a shared-path vector changed. Each
+    /// goes into the
     /// state of its target (CRDT join, so duplicates and any order end in
     /// the same state; the higher gseq is kept), a `SharedHead`'s vector
     /// also into the path's own vector (so the next local version
@@ -1823,7 +1825,8 @@ impl Store {
         let mut hlc = self.meta.hlc;
         let mut cursor = self.server_cursor;
         let (mut merged, mut refused, mut overflow) = (0usize, 0usize, false);
-        // States that differ from what was stored (new, grown, newer gseq).
+        // States and shared-path vectors that differ from what was stored
+        // (new, grown, newer gseq, another policy).
         let mut changed = 0usize;
         let mut txn = self.db.begin_write()?;
         {

@@ -165,6 +165,7 @@ fn real_main() -> Result<()> {
         sink_retry_max: a.sink_retry_max,
         cloud_lookup_timeout: a.cloud_lookup_timeout,
         changes_poll: a.changes_poll,
+        presence_refresh: aggregator::presence::REFRESH_EVERY,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     let stats = Arc::new(AggStats::default());

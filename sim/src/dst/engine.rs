@@ -725,11 +725,7 @@ impl Sim {
         }
         slot.presence_flush = None;
         if now >= slot.presence_refresh_at {
-            if slot.tracker.knows_sink_view() {
-                slot.presence_probe = true;
-            } else {
-                slot.tracker.refresh_all();
-            }
+            slot.presence_probe |= slot.tracker.refresh_due();
             slot.presence_refresh_at = now + REFRESH_EVERY;
         }
         let tracker = slot.tracker.clone();
