@@ -399,12 +399,6 @@ impl Tracker {
         false
     }
 
-    /// Whether the sink's last answer named a view (else the periodic
-    /// refresh sends everything).
-    pub fn knows_sink_view(&self) -> bool {
-        self.lock().sink_view.is_some()
-    }
-
     pub fn pending(&self) -> usize {
         self.lock().dirty.len()
     }
@@ -574,11 +568,13 @@ mod tests {
         }
         let batch = t.take_dirty(MAX_POST);
         t.sent(&batch);
-        assert!(!t.knows_sink_view());
+        // No answer yet: the refresh sends everything.
+        assert!(!t.refresh_due());
+        assert_eq!(t.take_dirty(MAX_POST), batch);
         // The first view learned, then the same again: nothing to re-send.
         assert!(!t.sink_view(Some("v1".into())));
         assert!(!t.sink_view(Some("v1".into())));
-        assert!(t.knows_sink_view());
+        assert!(t.refresh_due(), "a probe, not a re-send");
         assert_eq!(t.pending(), 0);
         // The sink restarted.
         assert!(t.sink_view(Some("v2".into())));
@@ -589,7 +585,6 @@ mod tests {
         assert!(t.sink_view(None));
         assert_eq!(t.take_dirty(MAX_POST).len(), 3);
         assert!(!t.sink_view(None));
-        assert!(!t.knows_sink_view());
         assert_eq!(t.pending(), 0);
         assert!(!t.refresh_due());
         assert_eq!(t.pending(), 3);

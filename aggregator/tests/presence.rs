@@ -203,6 +203,39 @@ async fn scenario(broker: u16) -> Result<()> {
     Ok(())
 }
 
+/// A device connected to `broker` whose retained presence says `online`.
+async fn retained_online(broker: u16, name: &str) -> Result<(DeviceRef, Device)> {
+    let d = DeviceRef::new("acme", "plant-1", name)?;
+    let dev = Device::connect(broker, d.clone()).await?;
+    dev.client
+        .publish(
+            topic::presence(&d),
+            QoS::AtLeastOnce,
+            true,
+            br#"{"state":"online","epoch":1,"ts_ms":1}"#.to_vec(),
+        )
+        .await?;
+    Ok((d, dev))
+}
+
+/// Entries for device `name` the fake sink received so far.
+fn posts_of(posted: &Mutex<Vec<serde_json::Value>>, name: &str) -> usize {
+    posted
+        .lock()
+        .map(|g| g.iter().filter(|u| u["device"] == name).count())
+        .unwrap_or(0)
+}
+
+/// Waits until `f` holds, at most `limit`.
+async fn wait_until(what: &str, limit: Duration, f: impl Fn() -> bool) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        ensure!(t0.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// A sink answering another presence view than before (it restarted and may
 /// have lost presence) is sent every device's presence again, including
 /// devices that stayed quiet; while the view stays the same, nothing already
@@ -212,47 +245,26 @@ async fn a_sink_with_a_new_view_is_sent_all_presence_again() -> Result<()> {
     let broker = start_broker()?;
     let view = Arc::new(Mutex::new("v1".to_string()));
     let (sink, posted) = fake_sink_with_view(view.clone()).await?;
-    let quiet = DeviceRef::new("acme", "plant-1", "gw-quiet")?;
-    let busy = DeviceRef::new("acme", "plant-1", "gw-busy")?;
-    let q = Device::connect(broker, quiet.clone()).await?;
-    q.client
-        .publish(
-            topic::presence(&quiet),
-            QoS::AtLeastOnce,
-            true,
-            br#"{"state":"online","epoch":1,"ts_ms":1}"#.to_vec(),
-        )
-        .await?;
-    let mut b = Device::connect(broker, busy.clone()).await?;
+    let (quiet, q) = retained_online(broker, "gw-quiet").await?;
+    let mut b = Device::connect(broker, DeviceRef::new("acme", "plant-1", "gw-busy")?).await?;
     let data = tempfile::tempdir()?;
     let stats = Arc::new(AggStats::default());
     let agg = start_agg(broker, sink, data.path(), stats.clone());
-    let posts_of = |name: &str| -> usize {
-        posted
-            .lock()
-            .map(|g| g.iter().filter(|u| u["device"] == name).count())
-            .unwrap_or(0)
-    };
-    let wait_for = |what: &'static str, f: &dyn Fn() -> bool| {
-        let t0 = std::time::Instant::now();
-        while !f() {
-            ensure!(t0.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok::<(), anyhow::Error>(())
-    };
+    let posts = |name: &str| posts_of(&posted, name);
+    let limit = Duration::from_secs(20);
     b.hello().await?;
-    wait_for("both devices forwarded", &|| {
-        posts_of("gw-quiet") >= 1 && posts_of("gw-busy") >= 1
-    })?;
+    wait_until("both devices forwarded", limit, || {
+        posts("gw-quiet") >= 1 && posts("gw-busy") >= 1
+    })
+    .await?;
     // Same view: the busy device's next sign of life is sent, the quiet one is not.
     tokio::time::sleep(Duration::from_millis(aggregator::presence::LAST_SEEN_STEP_MS + 200)).await;
-    let (quiet_before, busy_before) = (posts_of("gw-quiet"), posts_of("gw-busy"));
+    let (quiet_before, busy_before) = (posts("gw-quiet"), posts("gw-busy"));
     b.hello().await?;
-    wait_for("the busy device's last-seen", &|| posts_of("gw-busy") > busy_before)?;
+    wait_until("the busy device's last-seen", limit, || posts("gw-busy") > busy_before).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ensure!(
-        posts_of("gw-quiet") == quiet_before,
+        posts("gw-quiet") == quiet_before,
         "quiet device re-sent while the view stayed"
     );
     ensure!(stats.snapshot().presence_resends == 0);
@@ -260,7 +272,7 @@ async fn a_sink_with_a_new_view_is_sent_all_presence_again() -> Result<()> {
     *view.lock().map_err(|_| anyhow::anyhow!("lock"))? = "v2".into();
     tokio::time::sleep(Duration::from_millis(aggregator::presence::LAST_SEEN_STEP_MS + 200)).await;
     b.hello().await?;
-    wait_for("the quiet device re-sent", &|| posts_of("gw-quiet") > quiet_before)?;
+    wait_until("the quiet device re-sent", limit, || posts("gw-quiet") > quiet_before).await?;
     ensure!(stats.snapshot().presence_resends == 1, "{:?}", stats.snapshot());
     q.client
         .publish(topic::presence(&quiet), QoS::AtLeastOnce, true, Vec::new())
@@ -278,45 +290,23 @@ async fn probes_find_a_restarted_sink_without_device_traffic() -> Result<()> {
     let broker = start_broker()?;
     let view = Arc::new(Mutex::new("v1".to_string()));
     let (sink, posted) = fake_sink_with_view(view.clone()).await?;
-    let quiet = DeviceRef::new("acme", "plant-1", "gw-probe")?;
-    let q = Device::connect(broker, quiet.clone()).await?;
-    q.client
-        .publish(
-            topic::presence(&quiet),
-            QoS::AtLeastOnce,
-            true,
-            br#"{"state":"online","epoch":1,"ts_ms":1}"#.to_vec(),
-        )
-        .await?;
+    let (quiet, q) = retained_online(broker, "gw-probe").await?;
     let data = tempfile::tempdir()?;
     let stats = Arc::new(AggStats::default());
     let agg = start_agg_with(broker, sink, data.path(), stats.clone(), |c| {
         c.presence_refresh = Duration::from_secs(2);
     });
-    let posts = || -> usize {
-        posted
-            .lock()
-            .map(|g| g.iter().filter(|u| u["device"] == "gw-probe").count())
-            .unwrap_or(0)
-    };
-    let t0 = std::time::Instant::now();
-    while posts() == 0 {
-        ensure!(t0.elapsed() < Duration::from_secs(20), "presence never forwarded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let posts = || posts_of(&posted, "gw-probe");
+    wait_until("presence forwarded", Duration::from_secs(20), || posts() > 0).await?;
     // Three refresh periods with the same view: probes only.
     tokio::time::sleep(Duration::from_secs(7)).await;
     ensure!(posts() == 1, "re-sent while the sink's view stayed: {}", posts());
     *view.lock().map_err(|_| anyhow::anyhow!("lock"))? = "v2".into();
-    let t0 = std::time::Instant::now();
-    while posts() < 2 {
-        ensure!(
-            t0.elapsed() < Duration::from_secs(10),
-            "a restarted sink was not found by a probe: {:?}",
-            stats.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("a probe to find the restarted sink", Duration::from_secs(10), || {
+        posts() >= 2
+    })
+    .await
+    .with_context(|| format!("{:?}", stats.snapshot()))?;
     ensure!(stats.snapshot().presence_resends == 1, "{:?}", stats.snapshot());
     q.client
         .publish(topic::presence(&quiet), QoS::AtLeastOnce, true, Vec::new())
