@@ -61,7 +61,7 @@ pub struct Chunker {
     mask_s: u64,
     mask_l: u64,
     buf: Vec<u8>,
-    /// Cut SQLite databases at their page boundaries (see [`sqlite_page_size`]).
+    /// Cut SQLite databases into groups of whole pages ([`PAGE_GROUP`]).
     sqlite_pages: bool,
 }
 
@@ -78,6 +78,16 @@ pub fn sqlite_page_size(head: &[u8]) -> Option<usize> {
     (n.is_power_of_two() && (512..=65536).contains(&n)).then_some(n)
 }
 
+/// Bytes per chunk of a page-chunked SQLite database: 16 pages of 4 KiB,
+/// one page of 64 KiB. Every valid page size divides it, so chunks hold
+/// whole pages. Measured on `sim gen` databases (BENCHMARKS.md §5): one
+/// chunk per 4 KiB page compressed the first version to 1.56x its
+/// whole-file zstd -3 and its manifest listed every page; groups of 16
+/// pages compress to 1.13x, and a changed group, sent as a delta against
+/// its previous version, costs about what its changed pages would alone.
+/// At most `scan::MAX_PAGE`.
+pub const PAGE_GROUP: usize = 64 << 10;
+
 impl Chunker {
     pub fn new(p: ChunkParams) -> Result<Chunker> {
         p.validate()?;
@@ -91,12 +101,15 @@ impl Chunker {
         })
     }
 
-    /// With `on`, a source that starts with a SQLite header is cut at every
-    /// page boundary instead of by content: an edit to a page changes
-    /// exactly one chunk, and a page does not move when rows change. Pages
-    /// larger than `max` (and other files) are cut by content as usual.
+    /// With `on`, a source that starts with a SQLite header is cut every
+    /// [`PAGE_GROUP`] bytes (whole pages) instead of by content: an edit
+    /// to a page changes exactly one chunk, and pages do not move when rows
+    /// change. Other files are cut by content as usual.
     pub fn with_sqlite_pages(mut self, on: bool) -> Chunker {
         self.sqlite_pages = on;
+        if on && self.buf.len() < 2 * PAGE_GROUP {
+            self.buf.resize(2 * PAGE_GROUP, 0);
+        }
         self
     }
 
@@ -132,7 +145,11 @@ impl Chunker {
         // Decided after the first fill, from the source's first bytes.
         let mut page: Option<Option<usize>> = (!self.sqlite_pages).then_some(None);
         loop {
-            if end - start < self.p.max && !eof {
+            let need = match page {
+                Some(Some(_)) => PAGE_GROUP,
+                _ => self.p.max,
+            };
+            if end - start < need && !eof {
                 // Refill: move the tail to the front, then read until full or EOF.
                 self.buf.copy_within(start..end, 0);
                 end -= start;
@@ -155,10 +172,9 @@ impl Chunker {
             if start == end {
                 return Ok(total);
             }
-            let page =
-                *page.get_or_insert_with(|| sqlite_page_size(&self.buf[start..end]).filter(|n| *n <= self.p.max));
+            let page = *page.get_or_insert_with(|| sqlite_page_size(&self.buf[start..end]));
             let n = match page {
-                Some(size) => size.min(end - start),
+                Some(_) => PAGE_GROUP.min(end - start),
                 None => self.cut(&self.buf[start..end]).max(1),
             };
             f(&self.buf[start..start + n])?;
@@ -256,8 +272,8 @@ mod tests {
     }
 
     #[test]
-    fn sqlite_databases_are_cut_at_page_boundaries() {
-        let mut db = pseudo_random(10 * 4096 + 100, 9);
+    fn sqlite_databases_are_cut_into_groups_of_whole_pages() {
+        let mut db = pseudo_random(40 * 4096 + 100, 9);
         db[..16].copy_from_slice(b"SQLite format 3\0");
         db[16..18].copy_from_slice(&4096u16.to_be_bytes());
         let run = |data: &[u8]| {
@@ -272,8 +288,8 @@ mod tests {
             .unwrap();
             out
         };
-        let want: Vec<usize> = (1..=10).map(|i| i * 4096).chain([10 * 4096 + 100]).collect();
-        assert_eq!(run(&db), want);
+        assert_eq!(run(&db), [PAGE_GROUP, 2 * PAGE_GROUP, 40 * 4096 + 100]);
+        assert_eq!(PAGE_GROUP % 65536, 0, "every page size divides a group");
         // Not a database (or pages off): content-defined as before.
         let mut plain = db.clone();
         plain[0] = b'X';
@@ -293,11 +309,11 @@ mod tests {
         h[16..18].copy_from_slice(&1000u16.to_be_bytes());
         assert_eq!(sqlite_page_size(&h), None);
         assert_eq!(sqlite_page_size(b"SQLite"), None);
-        // 64 KiB pages exceed the db class's 32 KiB maximum: content-defined.
+        // 64 KiB pages, larger than the db class's 32 KiB maximum: one page a chunk.
         let mut big = pseudo_random(200_000, 3);
         big[..18].copy_from_slice(&h[..18]);
         big[16..18].copy_from_slice(&1u16.to_be_bytes());
-        assert_eq!(run(&big), reference(&big, ChunkParams::DB));
+        assert_eq!(run(&big), [65536, 131072, 196608, 200_000]);
     }
 
     const GOLDEN_DEFAULT: &[usize] = &[

@@ -80,8 +80,9 @@ pub struct ScanReport {
 /// Files larger than this are not sent as page deltas: the basis (a
 /// compressed copy of every page, twice at most) would cost too much disk.
 pub const MAX_DELTA_FILE: u64 = 256 << 20;
-/// Largest SQLite page: bounds a basis copy's decompressed size.
-const MAX_PAGE: usize = 1 << 16;
+/// Largest chunk of a page-chunked file (its pages, grouped): bounds a
+/// basis copy's decompressed size.
+const MAX_PAGE: usize = crate::chunker::PAGE_GROUP;
 /// zstd level of the basis copies (kept locally, written on every change).
 const BASIS_LEVEL: i32 = 1;
 
@@ -531,7 +532,7 @@ impl Agent {
             off += plain.len() as u64;
             let tag = sealer.index_tag(plain);
             if let Some(p) = pages.as_mut().filter(|p| p.on.is_none()) {
-                p.on = Some(at == 0 && crate::chunker::sqlite_page_size(plain) == Some(plain.len()));
+                p.on = Some(at == 0 && crate::chunker::sqlite_page_size(plain).is_some_and(|n| plain.len() % n == 0));
             }
             // A known delta chunk is reused only while its sealed bytes are
             // kept or the cloud holds it as this page's anchor: otherwise a
@@ -566,7 +567,7 @@ impl Agent {
                 let (id, base) = match pd.and_then(|p| p.anchor(at).map(|a| (p, a))) {
                     Some((p, anchor)) => {
                         // A changed page: sealed against its last cloud-durable version.
-                        // Bounded by the largest SQLite page: the length is disk input.
+                        // Bounded by the largest page group: the length is disk input.
                         let base_plain = zstd::bulk::decompress(&anchor.zplain, (anchor.len as usize).min(MAX_PAGE))
                             .ok()
                             .filter(|b| !b.is_empty() && b.len() == anchor.len as usize);
@@ -777,7 +778,8 @@ fn chain_link(
     Ok(None)
 }
 
-/// Page-delta state of one file scan.
+/// Page-delta state of one file scan. A "page" here is one chunk of a
+/// page-chunked file: [`crate::chunker::PAGE_GROUP`] bytes of whole pages.
 struct PageDeltas {
     basis: crate::store::BasisReader,
     /// Bases must be cloud-durable, not only regional: if a region lost a

@@ -1,6 +1,6 @@
-//! Page deltas (issue 5): a changed page of a page-chunked database is
-//! sealed against the page's last cloud-durable version, kept compressed in
-//! the state file. Checked on the Agent API (no broker): which pages become
+//! Page deltas (issue 5): a changed chunk of a page-chunked database (a
+//! group of whole pages, `chunker::PAGE_GROUP` bytes) is sealed against the
+//! chunk's last cloud-durable version, kept compressed in the state file. Checked on the Agent API (no broker): which pages become
 //! deltas, that their bytes open to the new page with the old one as base,
 //! that only cloud-durable versions serve as bases, that chains stop at the
 //! depth bound, and that kept sealed bytes go once their change is durable.
@@ -10,6 +10,7 @@
 mod common;
 
 use common::*;
+use edge_agent::chunker::PAGE_GROUP as CH;
 use edge_agent::Agent;
 use protocol::client::ClientStore;
 use protocol::manifest::{Change, ChangeBody, FileVersion};
@@ -17,7 +18,9 @@ use protocol::seal::{base_of, Sealer, MAX_DEPTH};
 use std::path::Path;
 
 const PS: usize = 4096;
-const PAGES: usize = 64;
+/// Chunks of the test database, each `CH` bytes (16 pages).
+const CHUNKS: usize = 16;
+const PAGES: usize = CHUNKS * CH / PS;
 
 /// A page-structured file with a SQLite header: page `i` holds rows that
 /// differ a little from page to page (so pages compress, and do not dedup).
@@ -37,9 +40,9 @@ fn database() -> Vec<u8> {
     d
 }
 
-/// Rewrites a few bytes of row data on page `page` (`salt` makes each edit new).
-fn edit(db: &mut [u8], page: usize, salt: u64) {
-    let at = page * PS + 200 + (salt as usize * 97) % 3000;
+/// Rewrites a few bytes of row data in chunk `chunk` (`salt` makes each edit new).
+fn edit(db: &mut [u8], chunk: usize, salt: u64) {
+    let at = chunk * CH + 200 + (salt as usize * 97) % 3000;
     db[at..at + 8].copy_from_slice(&salt.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
 }
 
@@ -87,7 +90,7 @@ fn changed_pages_are_deltas_against_their_durable_version() {
     let mut db = database();
     let (_t, file, mut a) = scanned("quality.sqlite", &db);
     let (_, v1) = newest(&mut a);
-    assert_eq!(v1.chunks.len(), PAGES, "one chunk per page");
+    assert_eq!(v1.chunks.len(), CHUNKS, "one chunk per {CH} bytes of pages");
     assert_eq!(a.status().unwrap().chunks_delta, 0, "nothing to be a delta of yet");
 
     // Not durable yet: v2's pages cannot be deltas (the cloud may never get v1).
@@ -97,29 +100,29 @@ fn changed_pages_are_deltas_against_their_durable_version() {
     assert_eq!(a.status().unwrap().chunks_delta, 0, "bases must be cloud-durable");
     let (_, v2) = newest(&mut a);
 
-    // Durable now. Three pages change in the middle: three delta chunks,
-    // each opening to the new page with the durable page as its base.
+    // Durable now. Three chunks change in the middle: three delta chunks,
+    // each opening to the new chunk with the durable one as its base.
     ack_all(&mut a);
     let old = db.clone();
-    for p in [20, 21, 40] {
+    for p in [4, 5, 12] {
         edit(&mut db, p, 2);
     }
     write(&file, &db);
     a.scan_once().unwrap();
-    assert_eq!(a.status().unwrap().chunks_delta, 3);
     let (c3, v3) = newest(&mut a);
+    assert_eq!(a.status().unwrap().chunks_delta, 3);
     let mut sealer = Sealer::new(&key(), protocol::seal::Cipher::ChaCha20Poly1305).unwrap();
-    for p in [20, 21, 40] {
+    for p in [4, 5, 12] {
         let id = v3.chunks[p].id;
         let stored = a.chunk(&c3, &id).unwrap().expect("a pending delta chunk is available");
         assert_eq!(protocol::Hash32::of(&stored), id);
         let b = base_of(&stored).unwrap().expect("a delta chunk names its base");
         assert!(b.delta);
-        assert_eq!(b.id, v2.chunks[p].id, "page {p}'s base is its durable version");
+        assert_eq!(b.id, v2.chunks[p].id, "chunk {p}'s base is its durable version");
         assert_eq!(b.depth, 1);
-        let base = &old[p * PS..(p + 1) * PS];
-        let plain = sealer.open_with_base(&stored, PS, Some(base)).unwrap();
-        assert_eq!(plain, &db[p * PS..(p + 1) * PS]);
+        let base = &old[p * CH..(p + 1) * CH];
+        let plain = sealer.open_with_base(&stored, CH, Some(base)).unwrap();
+        assert_eq!(plain, &db[p * CH..(p + 1) * CH]);
         let mut full = Vec::new();
         sealer.seal(&plain, 3, &mut full).unwrap();
         assert!(
@@ -129,14 +132,14 @@ fn changed_pages_are_deltas_against_their_durable_version() {
             full.len()
         );
     }
-    // Page 10 changed in v2 and not since: its v2 chunk is reused as it is.
+    // Chunk 10 changed in v2 and not since: it is reused as it is.
     assert_eq!(v3.chunks[10].id, v2.chunks[10].id);
     assert_ne!(v2.chunks[10].id, v1.chunks[10].id);
 
     // Once v3 is durable its kept bytes go; a server asking again for one
     // gets None (the change is then superseded and the page sealed afresh).
     ack_all(&mut a);
-    let id = v3.chunks[20].id;
+    let id = v3.chunks[4].id;
     assert!(a.chunk(&c3, &id).unwrap().is_none());
 }
 
@@ -212,12 +215,12 @@ fn a_superseded_version_is_never_a_delta_base() {
     write(&file, &db);
     a.scan_once().unwrap();
     let (c3, v3) = newest(&mut a);
-    assert!(v3.chunks.len() == PAGES && c3.seq > c2.seq);
+    assert!(v3.chunks.len() == CHUNKS && c3.seq > c2.seq);
     let stored = a.chunk(&c3, &v3.chunks[7].id).unwrap().unwrap();
     let base = base_of(&stored).unwrap();
     assert!(
         base.is_none_or(|b| b.id != v2.chunks[7].id),
-        "v2's page never reached the cloud; it must not be a base"
+        "v2's chunk never reached the cloud; it must not be a base"
     );
 }
 
