@@ -78,15 +78,16 @@ pub fn sqlite_page_size(head: &[u8]) -> Option<usize> {
     (n.is_power_of_two() && (512..=65536).contains(&n)).then_some(n)
 }
 
-/// Bytes per chunk of a page-chunked SQLite database: 16 pages of 4 KiB,
-/// one page of 64 KiB. Every valid page size divides it, so chunks hold
-/// whole pages. Measured on `sim gen` databases (BENCHMARKS.md §5): one
-/// chunk per 4 KiB page compressed the first version to 1.56x its
-/// whole-file zstd -3 and its manifest listed every page; groups of 16
-/// pages compress to 1.13x, and a changed group, sent as a delta against
-/// its previous version, costs about what its changed pages would alone.
-/// At most `scan::MAX_PAGE`.
-pub const PAGE_GROUP: usize = 64 << 10;
+/// Bytes per chunk of a page-chunked SQLite database: 32 pages of 4 KiB,
+/// two of 64 KiB. Every valid page size divides it, so chunks hold whole
+/// pages. Measured on the `sim gen` database (BENCHMARKS.md §5), against
+/// zstd -3 of the whole file: one chunk per 4 KiB page compressed its
+/// first version to 1.56x, and its manifest listed every page; groups of
+/// 16 pages to 1.13x, of 32 to 1.08x. A changed group is sent as a delta
+/// against its previous version and costs about its changed pages alone
+/// (hourly steps: 20 KB for 32-page groups, 24 KB for 16, 62 KB page by
+/// page, manifest entries included). At most `scan::MAX_PAGE`.
+pub const PAGE_GROUP: usize = 128 << 10;
 
 impl Chunker {
     pub fn new(p: ChunkParams) -> Result<Chunker> {
@@ -273,7 +274,7 @@ mod tests {
 
     #[test]
     fn sqlite_databases_are_cut_into_groups_of_whole_pages() {
-        let mut db = pseudo_random(40 * 4096 + 100, 9);
+        let mut db = pseudo_random(2 * PAGE_GROUP + 40 * 4096 + 100, 9);
         db[..16].copy_from_slice(b"SQLite format 3\0");
         db[16..18].copy_from_slice(&4096u16.to_be_bytes());
         let run = |data: &[u8]| {
@@ -288,7 +289,10 @@ mod tests {
             .unwrap();
             out
         };
-        assert_eq!(run(&db), [PAGE_GROUP, 2 * PAGE_GROUP, 40 * 4096 + 100]);
+        let mut want: Vec<usize> = (1..).map(|i| i * PAGE_GROUP).take_while(|n| *n < db.len()).collect();
+        want.push(db.len());
+        assert!(want.len() > 1);
+        assert_eq!(run(&db), want);
         assert_eq!(PAGE_GROUP % 65536, 0, "every page size divides a group");
         // Not a database (or pages off): content-defined as before.
         let mut plain = db.clone();
@@ -309,11 +313,11 @@ mod tests {
         h[16..18].copy_from_slice(&1000u16.to_be_bytes());
         assert_eq!(sqlite_page_size(&h), None);
         assert_eq!(sqlite_page_size(b"SQLite"), None);
-        // 64 KiB pages, larger than the db class's 32 KiB maximum: one page a chunk.
-        let mut big = pseudo_random(200_000, 3);
+        // 64 KiB pages, larger than the db class's 32 KiB maximum: grouped too.
+        let mut big = pseudo_random(3 * PAGE_GROUP + 1000, 3);
         big[..18].copy_from_slice(&h[..18]);
         big[16..18].copy_from_slice(&1u16.to_be_bytes());
-        assert_eq!(run(&big), [65536, 131072, 196608, 200_000]);
+        assert_eq!(run(&big), [PAGE_GROUP, 2 * PAGE_GROUP, 3 * PAGE_GROUP, 3 * PAGE_GROUP + 1000]);
     }
 
     const GOLDEN_DEFAULT: &[usize] = &[

@@ -533,6 +533,15 @@ impl Agent {
             let tag = sealer.index_tag(plain);
             if let Some(p) = pages.as_mut().filter(|p| p.on.is_none()) {
                 p.on = Some(at == 0 && crate::chunker::sqlite_page_size(plain).is_some_and(|n| plain.len() % n == 0));
+                // Slots shorter than a group but not this first chunk's
+                // length: an older agent's geometry (one chunk per page).
+                if p.on == Some(true) {
+                    let s = p.basis.get(0)?;
+                    p.w.regroup = [&s.anchor, &s.cand, &s.root]
+                        .into_iter()
+                        .flatten()
+                        .any(|b| (b.len as usize) < crate::chunker::PAGE_GROUP && b.len as usize != plain.len());
+                }
             }
             // A known delta chunk is reused only while its sealed bytes are
             // kept or the cloud holds it as this page's anchor: otherwise a

@@ -208,6 +208,11 @@ pub struct DeltaWrites {
     pub basis: Vec<(u64, BasisSlot)>,
     /// Slots at or past this offset are removed (the file is this long).
     pub basis_end: u64,
+    /// Slots at offsets that are not a multiple of
+    /// [`crate::chunker::PAGE_GROUP`] are removed: an older agent chunked
+    /// the file with another geometry (one chunk per page, before
+    /// 2026-12-06), and no scan would overwrite them.
+    pub regroup: bool,
     /// New delta chunks: id → stored bytes.
     pub sealed: Vec<(Hash32, Vec<u8>)>,
     /// Delta chunks this version references again: kept until it is sent.
@@ -1144,6 +1149,10 @@ impl Store {
             basis.retain_in((pk, 0)..=(pk, u64::MAX), |_, _| false)?;
             return Ok(());
         };
+        if d.regroup {
+            let stride = crate::chunker::PAGE_GROUP as u64;
+            basis.retain_in((pk, 0)..=(pk, u64::MAX), |k, _| k.1 % stride == 0)?;
+        }
         for (off, slot) in &d.basis {
             let mut slot = slot.clone();
             if let Some(c) = &mut slot.cand {
@@ -2286,6 +2295,62 @@ mod tests {
             class: "default".into(),
         };
         (body, Some((meta, fc)))
+    }
+
+    #[test]
+    fn a_regroup_drops_basis_slots_of_an_older_chunk_geometry() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&t.path().join("s.redb"), &dev()).unwrap();
+        let g = crate::chunker::PAGE_GROUP as u64;
+        let slot = |len: u32| BasisSlot {
+            anchor: Some(BasisPage {
+                id: Hash32([len as u8; 32]),
+                len,
+                depth: 0,
+                epoch: 0,
+                seq: 1,
+                zplain: vec![1, 2, 3],
+            }),
+            ..BasisSlot::default()
+        };
+        let write = |s: &mut Store, basis: Vec<(u64, BasisSlot)>, regroup: bool| {
+            let (body, f) = file("db/q.sqlite", 4 * g);
+            let d = DeltaWrites {
+                basis,
+                basis_end: 4 * g,
+                regroup,
+                ..DeltaWrites::default()
+            };
+            s.record_with_deltas(body, f, &[], Some(&d), now_ms(), None).unwrap();
+        };
+        // One slot per 4 KiB page, as an older agent wrote them.
+        write(
+            &mut s,
+            (0..8)
+                .map(|i| (i * 4096, slot(4096)))
+                .chain([(g, slot(4096))])
+                .collect(),
+            false,
+        );
+        let r = s.basis_reader("db/q.sqlite").unwrap();
+        assert!(r.get(4096).unwrap().anchor.is_some());
+        drop(r);
+        // Without a regroup, a group-sized write leaves the page slots.
+        write(&mut s, vec![(0, slot(g as u32))], false);
+        assert!(s
+            .basis_reader("db/q.sqlite")
+            .unwrap()
+            .get(8192)
+            .unwrap()
+            .anchor
+            .is_some());
+        write(&mut s, vec![(0, slot(g as u32))], true);
+        let r = s.basis_reader("db/q.sqlite").unwrap();
+        for off in (1..8).map(|i| i * 4096) {
+            assert_eq!(r.get(off).unwrap(), BasisSlot::default(), "slot at {off}");
+        }
+        assert_eq!(r.get(0).unwrap().anchor.map(|a| a.len), Some(g as u32));
+        assert_eq!(r.get(g).unwrap(), slot(4096), "slots at group offsets stay");
     }
 
     fn record(s: &mut Store, path: &str, size: u64) -> Change {
