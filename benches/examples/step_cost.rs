@@ -2,18 +2,18 @@
 //! (zstd -3 of exactly the new and changed bytes: appended tails, or the
 //! differing 4 KiB blocks) next to what the agent's chunking must send
 //! (zstd of the chunks whose plaintext is new), before sealing overhead and
-//! manifests. Chunking as in the agent: SQLite files one chunk per page,
+//! manifests. Chunking as in the agent: SQLite files in page groups,
 //! others content-defined; a new chunk that starts with the file's old last
 //! chunk costs only its suffix, compressed against it (an extension chunk).
 //!
 //! `cargo run --release -p benches --example step_cost -- [SCALE] [STEP]`
-//! A changed SQLite page costs its delta against the page's previous
-//! version (zstd with the old page as reference), as the agent seals it.
+//! A changed SQLite page group costs its delta against the group's previous
+//! version (zstd with the old group as reference), as the agent seals it.
 //! (env `AVG` / `DB_AVG`: average chunk bytes to try instead of the defaults;
 //! `NO_PAGES=1`: content-defined SQLite chunks; `NO_EXT=1`: no extensions;
 //! `NO_DELTA=1`: changed pages compressed alone)
 
-use benches::{zstd_len, zstd_len_against};
+use benches::{zstd_len, zstd_len_against, zstd_len_delta};
 use edge_agent::chunker::Chunker;
 use edge_agent::ChunkParams;
 use std::collections::HashSet;
@@ -95,7 +95,7 @@ fn main() {
                 (Some((t_off, t)), _) if t_off == off && c.len() > t.len() && c.starts_with(t) => {
                     zstd_len_against(t, &c[t.len()..], level)
                 }
-                (_, Some(o)) => zstd_len_against(o, c, level),
+                (_, Some(o)) => zstd_len_delta(o, c, level),
                 _ => zstd_len(c, level).min(c.len()),
             })
             .sum();

@@ -30,12 +30,23 @@ pub fn zstd_len(b: &[u8], level: i32) -> usize {
 }
 
 /// zstd size of `data` compressed with `prefix` as reference, as an
-/// extension or delta chunk stores it (`protocol::seal`).
+/// extension chunk stores it (`protocol::seal`).
 pub fn zstd_len_against(prefix: &[u8], data: &[u8], level: i32) -> usize {
+    against(prefix, data, level, false)
+}
+
+/// [`zstd_len_against`] with long-distance matching, as the agent seals a
+/// delta chunk (`protocol::seal`).
+pub fn zstd_len_delta(prefix: &[u8], data: &[u8], level: i32) -> usize {
+    against(prefix, data, level, true)
+}
+
+fn against(prefix: &[u8], data: &[u8], level: i32, ldm: bool) -> usize {
     use zstd::zstd_safe::{CCtx, CParameter};
     let mut c = CCtx::create();
     let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
     let ok = c.set_parameter(CParameter::CompressionLevel(level)).is_ok()
+        && c.set_parameter(CParameter::EnableLongDistanceMatching(ldm)).is_ok()
         && c.ref_prefix(prefix).is_ok()
         && c.compress2(&mut out, data).is_ok();
     if ok {

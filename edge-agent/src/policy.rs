@@ -294,10 +294,11 @@ pub struct ClassSpec {
     pub zstd_level: Option<i32>,
     /// Use the append fast path (files that only grow at the end).
     pub append: Option<bool>,
-    /// Cut SQLite databases at page boundaries (on for the `db` class).
+    /// Cut SQLite databases into 128 KiB groups of whole pages
+    /// (`chunker::PAGE_GROUP`; on for the `db` class).
     pub sqlite_pages: Option<bool>,
-    /// Send a changed database page as a delta against its previous
-    /// version, keeping a compressed copy of each page in the state file
+    /// Send a changed page group as a delta against its previous version,
+    /// keeping a compressed copy of each group in the state file
     /// (on for the `db` class; needs `sqlite_pages`).
     pub page_deltas: Option<bool>,
     pub schedule: Option<Vec<String>>,
@@ -512,9 +513,9 @@ pub struct Class {
     pub chunking: ChunkParams,
     pub zstd_level: i32,
     pub append: bool,
-    /// Chunk SQLite databases page by page (`chunker::sqlite_page_size`).
+    /// Chunk SQLite databases in groups of whole pages (`chunker::PAGE_GROUP`).
     pub sqlite_pages: bool,
-    /// Seal changed pages as deltas against their previous version.
+    /// Seal changed page groups as deltas against their previous version.
     pub page_deltas: bool,
     pub schedule: Vec<Window>,
     pub tz: Tz,
