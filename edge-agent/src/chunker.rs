@@ -317,7 +317,10 @@ mod tests {
         let mut big = pseudo_random(3 * PAGE_GROUP + 1000, 3);
         big[..18].copy_from_slice(&h[..18]);
         big[16..18].copy_from_slice(&1u16.to_be_bytes());
-        assert_eq!(run(&big), [PAGE_GROUP, 2 * PAGE_GROUP, 3 * PAGE_GROUP, 3 * PAGE_GROUP + 1000]);
+        assert_eq!(
+            run(&big),
+            [PAGE_GROUP, 2 * PAGE_GROUP, 3 * PAGE_GROUP, 3 * PAGE_GROUP + 1000]
+        );
     }
 
     const GOLDEN_DEFAULT: &[usize] = &[
