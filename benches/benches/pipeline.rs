@@ -3,7 +3,10 @@
 //! - `chunk_only`: FastCDC over the bytes in memory;
 //! - `scan_new`: a fresh state file, every byte read, chunked, hashed,
 //!   looked up, compressed, sealed and recorded (one redb transaction per
-//!   file version) — what an initial sync costs the gateway's CPU;
+//!   file version) — what an initial sync costs the gateway's CPU, at the
+//!   default levels (zstd 1 for the append class, 3 for the others);
+//! - `scan_new_zstd1`, `scan_new_zstd3`: the same with every class at one
+//!   level (the goals are stated per level);
 //! - `scan_seen`: every file's mtime changed but not its bytes: read,
 //!   chunk, index-tag lookup hits, nothing sealed again.
 //!
@@ -27,10 +30,18 @@ fn archive_bytes(dir: &Path) -> (u64, Vec<u8>) {
 }
 
 fn agent(dir: &Path, state: &Path) -> Agent {
+    agent_at(dir, state, None)
+}
+
+/// An agent; with `level`, every class compresses at that zstd level.
+fn agent_at(dir: &Path, state: &Path, level: Option<i32>) -> Agent {
     let dev = DeviceRef::new("acme", "plant-1", "bench").expect("id");
     let key = TenantKey::from_bytes(1, [9; 32]);
     let mut cfg = AgentConfig::new("mqtt://127.0.0.1:1", &dev, vec![dir.to_path_buf()], state, key);
     cfg.status_snapshot = false;
+    if let Some(l) = level {
+        (cfg.zstd_level, cfg.append_zstd_level) = (l, l);
+    }
     Agent::open(cfg).expect("open")
 }
 
@@ -59,19 +70,25 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    grp.bench_function("scan_new", |b| {
-        b.iter_batched(
-            || tempfile::tempdir().expect("tmp"),
-            |st| {
-                let mut a = agent(&dir, &st.path().join("agent.redb"));
-                let r = a.scan_once().expect("scan");
-                assert!(r.changes_recorded > 0);
-                drop(a);
-                st
-            },
-            criterion::BatchSize::PerIteration,
-        )
-    });
+    for (name, level) in [
+        ("scan_new", None),
+        ("scan_new_zstd1", Some(1)),
+        ("scan_new_zstd3", Some(3)),
+    ] {
+        grp.bench_function(name, |b| {
+            b.iter_batched(
+                || tempfile::tempdir().expect("tmp"),
+                |st| {
+                    let mut a = agent_at(&dir, &st.path().join("agent.redb"), level);
+                    let r = a.scan_once().expect("scan");
+                    assert!(r.changes_recorded > 0);
+                    drop(a);
+                    st
+                },
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
 
     let st = tempfile::tempdir().expect("tmp");
     let state = st.path().join("agent.redb");

@@ -83,7 +83,10 @@ pub const MAX_DELTA_FILE: u64 = 256 << 20;
 /// Largest chunk of a page-chunked file (its pages, grouped): bounds a
 /// basis copy's decompressed size.
 const MAX_PAGE: usize = crate::chunker::PAGE_GROUP;
-/// zstd level of the basis copies (kept locally, written on every change).
+/// zstd level of the basis copies (kept locally, written on every change)
+/// that sealing did not already make: a page sealed whole keeps the zstd
+/// frame its seal made (`Sealer::last_frame`), so only deltas, stored
+/// pages and reused chunks are compressed again.
 const BASIS_LEVEL: i32 = 1;
 
 /// Log a progress line every this many files or bytes.
@@ -569,7 +572,7 @@ impl Agent {
                     if k.base.is_some_and(|b| b.delta) {
                         p.w.keep_sealed.push(k.id);
                     }
-                    p.page(at, plain, k.id, k.base.map_or(0, |b| b.depth))?;
+                    p.page(at, plain, k.id, k.base.map_or(0, |b| b.depth), None)?;
                 }
                 k.id
             } else {
@@ -629,7 +632,9 @@ impl Agent {
                     }
                 };
                 if let Some(p) = pages.as_mut().filter(|p| p.on == Some(true)) {
-                    p.page(at, plain, id, base.map_or(0, |b| b.depth))?;
+                    // Every seal above was of `plain`: its frame, if the
+                    // last one compressed it alone, is a copy of this page.
+                    p.page(at, plain, id, base.map_or(0, |b| b.depth), sealer.last_frame())?;
                 }
                 new_known.push((
                     tag,
@@ -846,8 +851,10 @@ impl PageDeltas {
     }
 
     /// Records that the page at `at` is now chunk `id` (plaintext `plain`,
-    /// depth `depth`): a new candidate, unless it already is one.
-    fn page(&mut self, at: u64, plain: &[u8], id: Hash32, depth: u8) -> Result<()> {
+    /// depth `depth`): a new candidate, unless it already is one. `frame`,
+    /// if given, is a zstd frame of `plain` to keep as its copy (the one
+    /// sealing just made, [`protocol::seal::Sealer::last_frame`]).
+    fn page(&mut self, at: u64, plain: &[u8], id: Hash32, depth: u8, frame: Option<&[u8]>) -> Result<()> {
         let mut slot = self.current(at)?;
         if slot.cand.as_ref().is_some_and(|c| c.id == id) {
             return Ok(());
@@ -858,12 +865,17 @@ impl PageDeltas {
             }
             slot.cand = None;
         } else {
-            let zerr = |e: std::io::Error| Error::Config(format!("zstd: {e}"));
-            let zc = match &mut self.zc {
-                Some(z) => z,
-                None => self.zc.insert(zstd::bulk::Compressor::new(BASIS_LEVEL).map_err(zerr)?),
+            let zplain = match frame {
+                Some(f) => f.to_vec(),
+                None => {
+                    let zerr = |e: std::io::Error| Error::Config(format!("zstd: {e}"));
+                    let zc = match &mut self.zc {
+                        Some(z) => z,
+                        None => self.zc.insert(zstd::bulk::Compressor::new(BASIS_LEVEL).map_err(zerr)?),
+                    };
+                    zc.compress(plain).map_err(zerr)?
+                }
             };
-            let zplain = zc.compress(plain).map_err(zerr)?;
             slot.cand = Some(BasisPage {
                 id,
                 len: plain.len() as u32,

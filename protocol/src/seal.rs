@@ -227,6 +227,9 @@ pub struct Sealer {
     compressor: Option<(i32, zstd::zstd_safe::CCtx<'static>)>,
     decompressor: Option<zstd::zstd_safe::DCtx<'static>>,
     scratch: Vec<u8>,
+    /// `scratch` holds the last seal's plaintext as one zstd frame of its
+    /// own (see [`Sealer::last_frame`]).
+    scratch_is_frame: bool,
 }
 
 impl Sealer {
@@ -245,6 +248,7 @@ impl Sealer {
             compressor: None,
             decompressor: None,
             scratch: Vec::new(),
+            scratch_is_frame: false,
         })
     }
 
@@ -292,6 +296,15 @@ impl Sealer {
         }
     }
 
+    /// The plaintext of the last seal as a standalone zstd frame (what
+    /// [`zstd::bulk::decompress`] opens), if that seal compressed it alone:
+    /// not for a stored, extension or delta chunk. Valid until the next
+    /// seal; a caller that keeps a compressed copy of the plaintext (the
+    /// agent's page-delta bases) reuses it instead of compressing again.
+    pub fn last_frame(&self) -> Option<&[u8]> {
+        self.scratch_is_frame.then_some(self.scratch.as_slice())
+    }
+
     /// Seals a delta chunk: `plain` compressed with `base_plain`, the
     /// plaintext of the chunk `base` names, as reference. Deterministic like
     /// `seal`. Opening it needs the same base plaintext.
@@ -327,6 +340,7 @@ impl Sealer {
         let plain = body;
         let mut kind = C_STORED;
         self.scratch.clear();
+        self.scratch_is_frame = false;
         if let Some(b) = base {
             // Always compressed: the reference prefix is what makes it small.
             // A fresh context: a referenced prefix must outlive the context.
@@ -359,6 +373,7 @@ impl Sealer {
             // Keep the compressed form only when it saves something.
             if n < plain.len() {
                 kind = C_ZSTD;
+                self.scratch_is_frame = true;
             }
         }
         let payload: &[u8] = if kind == C_STORED { plain } else { &self.scratch };
@@ -658,6 +673,68 @@ mod tests {
             p[at..at + 8].copy_from_slice(&(salt.wrapping_mul(2654435761) as u64 | 1 << 40).to_le_bytes());
         }
         p
+    }
+
+    #[test]
+    fn a_one_row_edit_in_self_similar_rows_is_a_small_delta() {
+        // 128 KiB of table rows that repeat with small differences, as in
+        // a SQLite page group: without long-distance matching zstd's match
+        // finder missed the long match into the base (2–3.6 KB deltas).
+        let mut old = Vec::new();
+        let mut r = 0u32;
+        while old.len() < 128 << 10 {
+            old.extend_from_slice(format!("row {r},sensor {},temp 21.{},ok;", r % 17, (r * 7) % 10).as_bytes());
+            r += 1;
+        }
+        old.truncate(128 << 10);
+        let mut s = sealer(Cipher::Aes256Gcm);
+        for at in [394, 40_000, 100_000] {
+            let mut new = old.clone();
+            new[at..at + 8].copy_from_slice(&0x9E37_79B9_7F4A_7C15u64.to_le_bytes());
+            let base = BaseRef {
+                id: Hash32::of(&old),
+                len: old.len() as u32,
+                depth: 1,
+                delta: true,
+            };
+            let mut x = Vec::new();
+            s.seal_delta(&new, 3, base, &old, &mut x).expect("seal delta");
+            assert!(x.len() < 200, "edit at {at}: delta of {} bytes", x.len());
+            assert_eq!(s.open_with_base(&x, new.len(), Some(&old)).expect("open"), new);
+        }
+    }
+
+    #[test]
+    fn the_last_frame_is_the_plaintext_compressed_alone() {
+        let text = page(&[1, 2, 3], 1);
+        let mut s = sealer(Cipher::ChaCha20Poly1305);
+        let mut out = Vec::new();
+        s.seal(&text, 3, &mut out).expect("seal");
+        let f = s.last_frame().expect("compressed alone").to_vec();
+        assert_eq!(zstd::bulk::decompress(&f, text.len()).expect("a zstd frame"), text);
+        // Not for stored bytes, extensions or deltas.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        s.seal(&noise, 3, &mut out).expect("seal");
+        assert!(s.last_frame().is_none(), "stored raw");
+        let base = BaseRef {
+            id: Hash32::of(&text[..1000]),
+            len: 1000,
+            depth: 1,
+            delta: false,
+        };
+        s.seal_with_base(&text, 3, Some(base), &mut out).expect("extension");
+        assert!(s.last_frame().is_none(), "extension");
+        s.seal_delta(&text, 3, BaseRef { delta: true, ..base }, &text[..1000], &mut out)
+            .expect("delta");
+        assert!(s.last_frame().is_none(), "delta");
     }
 
     #[test]
