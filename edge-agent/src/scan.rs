@@ -64,6 +64,10 @@ pub struct ScanReport {
     pub files_skipped: u64,
     /// Appends handled by chunking only the new tail.
     pub append_fast_path: u64,
+    /// Files re-read whose chunks were all those of their previous version
+    /// (same size): the whole-file SHA-256 was resumed from that version's
+    /// saved state over the last chunk only.
+    pub same_content_fast_path: u64,
     pub changes_recorded: u64,
     /// Bytes read from files (chunking plus append checks).
     pub bytes_read: u64,
@@ -497,6 +501,27 @@ impl Agent {
         }
         file.seek(SeekFrom::Start(start)).map_err(|e| Error::io(fs_path, e))?;
 
+        // Same size as the last version (touched, or edited in place): while
+        // its chunks are that version's (index tag and length), the
+        // whole-file SHA-256 is not computed; if all are, it is resumed from
+        // the saved state before the last chunk. At the first chunk that
+        // differs, the bytes before it are read again (through a duplicate of
+        // this descriptor, so the same file) and hashed. A write during the
+        // scan is caught by the stat check after the read, as for any read.
+        let mut same: Option<(FileChunks, File)> = None;
+        if let (Some(o), Src::File(f)) = (&old, &file) {
+            if start == 0 && !o.dirty && o.size == st.size && o.inode == st.inode {
+                if let Some(fc) = self.store.file_chunks(path)?.filter(|fc| fc.class == class) {
+                    let last_start: u64 = fc.chunks.iter().rev().skip(1).map(|c| u64::from(c.len)).sum();
+                    let saved = ResumableSha256::from_bytes(&fc.sha_before_last).ok();
+                    if !fc.chunks.is_empty() && saved.is_some_and(|s| s.len() == last_start) {
+                        same = Some((fc, f.try_clone().map_err(|e| Error::io(fs_path, e))?));
+                    }
+                }
+            }
+        }
+        let (mut reread, mut same_hit) = (0u64, false);
+
         // Page deltas: whole-file reads of page-chunked files only (decided
         // at the first chunk, which holds the SQLite header).
         let mut pages = match page_deltas && !is_link && start == 0 && st.size <= MAX_DELTA_FILE {
@@ -529,11 +554,32 @@ impl Agent {
             .ok_or_else(|| Error::Config("no chunker for the policy class".into()))?;
         let cipher = sealer.cipher() as u8;
         let read = chunker.run(&mut file, fs_path, |plain| {
-            sha_before_last = sha.clone();
-            sha.update(plain);
             let at = off;
             off += plain.len() as u64;
             let tag = sealer.index_tag(plain);
+            match same.as_ref().map(|(fc, f)| (fc, f, fc.chunks.get(chunks.len()))) {
+                Some((fc, _, Some(c))) if c.tag == tag && c.len as usize == plain.len() => {
+                    if chunks.len() + 1 == fc.chunks.len() {
+                        // Every chunk is the old version's: so is the hash.
+                        sha_before_last = ResumableSha256::from_bytes(&fc.sha_before_last)?;
+                        sha = sha_before_last.clone();
+                        sha.update(plain);
+                        same = None;
+                        same_hit = true;
+                    }
+                }
+                Some((_, f, _)) => {
+                    hash_prefix(f, at, &mut sha, fs_path)?;
+                    reread += at;
+                    same = None;
+                    sha_before_last = sha.clone();
+                    sha.update(plain);
+                }
+                None => {
+                    sha_before_last = sha.clone();
+                    sha.update(plain);
+                }
+            }
             if let Some(p) = pages.as_mut().filter(|p| p.on.is_none()) {
                 p.on = Some(at == 0 && crate::chunker::sqlite_page_size(plain).is_some_and(|n| plain.len() % n == 0));
                 // Slots shorter than a group but not this first chunk's
@@ -659,7 +705,11 @@ impl Agent {
             Ok(())
         })?;
         drop(known);
-        bytes_read += read;
+        // Still deferring: fewer bytes than the old version were read (the
+        // file shrank meanwhile), so the hash is incomplete; the stat check
+        // below skips this version.
+        let hashed_all = same.is_none() && sha.len() == start + read;
+        bytes_read += read + reread;
         rep.bytes_read += bytes_read;
         rep.bytes_chunked += read;
         let c = &mut self.store.counters;
@@ -669,12 +719,13 @@ impl Agent {
         // Changed while we read it? Then this version is not coherent: skip,
         // the next scan sees the new stat and tries again.
         let after = fs::symlink_metadata(fs_path).map(|m| Stat::of(&m)).ok();
-        if after != Some(st) || start + read != st.size {
+        if after != Some(st) || start + read != st.size || !hashed_all {
             tracing::debug!(path, "changed while being read; retrying next scan");
             self.store.counters.changed_during_read += 1;
             rep.files_skipped += 1;
             return Ok(());
         }
+        rep.same_content_fast_path += u64::from(same_hit);
         let c = &mut self.store.counters;
         c.chunks_new += n_new;
         c.chunks_extension += n_ext;
@@ -757,6 +808,21 @@ impl Agent {
         rep.changes_recorded += 1;
         Ok(())
     }
+}
+
+/// Hashes the first `len` bytes of `f` into `sha` (a fresh state), read
+/// with `pread`, so the descriptor's offset (the chunker's) stays put.
+fn hash_prefix(f: &File, len: u64, sha: &mut ResumableSha256, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (256 << 10).min(len as usize)];
+    let mut at = 0u64;
+    while at < len {
+        let n = buf.len().min((len - at) as usize);
+        f.read_exact_at(&mut buf[..n], at).map_err(|e| Error::io(path, e))?;
+        sha.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// The link of an extension chain at depth `MAX_DEPTH / 2` or less (and

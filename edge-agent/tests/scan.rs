@@ -447,3 +447,42 @@ fn db_class_chunks_small_so_a_page_edit_resends_little() {
     );
     assert!(db_new < bin_new, "db class {db_new} vs default {bin_new}");
 }
+
+#[test]
+fn a_file_with_its_old_chunks_reuses_its_old_hash_and_any_change_rehashes() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir(&watch).unwrap();
+    let file = watch.join("series.bin");
+    let mut content = pseudo_random(3 << 20, 21);
+    std::fs::write(&file, &content).unwrap();
+    settle(&file);
+    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"))).unwrap();
+    a.scan_once().unwrap();
+    let n = latest_version(&mut a, "plant/series.bin").chunks.len();
+    assert!(n >= 8, "{n} chunks");
+    let mut step = 0;
+    // (what to do, whether the old hash is resumed)
+    let edits: [(&str, Option<usize>, bool); 6] = [
+        ("touched", None, true),
+        ("middle byte", Some(3 << 19), false),
+        ("touched after a middle edit", None, true),
+        ("first byte", Some(0), false),
+        ("last byte", Some((3 << 20) - 1), false),
+        ("touched again", None, true),
+    ];
+    for (what, at, resumed) in edits {
+        step += 1;
+        if let Some(i) = at {
+            content[i] ^= 0x5A;
+            std::fs::write(&file, &content).unwrap();
+        }
+        bump_mtime(&file, 3600 * step);
+        let r = a.scan_once().unwrap();
+        assert_eq!(r.changes_recorded, 1, "{what}: {r:?}");
+        assert_eq!(r.same_content_fast_path, u64::from(resumed), "{what}: {r:?}");
+        let v = latest_version(&mut a, "plant/series.bin");
+        assert_eq!(v.sha256.0, sha256(&content), "{what}: the whole-file SHA-256");
+        assert_eq!(v.size, content.len() as u64);
+    }
+}
