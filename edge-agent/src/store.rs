@@ -826,6 +826,21 @@ impl Store {
                     meta.insert("counters", serde_json::to_vec(&counters).unwrap_or_default().as_slice())?;
                 }
             }
+            // Known chunks tagged by another function (an older agent's
+            // HMAC-SHA-256) can never be hit again: dropped, so their chunks
+            // are sealed again at the next scan that reads them (a chunk
+            // sealed whole gets its old id back; the server has it). Tags in
+            // `file_chunks` just stop matching, which costs a full read once.
+            let label = protocol::seal::INDEX_TAG_LABEL.as_bytes();
+            if meta.get("index_tag")?.is_none_or(|v| v.value() != label) {
+                if !fresh {
+                    let mut known = txn.open_table(KNOWN)?;
+                    let dropped = known.len()?;
+                    known.retain(|_, _| false)?;
+                    tracing::info!(dropped, "index tags are keyed BLAKE3 now: known-chunk table cleared");
+                }
+                meta.insert("index_tag", label)?;
+            }
         }
         txn.commit()?;
         if fresh {
@@ -2295,6 +2310,52 @@ mod tests {
             class: "default".into(),
         };
         (body, Some((meta, fc)))
+    }
+
+    #[test]
+    fn known_chunks_of_another_tag_function_are_dropped_on_open() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("s.redb");
+        let k = |n: u8| {
+            (
+                Hash32([n; 32]),
+                KnownChunk {
+                    id: Hash32([n + 100; 32]),
+                    level: 3,
+                    cipher: 1,
+                    base: None,
+                },
+            )
+        };
+        let count = |s: &Store| s.db.begin_read().unwrap().open_table(KNOWN).unwrap().len().unwrap();
+        {
+            let mut s = Store::open(&path, &dev()).unwrap();
+            let (body, f) = file("a", 10);
+            s.record(body, f, &[k(1), k(2)], now_ms()).unwrap();
+            s.flush().unwrap();
+        }
+        // Reopened by the same version: kept.
+        let s = Store::open(&path, &dev()).unwrap();
+        assert_eq!(count(&s), 2);
+        // As an older agent left it: no tag function recorded.
+        let w = s.db.begin_write().unwrap();
+        w.open_table(META).unwrap().remove("index_tag").unwrap();
+        w.commit().unwrap();
+        drop(s);
+        let s = Store::open(&path, &dev()).unwrap();
+        assert_eq!(count(&s), 0, "HMAC-tagged entries can never be hit");
+        let r = s.db.begin_read().unwrap();
+        let label = r
+            .open_table(META)
+            .unwrap()
+            .get("index_tag")
+            .unwrap()
+            .map(|v| v.value().to_vec());
+        assert_eq!(label.as_deref(), Some(protocol::seal::INDEX_TAG_LABEL.as_bytes()));
+        // Nothing else is lost: the outbox still holds the change.
+        drop(r);
+        let mut s = s;
+        assert_eq!(all(&mut s).len(), 1);
     }
 
     #[test]

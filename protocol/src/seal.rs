@@ -215,12 +215,18 @@ impl TenantKey {
     }
 }
 
+/// HKDF label of the index-tag key, and the name of the tag function: a
+/// state file whose known chunks were tagged otherwise (HMAC-SHA-256 under
+/// the label `index`, before 2026-12-06) drops them (`edge_agent::store`).
+pub const INDEX_TAG_LABEL: &str = "index-blake3";
+
 /// Seals and opens chunks for one tenant key. Holds reusable zstd contexts,
 /// so it is `&mut` and per-thread.
 pub struct Sealer {
     key_id: u32,
     cipher: Cipher,
-    k_index: hmac::Key,
+    /// Keyed-BLAKE3 key of the index tags.
+    k_index: [u8; 32],
     k_nonce: hmac::Key,
     aes: LessSafeKey,
     chacha: LessSafeKey,
@@ -241,7 +247,7 @@ impl Sealer {
         Ok(Sealer {
             key_id: key.key_id,
             cipher,
-            k_index: hmac::Key::new(hmac::HMAC_SHA256, &key.derive("index")),
+            k_index: key.derive(INDEX_TAG_LABEL),
             k_nonce: hmac::Key::new(hmac::HMAC_SHA256, &key.derive("nonce")),
             aes: LessSafeKey::new(aes),
             chacha: LessSafeKey::new(chacha),
@@ -257,12 +263,10 @@ impl Sealer {
     }
 
     /// Keyed tag of a plaintext chunk: the key of the edge's known-chunk
-    /// table. Keyed so the table reveals nothing about content.
+    /// table. Keyed so the table reveals nothing about content. Keyed
+    /// BLAKE3 ([`INDEX_TAG_LABEL`]); it never leaves the gateway.
     pub fn index_tag(&self, plain: &[u8]) -> Hash32 {
-        let t = hmac::sign(&self.k_index, plain);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(t.as_ref());
-        Hash32(out)
+        Hash32(*blake3::keyed_hash(&self.k_index, plain).as_bytes())
     }
 
     /// Seals `plain` at zstd `level` (0 = store uncompressed) into `out`
