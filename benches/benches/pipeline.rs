@@ -7,8 +7,11 @@
 //!   default levels (zstd 1 for the append class, 3 for the others);
 //! - `scan_new_zstd1`, `scan_new_zstd3`: the same with every class at one
 //!   level (the goals are stated per level);
-//! - `scan_seen`: every file's mtime changed but not its bytes: read,
-//!   chunk, index-tag lookup hits, nothing sealed again.
+//! - `scan_seen`: every file's mtime changed but not its bytes: read, each
+//!   chunk checked against the file's previous version, nothing sealed;
+//! - `scan_seen_moved`: the same bytes under new paths (the folder
+//!   renamed): no previous version to compare with, so read, chunked,
+//!   hashed, every chunk an index-tag hit, nothing sealed.
 //!
 //! `cargo bench -p benches --bench pipeline`
 
@@ -114,7 +117,42 @@ fn bench(c: &mut Criterion) {
             criterion::BatchSize::PerIteration,
         )
     });
+    // The archive one folder down, renamed before every scan.
+    let root = work.path().join("moved");
+    let mut at = root.join("v0");
+    std::fs::create_dir_all(&root).expect("mkdir");
+    copy_tree(&dir, &at);
+    let st = tempfile::tempdir().expect("tmp");
+    let state = st.path().join("agent.redb");
+    agent(&root, &state).scan_once().expect("first scan");
+    let mut n = 0u64;
+    grp.bench_function("scan_seen_moved", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                let next = root.join(format!("v{n}"));
+                std::fs::rename(&at, &next).expect("rename");
+                at = next;
+                agent(&root, &state)
+            },
+            |mut a| {
+                let r = a.scan_once().expect("scan");
+                assert_eq!(r.chunks_new, 0, "nothing new to seal");
+                assert!(r.files_new > 0);
+                a
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
     grp.finish();
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for rel in sim::tree::list_files(from).expect("list").keys() {
+        let dst = to.join(rel);
+        std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(from.join(rel), dst).expect("copy");
+    }
 }
 
 criterion_group!(benches, bench);

@@ -118,6 +118,11 @@ impl Chunker {
         self.p
     }
 
+    /// Whether a file that starts with `head` is cut into page groups.
+    pub fn pages_for(&self, head: &[u8]) -> bool {
+        self.sqlite_pages && sqlite_page_size(head).is_some()
+    }
+
     /// Length of the next chunk at the start of `window` (which holds at
     /// least `max` bytes unless it ends at EOF).
     fn cut(&self, window: &[u8]) -> usize {
@@ -136,15 +141,28 @@ impl Chunker {
 
     /// Reads `src` to EOF, calling `f(chunk)` for each chunk in order.
     /// Returns the number of bytes read. `what` names the source in errors.
-    pub fn run<R: Read>(
+    pub fn run<R: Read>(&mut self, src: R, what: &std::path::Path, f: impl FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+        self.run_from(src, what, None, f)
+    }
+
+    /// [`Chunker::run`] on a source positioned at a cut point of its file
+    /// (not at its start). `pages`: whether the file is cut into page
+    /// groups (decided from its first bytes, which this source may not
+    /// hold); None decides it from the source's first bytes, as `run`.
+    pub fn run_from<R: Read>(
         &mut self,
         mut src: R,
         what: &std::path::Path,
+        pages: Option<bool>,
         mut f: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<u64> {
         let (mut start, mut end, mut eof, mut total) = (0usize, 0usize, false, 0u64);
         // Decided after the first fill, from the source's first bytes.
-        let mut page: Option<Option<usize>> = (!self.sqlite_pages).then_some(None);
+        let mut page: Option<Option<usize>> = match (self.sqlite_pages, pages) {
+            (false, _) | (true, Some(false)) => Some(None),
+            (true, Some(true)) => Some(Some(PAGE_GROUP)),
+            (true, None) => None,
+        };
         loop {
             let need = match page {
                 Some(Some(_)) => PAGE_GROUP,

@@ -68,6 +68,9 @@ pub struct ScanReport {
     /// (same size): the whole-file SHA-256 was resumed from that version's
     /// saved state over the last chunk only.
     pub same_content_fast_path: u64,
+    /// Bytes of those files cut where their previous version was cut
+    /// (each chunk checked by its index tag), without running FastCDC.
+    pub bytes_same_cuts: u64,
     pub changes_recorded: u64,
     /// Bytes read from files (chunking plus append checks).
     pub bytes_read: u64,
@@ -412,8 +415,14 @@ impl Agent {
             }
         }
         let ci = self.policy.class_idx(path);
-        let (class, level, append_class, page_deltas) = match self.policy.classes.get(ci) {
-            Some(c) => (c.name.clone(), c.zstd_level, c.append, c.sqlite_pages && c.page_deltas),
+        let (class, level, append_class, sqlite_class, page_deltas) = match self.policy.classes.get(ci) {
+            Some(c) => (
+                c.name.clone(),
+                c.zstd_level,
+                c.append,
+                c.sqlite_pages,
+                c.sqlite_pages && c.page_deltas,
+            ),
             None => return Err(Error::Config("no policy class".into())),
         };
         let class = class.as_str();
@@ -543,20 +552,38 @@ impl Agent {
         let mut sha_before_last = sha.clone();
         let (mut n_new, mut n_known, mut n_ext, mut n_delta) = (0u64, 0u64, 0u64, 0u64);
         let mut off = start;
+        // The old version's cut points, to check before chunking: while its
+        // chunks are unchanged, FastCDC would cut exactly there (a cut
+        // depends only on the bytes since the previous cut), so it is run
+        // only from the first chunk that differs. Page-chunked files only
+        // when the old chunks are whole groups (not an older geometry).
+        let plan: Vec<StoredChunk> = match &same {
+            Some((fc, _))
+                if !sqlite_class
+                    || fc
+                        .chunks
+                        .split_last()
+                        .is_some_and(|(_, r)| r.iter().all(|c| c.len as usize == crate::chunker::PAGE_GROUP)) =>
+            {
+                fc.chunks.clone()
+            }
+            _ => Vec::new(),
+        };
         let Agent {
             chunkers,
             sealer,
             seal_buf,
+            read_buf,
             ..
         } = self;
         let chunker = chunkers
             .get_mut(ci)
             .ok_or_else(|| Error::Config("no chunker for the policy class".into()))?;
         let cipher = sealer.cipher() as u8;
-        let read = chunker.run(&mut file, fs_path, |plain| {
+        let tagger = sealer.tagger();
+        let mut on_chunk = |plain: &[u8], tag: Hash32| -> Result<()> {
             let at = off;
             off += plain.len() as u64;
-            let tag = sealer.index_tag(plain);
             match same.as_ref().map(|(fc, f)| (fc, f, fc.chunks.get(chunks.len()))) {
                 Some((fc, _, Some(c))) if c.tag == tag && c.len as usize == plain.len() => {
                     if chunks.len() + 1 == fc.chunks.len() {
@@ -581,7 +608,9 @@ impl Agent {
                 }
             }
             if let Some(p) = pages.as_mut().filter(|p| p.on.is_none()) {
-                p.on = Some(at == 0 && crate::chunker::sqlite_page_size(plain).is_some_and(|n| plain.len() % n == 0));
+                p.on = Some(
+                    at == 0 && crate::chunker::sqlite_page_size(plain).is_some_and(|n| plain.len().is_multiple_of(n)),
+                );
                 // Slots shorter than a group but not this first chunk's
                 // length: an older agent's geometry (one chunk per page).
                 if p.on == Some(true) {
@@ -703,7 +732,33 @@ impl Agent {
                 tag,
             });
             Ok(())
-        })?;
+        };
+        let (mut predicted, mut page_mode) = (0u64, None);
+        for c in &plan {
+            read_buf.resize(c.len as usize, 0);
+            // A short or failed read: the chunker below reads from here
+            // again and reports it.
+            if file.read_exact(read_buf).is_err() {
+                break;
+            }
+            let tag = tagger.tag(read_buf);
+            if tag != c.tag {
+                break;
+            }
+            if predicted == 0 {
+                page_mode = Some(chunker.pages_for(read_buf));
+            }
+            on_chunk(read_buf, tag)?;
+            predicted += u64::from(c.len);
+        }
+        if !plan.is_empty() {
+            file.seek(SeekFrom::Start(start + predicted))
+                .map_err(|e| Error::io(fs_path, e))?;
+        }
+        let read = predicted
+            + chunker.run_from(&mut file, fs_path, page_mode, |plain| {
+                on_chunk(plain, tagger.tag(plain))
+            })?;
         drop(known);
         // Still deferring: fewer bytes than the old version were read (the
         // file shrank meanwhile), so the hash is incomplete; the stat check
@@ -726,6 +781,7 @@ impl Agent {
             return Ok(());
         }
         rep.same_content_fast_path += u64::from(same_hit);
+        rep.bytes_same_cuts += predicted;
         let c = &mut self.store.counters;
         c.chunks_new += n_new;
         c.chunks_extension += n_ext;

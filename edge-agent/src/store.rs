@@ -1166,7 +1166,7 @@ impl Store {
         };
         if d.regroup {
             let stride = crate::chunker::PAGE_GROUP as u64;
-            basis.retain_in((pk, 0)..=(pk, u64::MAX), |k, _| k.1 % stride == 0)?;
+            basis.retain_in((pk, 0)..=(pk, u64::MAX), |k, _| k.1.is_multiple_of(stride))?;
         }
         for (off, slot) in &d.basis {
             let mut slot = slot.clone();

@@ -448,41 +448,68 @@ fn db_class_chunks_small_so_a_page_edit_resends_little() {
     assert!(db_new < bin_new, "db class {db_new} vs default {bin_new}");
 }
 
+/// A page-structured file with a SQLite header (4 KiB pages of rows).
+fn sqlite_like(len: usize) -> Vec<u8> {
+    let mut d = csv_lines(len, 5);
+    d.truncate(len);
+    d[..16].copy_from_slice(b"SQLite format 3\0");
+    d[16..18].copy_from_slice(&4096u16.to_be_bytes());
+    d
+}
+
 #[test]
-fn a_file_with_its_old_chunks_reuses_its_old_hash_and_any_change_rehashes() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir(&watch).unwrap();
-    let file = watch.join("series.bin");
-    let mut content = pseudo_random(3 << 20, 21);
-    std::fs::write(&file, &content).unwrap();
-    settle(&file);
-    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"))).unwrap();
-    a.scan_once().unwrap();
-    let n = latest_version(&mut a, "plant/series.bin").chunks.len();
-    assert!(n >= 8, "{n} chunks");
-    let mut step = 0;
-    // (what to do, whether the old hash is resumed)
-    let edits: [(&str, Option<usize>, bool); 6] = [
-        ("touched", None, true),
-        ("middle byte", Some(3 << 19), false),
-        ("touched after a middle edit", None, true),
-        ("first byte", Some(0), false),
-        ("last byte", Some((3 << 20) - 1), false),
-        ("touched again", None, true),
-    ];
-    for (what, at, resumed) in edits {
-        step += 1;
-        if let Some(i) = at {
-            content[i] ^= 0x5A;
-            std::fs::write(&file, &content).unwrap();
+fn a_file_with_its_old_chunks_reuses_its_old_cuts_and_hash_and_any_change_rechunks() {
+    for (name, mut content) in [
+        ("series.bin", pseudo_random(3 << 20, 21)),
+        ("quality.sqlite", sqlite_like(2 << 20)),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let watch = t.path().join("plant");
+        std::fs::create_dir(&watch).unwrap();
+        let file = watch.join(name);
+        let path = format!("plant/{name}");
+        std::fs::write(&file, &content).unwrap();
+        settle(&file);
+        let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"))).unwrap();
+        a.scan_once().unwrap();
+        let n = latest_version(&mut a, &path).chunks.len();
+        assert!(n >= 8, "{name}: {n} chunks");
+        let len = content.len();
+        // (what, the byte to flip, whether the old hash is resumed)
+        let edits: [(&str, Option<usize>, bool); 6] = [
+            ("touched", None, true),
+            ("middle byte", Some(len / 2), false),
+            ("touched after a middle edit", None, true),
+            ("first byte", Some(20), false),
+            ("last byte", Some(len - 1), false),
+            ("touched again", None, true),
+        ];
+        for (step, (what, at, resumed)) in edits.into_iter().enumerate() {
+            if let Some(i) = at {
+                content[i] ^= 0x5A;
+                std::fs::write(&file, &content).unwrap();
+            }
+            bump_mtime(&file, 3600 * (step as u64 + 1));
+            let r = a.scan_once().unwrap();
+            assert_eq!(r.changes_recorded, 1, "{name}, {what}: {r:?}");
+            assert_eq!(r.same_content_fast_path, u64::from(resumed), "{name}, {what}: {r:?}");
+            // Cut where the old version was, up to the first changed chunk.
+            let (lo, hi) = match at {
+                None => (len, len),
+                Some(i) => (i.saturating_sub(256 << 10), i),
+            };
+            assert!(
+                (lo as u64..=hi as u64).contains(&r.bytes_same_cuts),
+                "{name}, {what}: {} bytes cut as before",
+                r.bytes_same_cuts
+            );
+            let v = latest_version(&mut a, &path);
+            assert_eq!(v.sha256.0, sha256(&content), "{name}, {what}: the whole-file SHA-256");
+            assert_eq!(v.size, len as u64);
+            // The cuts are exactly those of chunking the file afresh.
+            let fresh = fresh_chunking(&file, ChunkParams::default(), &t.path().join(format!("f{step}")));
+            let cuts = |v: &protocol::FileVersion| v.chunks.iter().map(|c| c.len).collect::<Vec<_>>();
+            assert_eq!(cuts(&v), cuts(&fresh), "{name}, {what}");
         }
-        bump_mtime(&file, 3600 * step);
-        let r = a.scan_once().unwrap();
-        assert_eq!(r.changes_recorded, 1, "{what}: {r:?}");
-        assert_eq!(r.same_content_fast_path, u64::from(resumed), "{what}: {r:?}");
-        let v = latest_version(&mut a, "plant/series.bin");
-        assert_eq!(v.sha256.0, sha256(&content), "{what}: the whole-file SHA-256");
-        assert_eq!(v.size, content.len() as u64);
     }
 }

@@ -220,6 +220,22 @@ impl TenantKey {
 /// the label `index`, before 2026-12-06) drops them (`edge_agent::store`).
 pub const INDEX_TAG_LABEL: &str = "index-blake3";
 
+/// [`Sealer::index_tag`] without the sealer.
+#[derive(Clone, Copy)]
+pub struct Tagger([u8; 32]);
+
+impl Tagger {
+    pub fn tag(&self, plain: &[u8]) -> Hash32 {
+        Hash32(*blake3::keyed_hash(&self.0, plain).as_bytes())
+    }
+}
+
+impl std::fmt::Debug for Tagger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tagger(..)")
+    }
+}
+
 /// Seals and opens chunks for one tenant key. Holds reusable zstd contexts,
 /// so it is `&mut` and per-thread.
 pub struct Sealer {
@@ -266,7 +282,12 @@ impl Sealer {
     /// table. Keyed so the table reveals nothing about content. Keyed
     /// BLAKE3 ([`INDEX_TAG_LABEL`]); it never leaves the gateway.
     pub fn index_tag(&self, plain: &[u8]) -> Hash32 {
-        Hash32(*blake3::keyed_hash(&self.k_index, plain).as_bytes())
+        self.tagger().tag(plain)
+    }
+
+    /// The index-tag function alone, to use while the sealer is borrowed.
+    pub fn tagger(&self) -> Tagger {
+        Tagger(self.k_index)
     }
 
     /// Seals `plain` at zstd `level` (0 = store uncompressed) into `out`
