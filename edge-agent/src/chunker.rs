@@ -118,6 +118,25 @@ impl Chunker {
         self.p
     }
 
+    /// Names this chunking (FastCDC 2020 parameters, page groups): equal
+    /// fingerprints cut equal bytes at equal points.
+    pub fn fingerprint(&self) -> u64 {
+        let name = format!(
+            "fastcdc-2020 min {} avg {} max {} sqlite-pages {} group {PAGE_GROUP}",
+            self.p.min, self.p.avg, self.p.max, self.sqlite_pages
+        );
+        let h = protocol::Hash32::of(name.as_bytes()).0;
+        u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+    }
+
+    /// Longest chunk this chunking cuts.
+    pub fn max_chunk(&self) -> usize {
+        match self.sqlite_pages {
+            true => self.p.max.max(PAGE_GROUP),
+            false => self.p.max,
+        }
+    }
+
     /// Whether a file that starts with `head` is cut into page groups.
     pub fn pages_for(&self, head: &[u8]) -> bool {
         self.sqlite_pages && sqlite_page_size(head).is_some()

@@ -545,7 +545,12 @@ impl Agent {
         }
         self.store.counters.bytes_read += u64::from(len);
         let tag = self.sealer.index_tag(&self.read_buf);
-        let (level, cipher, base) = match self.store.known_reader()?.get(&tag)? {
+        let mut found = self.store.known_reader()?.get(&tag)?;
+        if found.is_none() && self.store.has_legacy_known()? {
+            // Recorded by an agent before keyed-BLAKE3 tags.
+            found = self.store.legacy_known(&self.sealer.legacy_index_tag(&self.read_buf))?;
+        }
+        let (level, cipher, base) = match found {
             Some(k) if k.id == *id => (k.level, k.cipher, k.base),
             Some(_) => return Ok(None), // these bytes were sealed as another chunk
             None => (self.policy.level(&f.class), self.sealer.cipher() as u8, None),

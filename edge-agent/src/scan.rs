@@ -518,18 +518,26 @@ impl Agent {
         // this descriptor, so the same file) and hashed. A write during the
         // scan is caught by the stat check after the read, as for any read.
         let mut same: Option<(FileChunks, File)> = None;
+        let (cuts, max_chunk) = match self.chunkers.get(ci) {
+            Some(c) => (c.fingerprint(), c.max_chunk()),
+            None => return Err(Error::Config("no chunker for the policy class".into())),
+        };
         if let (Some(o), Src::File(f)) = (&old, &file) {
             if start == 0 && !o.dirty && o.size == st.size && o.inode == st.inode {
                 if let Some(fc) = self.store.file_chunks(path)?.filter(|fc| fc.class == class) {
+                    // State-file input: lengths bounded (each is read into
+                    // memory below) and adding up to the file's size.
+                    let sane = fc.chunks.iter().all(|c| c.len > 0 && c.len as usize <= max_chunk)
+                        && fc.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == st.size;
                     let last_start: u64 = fc.chunks.iter().rev().skip(1).map(|c| u64::from(c.len)).sum();
                     let saved = ResumableSha256::from_bytes(&fc.sha_before_last).ok();
-                    if !fc.chunks.is_empty() && saved.is_some_and(|s| s.len() == last_start) {
+                    if sane && !fc.chunks.is_empty() && saved.is_some_and(|s| s.len() == last_start) {
                         same = Some((fc, f.try_clone().map_err(|e| Error::io(fs_path, e))?));
                     }
                 }
             }
         }
-        let (mut reread, mut same_hit) = (0u64, false);
+        let (mut reread, mut same_hit, mut torn) = (0u64, false, false);
 
         // Page deltas: whole-file reads of page-chunked files only (decided
         // at the first chunk, which holds the SQLite header).
@@ -559,11 +567,12 @@ impl Agent {
         // when the old chunks are whole groups (not an older geometry).
         let plan: Vec<StoredChunk> = match &same {
             Some((fc, _))
-                if !sqlite_class
-                    || fc
-                        .chunks
-                        .split_last()
-                        .is_some_and(|(_, r)| r.iter().all(|c| c.len as usize == crate::chunker::PAGE_GROUP)) =>
+                if fc.cuts == Some(cuts)
+                    && (!sqlite_class
+                        || fc
+                            .chunks
+                            .split_last()
+                            .is_some_and(|(_, r)| r.iter().all(|c| c.len as usize == crate::chunker::PAGE_GROUP))) =>
             {
                 fc.chunks.clone()
             }
@@ -596,7 +605,7 @@ impl Agent {
                     }
                 }
                 Some((_, f, _)) => {
-                    hash_prefix(f, at, &mut sha, fs_path)?;
+                    torn |= !hash_prefix(f, &chunks, &tagger, &mut sha, fs_path)?;
                     reread += at;
                     same = None;
                     sha_before_last = sha.clone();
@@ -763,7 +772,7 @@ impl Agent {
         // Still deferring: fewer bytes than the old version were read (the
         // file shrank meanwhile), so the hash is incomplete; the stat check
         // below skips this version.
-        let hashed_all = same.is_none() && sha.len() == start + read;
+        let hashed_all = same.is_none() && !torn && sha.len() == start + read;
         bytes_read += read + reread;
         rep.bytes_read += bytes_read;
         rep.bytes_chunked += read;
@@ -849,6 +858,7 @@ impl Agent {
                 sha_before_last.to_bytes()
             },
             class: class.to_string(),
+            cuts: Some(cuts),
         };
         let now = (self.config().clock)();
         let shared = self.policy.shared(path);
@@ -866,19 +876,32 @@ impl Agent {
     }
 }
 
-/// Hashes the first `len` bytes of `f` into `sha` (a fresh state), read
-/// with `pread`, so the descriptor's offset (the chunker's) stays put.
-fn hash_prefix(f: &File, len: u64, sha: &mut ResumableSha256, path: &Path) -> Result<()> {
+/// Hashes the bytes of `f` that `prefix` (the chunks read so far, from
+/// offset 0) covers into `sha` (a fresh state), read again with `pread` so
+/// the descriptor's offset (the chunker's) stays put. False if a chunk
+/// read now is not the one read before (its tag differs): the file
+/// changed in between, and the hash would not be of the chunks recorded.
+fn hash_prefix(
+    f: &File,
+    prefix: &[StoredChunk],
+    tagger: &protocol::seal::Tagger,
+    sha: &mut ResumableSha256,
+    path: &Path,
+) -> Result<bool> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; (256 << 10).min(len as usize)];
+    let mut buf = Vec::new();
     let mut at = 0u64;
-    while at < len {
-        let n = buf.len().min((len - at) as usize);
-        f.read_exact_at(&mut buf[..n], at).map_err(|e| Error::io(path, e))?;
-        sha.update(&buf[..n]);
-        at += n as u64;
+    for c in prefix {
+        // Lengths were bounded when the chunks were cut (at most a chunk).
+        buf.resize(c.len as usize, 0);
+        f.read_exact_at(&mut buf, at).map_err(|e| Error::io(path, e))?;
+        if tagger.tag(&buf) != c.tag {
+            return Ok(false);
+        }
+        sha.update(&buf);
+        at += u64::from(c.len);
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The link of an extension chain at depth `MAX_DEPTH / 2` or less (and

@@ -71,6 +71,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("files");
 const FILE_CHUNKS: TableDefinition<&str, &[u8]> = TableDefinition::new("file_chunks");
 const KNOWN: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("known");
+/// `known` as an agent before 2026-12-06 left it (HMAC-SHA-256 tags), kept
+/// only while changes recorded then may still be sent: `chunk()` reseals
+/// those from the file with the level, cipher and base found here.
+const KNOWN_V1: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("known_hmac");
 const OUTBOX: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("outbox");
 const BUDGET: TableDefinition<&str, &[u8]> = TableDefinition::new("budget");
 const DURABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("durable");
@@ -161,6 +165,11 @@ pub struct FileChunks {
     pub sha_before_last: Vec<u8>,
     #[n(2)]
     pub class: String,
+    /// [`crate::chunker::Chunker::fingerprint`] of the chunking that cut
+    /// these chunks; None from agents before 2026-12-06. A scan reuses the
+    /// cut points only under the same chunking.
+    #[n(3)]
+    pub cuts: Option<u64>,
 }
 
 /// One version of a page kept as a delta base: chunk id, plaintext length,
@@ -780,6 +789,7 @@ impl Store {
             txn.open_table(FILES)?;
             txn.open_table(FILE_CHUNKS)?;
             txn.open_table(KNOWN)?;
+            txn.open_table(KNOWN_V1)?;
             txn.open_table(OUTBOX)?;
             txn.open_table(BUDGET)?;
             txn.open_table(DURABLE)?;
@@ -827,17 +837,28 @@ impl Store {
                 }
             }
             // Known chunks tagged by another function (an older agent's
-            // HMAC-SHA-256) can never be hit again: dropped, so their chunks
-            // are sealed again at the next scan that reads them (a chunk
-            // sealed whole gets its old id back; the server has it). Tags in
-            // `file_chunks` just stop matching, which costs a full read once.
+            // HMAC-SHA-256) can never be hit by a scan again: moved to
+            // `known_hmac` until the outbox is empty (changes recorded with
+            // them are resealed from it at send time), so a scan seals them
+            // again (a chunk sealed whole gets its old id back; the server
+            // has it). Tags in `file_chunks` just stop matching, which costs
+            // a full read once.
             let label = protocol::seal::INDEX_TAG_LABEL.as_bytes();
             if meta.get("index_tag")?.is_none_or(|v| v.value() != label) {
                 if !fresh {
                     let mut known = txn.open_table(KNOWN)?;
-                    let dropped = known.len()?;
+                    let mut old = txn.open_table(KNOWN_V1)?;
+                    let mut moved = 0u64;
+                    for e in known.iter()? {
+                        let (k, v) = e?;
+                        old.insert(k.value(), v.value())?;
+                        moved += 1;
+                    }
                     known.retain(|_, _| false)?;
-                    tracing::info!(dropped, "index tags are keyed BLAKE3 now: known-chunk table cleared");
+                    tracing::info!(
+                        moved,
+                        "index tags are keyed BLAKE3 now: known chunks kept apart until sent"
+                    );
                 }
                 meta.insert("index_tag", label)?;
             }
@@ -987,6 +1008,21 @@ impl Store {
     }
 
     /// A read view of the known-chunk table, for one file's worth of lookups.
+    /// Whether known chunks of an older agent's tag function are kept
+    /// (see `known_hmac`).
+    pub fn has_legacy_known(&self) -> Result<bool> {
+        Ok(!self.db.begin_read()?.open_table(KNOWN_V1)?.is_empty()?)
+    }
+
+    /// A known chunk of an older agent, by its HMAC-SHA-256 tag
+    /// ([`protocol::seal::Sealer::legacy_index_tag`]).
+    pub fn legacy_known(&self, tag: &Hash32) -> Result<Option<KnownChunk>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(KNOWN_V1)?;
+        let v = t.get(tag.0)?;
+        Ok(v.and_then(|v| KnownChunk::from_bytes(v.value())))
+    }
+
     pub fn known_reader(&self) -> Result<KnownReader> {
         let r = self.db.begin_read()?;
         Ok(KnownReader {
@@ -1552,6 +1588,10 @@ impl Store {
             let first = outbox.first()?.map(|(k, _)| k.value());
             drop(outbox);
             Self::drop_sealed_before(&txn, first)?;
+            if first.is_none() {
+                // Nothing recorded by an older agent can be sent any more.
+                txn.open_table(KNOWN_V1)?.retain(|_, _| false)?;
+            }
             let files = txn.open_table(FILES)?;
             let mut durable = txn.open_table(DURABLE)?;
             for (p, seq) in made_durable {
@@ -2308,12 +2348,13 @@ mod tests {
             }],
             sha_before_last: Vec::new(),
             class: "default".into(),
+            cuts: None,
         };
         (body, Some((meta, fc)))
     }
 
     #[test]
-    fn known_chunks_of_another_tag_function_are_dropped_on_open() {
+    fn known_chunks_of_another_tag_function_are_kept_apart_until_sent() {
         let t = tempfile::tempdir().unwrap();
         let path = t.path().join("s.redb");
         let k = |n: u8| {
@@ -2342,8 +2383,8 @@ mod tests {
         w.open_table(META).unwrap().remove("index_tag").unwrap();
         w.commit().unwrap();
         drop(s);
-        let s = Store::open(&path, &dev()).unwrap();
-        assert_eq!(count(&s), 0, "HMAC-tagged entries can never be hit");
+        let mut s = Store::open(&path, &dev()).unwrap();
+        assert_eq!(count(&s), 0, "HMAC-tagged entries can never be hit by a scan");
         let r = s.db.begin_read().unwrap();
         let label = r
             .open_table(META)
@@ -2352,10 +2393,17 @@ mod tests {
             .unwrap()
             .map(|v| v.value().to_vec());
         assert_eq!(label.as_deref(), Some(protocol::seal::INDEX_TAG_LABEL.as_bytes()));
-        // Nothing else is lost: the outbox still holds the change.
         drop(r);
-        let mut s = s;
+        // Kept apart while the change recorded with them waits to be sent.
+        assert!(s.has_legacy_known().unwrap());
+        assert_eq!(s.legacy_known(&k(2).0).unwrap(), Some(k(2).1));
         assert_eq!(all(&mut s).len(), 1);
+        // Once the cloud holds everything, they go.
+        let mut acked = Knowledge::default();
+        acked.map.insert(s.replica(), protocol::knowledge::RangeSet::up_to(1));
+        s.on_knowledge(&acked, &acked, now_ms()).unwrap();
+        assert_eq!(all(&mut s).len(), 0);
+        assert!(!s.has_legacy_known().unwrap());
     }
 
     #[test]

@@ -513,3 +513,104 @@ fn a_file_with_its_old_chunks_reuses_its_old_cuts_and_hash_and_any_change_rechun
         }
     }
 }
+
+#[test]
+fn old_cut_points_are_not_reused_under_other_chunk_sizes() {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir(&watch).unwrap();
+    let file = watch.join("series.bin");
+    std::fs::write(&file, pseudo_random(1 << 20, 4)).unwrap();
+    settle(&file);
+    let state = t.path().join("a.redb");
+    Agent::open(config("gw1", std::slice::from_ref(&watch), &state))
+        .unwrap()
+        .scan_once()
+        .unwrap();
+    // The same file, touched, under smaller chunks: cut afresh.
+    let mut cfg = config("gw1", std::slice::from_ref(&watch), &state);
+    cfg.chunking = small_chunks();
+    let mut a = Agent::open(cfg).unwrap();
+    bump_mtime(&file, 3600);
+    let r = a.scan_once().unwrap();
+    assert_eq!((r.changes_recorded, r.bytes_same_cuts), (1, 0), "{r:?}");
+    let v = latest_version(&mut a, "plant/series.bin");
+    let fresh = fresh_chunking(&file, small_chunks(), &t.path().join("fresh"));
+    let cuts = |v: &protocol::FileVersion| v.chunks.iter().map(|c| c.len).collect::<Vec<_>>();
+    assert_eq!(cuts(&v), cuts(&fresh));
+    assert_eq!(v.sha256.0, sha256(&std::fs::read(&file).unwrap()));
+    // Touched again under the same sizes: the cuts are reused.
+    bump_mtime(&file, 7200);
+    let r = a.scan_once().unwrap();
+    assert_eq!(r.bytes_same_cuts, 1 << 20, "{r:?}");
+}
+
+#[test]
+fn changes_recorded_with_hmac_tags_are_still_sent_after_the_upgrade() {
+    use protocol::seal::{base_of, Cipher, Sealer};
+    use redb::{ReadableTable, TableDefinition};
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir(&watch).unwrap();
+    let file = watch.join("line.log");
+    let state = t.path().join("a.redb");
+    let v1_bytes = csv_lines(20_000, 3);
+    std::fs::write(&file, &v1_bytes).unwrap();
+    settle(&file);
+    let (v1, v2, v2_bytes) = {
+        let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &state)).unwrap();
+        a.scan_once().unwrap();
+        let v1 = latest_version(&mut a, "plant/line.log");
+        let r = ClientStore::replica(&a);
+        let k = knowledge_up_to(&r, a.status().unwrap().next_seq - 1);
+        a.on_knowledge(&k, &k).unwrap();
+        // Grown: the new last chunk is an extension of the old one, which
+        // only `known` (its base) lets the agent reseal at send time.
+        append(&file, &csv_lines(300, 9)[..300]);
+        bump_mtime(&file, 3600);
+        a.scan_once().unwrap();
+        let v2 = latest_version(&mut a, "plant/line.log");
+        (v1, v2, std::fs::read(&file).unwrap())
+    };
+    let ext = *v2.chunks.last().unwrap();
+    // Make the state file an older agent's: `known` keyed by HMAC-SHA-256
+    // tags, and no record of the tag function.
+    {
+        let sealer = Sealer::new(&key(), Cipher::Aes256Gcm).unwrap();
+        let known: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("known");
+        let meta: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+        let db = redb::Database::open(&state).unwrap();
+        let w = db.begin_write().unwrap();
+        {
+            let mut kt = w.open_table(known).unwrap();
+            for (v, bytes) in [(&v1, &v1_bytes), (&v2, &v2_bytes)] {
+                let mut off = 0usize;
+                for c in &v.chunks {
+                    let plain = &bytes[off..off + c.len as usize];
+                    off += c.len as usize;
+                    let entry = kt
+                        .remove(sealer.index_tag(plain).0)
+                        .unwrap()
+                        .map(|e| e.value().to_vec());
+                    if let Some(e) = entry {
+                        kt.insert(sealer.legacy_index_tag(plain).0, e.as_slice()).unwrap();
+                    }
+                }
+            }
+            assert!(kt.iter().unwrap().count() >= 2);
+            w.open_table(meta).unwrap().remove("index_tag").unwrap();
+        }
+        w.commit().unwrap();
+    }
+    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &state)).unwrap();
+    let c2 = all_pending(&mut a).into_iter().last().unwrap();
+    let stored = a
+        .chunk(&c2, &ext.id)
+        .unwrap()
+        .expect("resealed with the old base information");
+    assert_eq!(protocol::Hash32::of(&stored), ext.id);
+    assert!(
+        base_of(&stored).unwrap().is_some_and(|b| !b.delta),
+        "an extension chunk"
+    );
+}

@@ -243,6 +243,8 @@ pub struct Sealer {
     cipher: Cipher,
     /// Keyed-BLAKE3 key of the index tags.
     k_index: [u8; 32],
+    /// HMAC-SHA-256 key of the index tags before 2026-12-06 (label `index`).
+    k_index_v1: hmac::Key,
     k_nonce: hmac::Key,
     aes: LessSafeKey,
     chacha: LessSafeKey,
@@ -264,6 +266,7 @@ impl Sealer {
             key_id: key.key_id,
             cipher,
             k_index: key.derive(INDEX_TAG_LABEL),
+            k_index_v1: hmac::Key::new(hmac::HMAC_SHA256, &key.derive("index")),
             k_nonce: hmac::Key::new(hmac::HMAC_SHA256, &key.derive("nonce")),
             aes: LessSafeKey::new(aes),
             chacha: LessSafeKey::new(chacha),
@@ -283,6 +286,15 @@ impl Sealer {
     /// BLAKE3 ([`INDEX_TAG_LABEL`]); it never leaves the gateway.
     pub fn index_tag(&self, plain: &[u8]) -> Hash32 {
         self.tagger().tag(plain)
+    }
+
+    /// The index tag agents gave a plaintext before 2026-12-06
+    /// (HMAC-SHA-256): only to find chunks their state files recorded.
+    pub fn legacy_index_tag(&self, plain: &[u8]) -> Hash32 {
+        let t = hmac::sign(&self.k_index_v1, plain);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(t.as_ref());
+        Hash32(out)
     }
 
     /// The index-tag function alone, to use while the sealer is borrowed.
