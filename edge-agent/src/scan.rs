@@ -718,7 +718,12 @@ impl Agent {
                 if let Some(p) = pages.as_mut().filter(|p| p.on == Some(true)) {
                     // Every seal above was of `plain`: its frame, if the
                     // last one compressed it alone, is a copy of this page.
-                    p.page(at, plain, id, base.map_or(0, |b| b.depth), sealer.last_frame())?;
+                    // Guarded by the frame's declared size, so a frame of
+                    // other bytes can never become this page's copy.
+                    let frame = sealer.last_frame().filter(|f| {
+                        zstd::zstd_safe::get_frame_content_size(f).ok().flatten() == Some(plain.len() as u64)
+                    });
+                    p.page(at, plain, id, base.map_or(0, |b| b.depth), frame)?;
                 }
                 new_known.push((
                     tag,
@@ -743,6 +748,14 @@ impl Agent {
             Ok(())
         };
         let (mut predicted, mut page_mode) = (0u64, None);
+        // The append fast path starts mid-file: whether the file is cut into
+        // page groups is decided from its first bytes, read apart.
+        if let (true, true, Src::File(f)) = (start > 0, sqlite_class, &file) {
+            use std::os::unix::fs::FileExt;
+            let mut head = [0u8; 100];
+            let n = f.read_at(&mut head, 0).map_err(|e| Error::io(fs_path, e))?;
+            page_mode = Some(chunker.pages_for(&head[..n]));
+        }
         for c in &plan {
             read_buf.resize(c.len as usize, 0);
             // A short or failed read: the chunker below reads from here

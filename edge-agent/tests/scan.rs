@@ -614,3 +614,43 @@ fn changes_recorded_with_hmac_tags_are_still_sent_after_the_upgrade() {
         "an extension chunk"
     );
 }
+
+#[test]
+fn an_append_class_with_sqlite_pages_cuts_the_grown_tail_into_page_groups() {
+    use edge_agent::chunker::PAGE_GROUP;
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir(&watch).unwrap();
+    let file = watch.join("journal.sqlite");
+    let mut content = sqlite_like(3 * PAGE_GROUP + 5000);
+    std::fs::write(&file, &content).unwrap();
+    settle(&file);
+    let mut cfg = config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"));
+    cfg.classes = vec![edge_agent::policy::ClassSpec {
+        name: "journal".into(),
+        globs: Some(vec!["*.sqlite".into()]),
+        append: Some(true),
+        sqlite_pages: Some(true),
+        page_deltas: Some(false),
+        ..Default::default()
+    }];
+    let mut a = Agent::open(cfg).unwrap();
+    a.scan_once().unwrap();
+    // Grown by pages of rows: the fast path chunks from the old last chunk.
+    let tail = csv_lines(2 * PAGE_GROUP, 77);
+    append(&file, &tail[..2 * PAGE_GROUP]);
+    content.extend_from_slice(&tail[..2 * PAGE_GROUP]);
+    bump_mtime(&file, 3600);
+    let r = a.scan_once().unwrap();
+    assert_eq!(r.append_fast_path, 1, "{r:?}");
+    let v = latest_version(&mut a, "plant/journal.sqlite");
+    assert_eq!(v.class, "journal");
+    let (last, rest) = v.chunks.split_last().unwrap();
+    assert!(
+        rest.iter().all(|c| c.len as usize == PAGE_GROUP),
+        "{:?}",
+        v.chunks.iter().map(|c| c.len).collect::<Vec<_>>()
+    );
+    assert_eq!(rest.len() * PAGE_GROUP + last.len as usize, content.len());
+    assert_eq!(v.sha256.0, sha256(&content));
+}

@@ -749,6 +749,9 @@ mod tests {
         s.seal(&text, 3, &mut out).expect("seal");
         let f = s.last_frame().expect("compressed alone").to_vec();
         assert_eq!(zstd::bulk::decompress(&f, text.len()).expect("a zstd frame"), text);
+        // It declares its size (the agent checks it before keeping it).
+        let declared = zstd::zstd_safe::get_frame_content_size(&f).ok().flatten();
+        assert_eq!(declared, Some(text.len() as u64));
         // Not for stored bytes, extensions or deltas.
         let mut x = 0x2545_F491_4F6C_DD1Du64;
         let noise: Vec<u8> = (0..4096)
