@@ -448,6 +448,18 @@ fn db_class_chunks_small_so_a_page_edit_resends_little() {
     assert!(db_new < bin_new, "db class {db_new} vs default {bin_new}");
 }
 
+/// A temporary directory with a watch folder `plant` holding `name` with
+/// `content`, settled (its stat trusted): (dir, watch folder, file).
+fn watched_file(name: &str, content: &[u8]) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir(&watch).unwrap();
+    let file = watch.join(name);
+    std::fs::write(&file, content).unwrap();
+    settle(&file);
+    (t, watch, file)
+}
+
 /// A page-structured file with a SQLite header (4 KiB pages of rows).
 fn sqlite_like(len: usize) -> Vec<u8> {
     let mut d = csv_lines(len, 5);
@@ -463,13 +475,8 @@ fn a_file_with_its_old_chunks_reuses_its_old_cuts_and_hash_and_any_change_rechun
         ("series.bin", pseudo_random(3 << 20, 21)),
         ("quality.sqlite", sqlite_like(2 << 20)),
     ] {
-        let t = tempfile::tempdir().unwrap();
-        let watch = t.path().join("plant");
-        std::fs::create_dir(&watch).unwrap();
-        let file = watch.join(name);
+        let (t, watch, file) = watched_file(name, &content);
         let path = format!("plant/{name}");
-        std::fs::write(&file, &content).unwrap();
-        settle(&file);
         let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"))).unwrap();
         a.scan_once().unwrap();
         let n = latest_version(&mut a, &path).chunks.len();
@@ -516,12 +523,7 @@ fn a_file_with_its_old_chunks_reuses_its_old_cuts_and_hash_and_any_change_rechun
 
 #[test]
 fn old_cut_points_are_not_reused_under_other_chunk_sizes() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir(&watch).unwrap();
-    let file = watch.join("series.bin");
-    std::fs::write(&file, pseudo_random(1 << 20, 4)).unwrap();
-    settle(&file);
+    let (t, watch, file) = watched_file("series.bin", &pseudo_random(1 << 20, 4));
     let state = t.path().join("a.redb");
     Agent::open(config("gw1", std::slice::from_ref(&watch), &state))
         .unwrap()
@@ -549,14 +551,9 @@ fn old_cut_points_are_not_reused_under_other_chunk_sizes() {
 fn changes_recorded_with_hmac_tags_are_still_sent_after_the_upgrade() {
     use protocol::seal::{base_of, Cipher, Sealer};
     use redb::{ReadableTable, TableDefinition};
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir(&watch).unwrap();
-    let file = watch.join("line.log");
-    let state = t.path().join("a.redb");
     let v1_bytes = csv_lines(20_000, 3);
-    std::fs::write(&file, &v1_bytes).unwrap();
-    settle(&file);
+    let (t, watch, file) = watched_file("line.log", &v1_bytes);
+    let state = t.path().join("a.redb");
     let (v1, v2, v2_bytes) = {
         let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &state)).unwrap();
         a.scan_once().unwrap();
@@ -618,13 +615,8 @@ fn changes_recorded_with_hmac_tags_are_still_sent_after_the_upgrade() {
 #[test]
 fn an_append_class_with_sqlite_pages_cuts_the_grown_tail_into_page_groups() {
     use edge_agent::chunker::PAGE_GROUP;
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir(&watch).unwrap();
-    let file = watch.join("journal.sqlite");
     let mut content = sqlite_like(3 * PAGE_GROUP + 5000);
-    std::fs::write(&file, &content).unwrap();
-    settle(&file);
+    let (t, watch, file) = watched_file("journal.sqlite", &content);
     let mut cfg = config("gw1", std::slice::from_ref(&watch), &t.path().join("a.redb"));
     cfg.classes = vec![edge_agent::policy::ClassSpec {
         name: "journal".into(),
