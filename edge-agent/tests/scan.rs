@@ -525,19 +525,17 @@ fn a_file_with_its_old_chunks_reuses_its_old_cuts_and_hash_and_any_change_rechun
 fn old_cut_points_are_not_reused_under_other_chunk_sizes() {
     let (t, watch, file) = watched_file("series.bin", &pseudo_random(1 << 20, 4));
     let state = t.path().join("a.redb");
-    Agent::open(config("gw1", std::slice::from_ref(&watch), &state))
-        .unwrap()
-        .scan_once()
-        .unwrap();
-    // The same file, touched, under smaller chunks: cut afresh.
+    // Cut small first: every old chunk also fits the default sizes.
     let mut cfg = config("gw1", std::slice::from_ref(&watch), &state);
     cfg.chunking = small_chunks();
-    let mut a = Agent::open(cfg).unwrap();
+    Agent::open(cfg).unwrap().scan_once().unwrap();
+    // The same file, touched, under the default sizes: cut afresh.
+    let mut a = Agent::open(config("gw1", std::slice::from_ref(&watch), &state)).unwrap();
     bump_mtime(&file, 3600);
     let r = a.scan_once().unwrap();
     assert_eq!((r.changes_recorded, r.bytes_same_cuts), (1, 0), "{r:?}");
     let v = latest_version(&mut a, "plant/series.bin");
-    let fresh = fresh_chunking(&file, small_chunks(), &t.path().join("fresh"));
+    let fresh = fresh_chunking(&file, ChunkParams::default(), &t.path().join("fresh"));
     let cuts = |v: &protocol::FileVersion| v.chunks.iter().map(|c| c.len).collect::<Vec<_>>();
     assert_eq!(cuts(&v), cuts(&fresh));
     assert_eq!(v.sha256.0, sha256(&std::fs::read(&file).unwrap()));
