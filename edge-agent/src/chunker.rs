@@ -83,10 +83,11 @@ pub fn sqlite_page_size(head: &[u8]) -> Option<usize> {
 /// pages. Measured on the `sim gen` database (BENCHMARKS.md §5), against
 /// zstd -3 of the whole file: one chunk per 4 KiB page compressed its
 /// first version to 1.56x, and its manifest listed every page; groups of
-/// 16 pages to 1.13x, of 32 to 1.08x. A changed group is sent as a delta
-/// against its previous version and costs about its changed pages alone
-/// (hourly steps: 20 KB for 32-page groups, 24 KB for 16, 62 KB page by
-/// page, manifest entries included). At most `scan::MAX_PAGE`.
+/// 16 pages to 1.13x, of 32 to 1.08x (`zstd` CLI). A changed group is sent
+/// as a delta against its previous version and costs about its changed
+/// pages alone (modelled with `zstd --patch-from` on hour 1: 20 KB for
+/// 32-page groups, 24 KB for 16, 62 KB page by page, with 38 bytes of
+/// manifest entry per chunk). At most `scan::MAX_PAGE`.
 pub const PAGE_GROUP: usize = 128 << 10;
 
 impl Chunker {
@@ -176,15 +177,12 @@ impl Chunker {
         mut f: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<u64> {
         let (mut start, mut end, mut eof, mut total) = (0usize, 0usize, false, 0u64);
-        // Decided after the first fill, from the source's first bytes.
-        let mut page: Option<Option<usize>> = match (self.sqlite_pages, pages) {
-            (false, _) | (true, Some(false)) => Some(None),
-            (true, Some(true)) => Some(Some(PAGE_GROUP)),
-            (true, None) => None,
-        };
+        // Cut into page groups? Unless given, decided after the first fill,
+        // from the source's first bytes.
+        let mut groups = pages.map(|p| p && self.sqlite_pages);
         loop {
-            let need = match page {
-                Some(Some(_)) => PAGE_GROUP,
+            let need = match groups {
+                Some(true) => PAGE_GROUP,
                 _ => self.p.max,
             };
             if end - start < need && !eof {
@@ -210,10 +208,9 @@ impl Chunker {
             if start == end {
                 return Ok(total);
             }
-            let page = *page.get_or_insert_with(|| sqlite_page_size(&self.buf[start..end]));
-            let n = match page {
-                Some(_) => PAGE_GROUP.min(end - start),
-                None => self.cut(&self.buf[start..end]).max(1),
+            let n = match *groups.get_or_insert_with(|| self.pages_for(&self.buf[start..end])) {
+                true => PAGE_GROUP.min(end - start),
+                false => self.cut(&self.buf[start..end]).max(1),
             };
             f(&self.buf[start..start + n])?;
             start += n;

@@ -563,19 +563,10 @@ impl Agent {
         // The old version's cut points, to check before chunking: while its
         // chunks are unchanged, FastCDC would cut exactly there (a cut
         // depends only on the bytes since the previous cut), so it is run
-        // only from the first chunk that differs. Page-chunked files only
-        // when the old chunks are whole groups (not an older geometry).
+        // only from the first chunk that differs. Only if this chunking cut
+        // them (an older geometry or other sizes record another `cuts`).
         let plan: Vec<StoredChunk> = match &same {
-            Some((fc, _))
-                if fc.cuts == Some(cuts)
-                    && (!sqlite_class
-                        || fc
-                            .chunks
-                            .split_last()
-                            .is_some_and(|(_, r)| r.iter().all(|c| c.len as usize == crate::chunker::PAGE_GROUP))) =>
-            {
-                fc.chunks.clone()
-            }
+            Some((fc, _)) if fc.cuts == Some(cuts) => fc.chunks.clone(),
             _ => Vec::new(),
         };
         let Agent {
@@ -871,7 +862,12 @@ impl Agent {
                 sha_before_last.to_bytes()
             },
             class: class.to_string(),
-            cuts: Some(cuts),
+            // The append fast path kept the old version's first chunks:
+            // they were cut by this chunking only if that version says so.
+            cuts: match start {
+                0 => Some(cuts),
+                _ => old_fc.as_ref().and_then(|fc| fc.cuts).filter(|c| *c == cuts),
+            },
         };
         let now = (self.config().clock)();
         let shared = self.policy.shared(path);
