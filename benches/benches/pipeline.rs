@@ -9,9 +9,13 @@
 //!   level (the goals are stated per level);
 //! - `scan_seen`: every file's mtime changed but not its bytes: read, each
 //!   chunk checked against the file's previous version, nothing sealed;
-//! - `scan_seen_moved`: the same bytes under new paths (the folder
-//!   renamed): no previous version to compare with, so read, chunked,
-//!   hashed, every chunk an index-tag hit, nothing sealed.
+//! - `scan_seen_moved`: the folder renamed (settled files: mtimes an hour
+//!   old): each file is recognised by device, inode, size and mtime and
+//!   recorded with its chunks, only its last chunk read;
+//! - `scan_seen_copied`: the same bytes under new paths as new files (the
+//!   folder copied, the old one deleted): no previous version to compare
+//!   with, so read, chunked, hashed, every chunk an index-tag hit, nothing
+//!   sealed.
 //!
 //! `cargo bench -p benches --bench pipeline`
 
@@ -139,6 +143,39 @@ fn bench(c: &mut Criterion) {
                 let r = a.scan_once().expect("scan");
                 assert_eq!(r.chunks_new, 0, "nothing new to seal");
                 assert!(r.files_new > 0);
+                assert_eq!(r.files_renamed, r.files_new, "every file recognised");
+                a
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    // The archive copied to a new folder and the old one deleted before
+    // every scan: new inodes, so new files of known bytes.
+    let root = work.path().join("copied");
+    let mut at = root.join("v0");
+    copy_tree(&dir, &at);
+    let st = tempfile::tempdir().expect("tmp");
+    let state = st.path().join("agent.redb");
+    agent(&root, &state).scan_once().expect("first scan");
+    let mut n = 0u64;
+    grp.bench_function("scan_seen_copied", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                let next = root.join(format!("v{n}"));
+                copy_tree(&at, &next);
+                std::fs::remove_dir_all(&at).expect("rm");
+                at = next;
+                agent(&root, &state)
+            },
+            |mut a| {
+                let r = a.scan_once().expect("scan");
+                assert_eq!(
+                    (r.chunks_new, r.files_renamed),
+                    (0, 0),
+                    "nothing new to seal, no renames"
+                );
+                assert!(r.files_new > 0);
                 a
             },
             criterion::BatchSize::PerIteration,
@@ -147,11 +184,16 @@ fn bench(c: &mut Criterion) {
     grp.finish();
 }
 
+/// Copies the files under `from` to `to`, settled: mtimes an hour old (an
+/// archive's files, whose stat a scan trusts).
 fn copy_tree(from: &Path, to: &Path) {
+    let settled = SystemTime::now() - Duration::from_secs(3600);
     for rel in sim::tree::list_files(from).expect("list").keys() {
         let dst = to.join(rel);
         std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir");
-        std::fs::copy(from.join(rel), dst).expect("copy");
+        std::fs::copy(from.join(rel), &dst).expect("copy");
+        let f = std::fs::File::options().write(true).open(&dst).expect("open");
+        f.set_modified(settled).expect("mtime");
     }
 }
 

@@ -8,7 +8,10 @@
 //! one `lstat` (the walk itself reads directories only) — except a file whose
 //! mtime was within `RACY_NS` of its last read: a same-size rewrite in the
 //! same timestamp tick would not show in the stat, so its content is checked
-//! again, and a new version is recorded only if it differs.
+//! again, and a new version is recorded only if it differs. A new path
+//! holding a tracked file's inode, size and mtime is that file renamed: it
+//! is recorded with the file's chunks, reading only the last one
+//! (`Agent::adopt`, docs/design.md §6).
 
 use crate::error::{Error, Result};
 use crate::policy::Root;
@@ -81,6 +84,9 @@ pub struct ScanReport {
     pub chunks_extension: u64,
     /// New chunks stored as deltas against the page's previous version.
     pub chunks_delta: u64,
+    /// New paths recognised as a tracked file renamed (same device, inode,
+    /// size and mtime): recorded with its chunks, only its last chunk read.
+    pub files_renamed: u64,
     pub secs: f64,
 }
 
@@ -102,6 +108,52 @@ const PROGRESS_BYTES: u64 = 512 << 20;
 const PAGE: usize = 256;
 /// Empty directories tracked per root; past this, none are recorded or deleted.
 const MAX_EMPTY_DIRS: usize = 100_000;
+/// Bounds on the versions a root's scan keeps in memory after their path
+/// was deleted or given another inode (rename candidates): files, and
+/// their chunk entries (72 bytes each).
+const MAX_VACATED: usize = 4096;
+const MAX_VACATED_CHUNKS: usize = 1 << 15;
+
+/// A tracked version whose path no longer holds its inode: a path seen
+/// later in the same scan with that device, inode, size and mtime is the
+/// file renamed.
+struct Gone {
+    path: String,
+    meta: FileMeta,
+    fc: FileChunks,
+    /// The path's delta bases are still in the state file (its deletion
+    /// kept them, or it is still tracked).
+    basis: bool,
+}
+
+/// One root scan's rename candidates, by (device, inode), bounded.
+#[derive(Default)]
+struct Vacated {
+    by_inode: HashMap<(u64, u64), Gone>,
+    chunks: usize,
+    /// Deleted paths whose delta bases were kept: dropped when the root is done.
+    kept_basis: Vec<String>,
+}
+
+impl Vacated {
+    /// Whether a version of `n` chunks may be kept.
+    fn room(&self, n: usize) -> bool {
+        self.by_inode.len() < MAX_VACATED && self.chunks + n <= MAX_VACATED_CHUNKS
+    }
+    fn put(&mut self, dev: u64, g: Gone) {
+        if self.room(g.fc.chunks.len()) {
+            self.chunks += g.fc.chunks.len();
+            if let Some(old) = self.by_inode.insert((dev, g.meta.inode), g) {
+                self.chunks -= old.fc.chunks.len();
+            }
+        }
+    }
+    fn take(&mut self, dev: u64, inode: u64) -> Option<Gone> {
+        let g = self.by_inode.remove(&(dev, inode))?;
+        self.chunks -= g.fc.chunks.len();
+        Some(g)
+    }
+}
 
 /// Adds an empty directory to `seen`; false once the bound is reached.
 fn note_empty(seen: &mut BTreeSet<String>, path: String) -> bool {
@@ -165,6 +217,7 @@ struct Stat {
     mtime_ns: i64,
     inode: u64,
     mode: u32,
+    dev: u64,
 }
 
 impl Stat {
@@ -174,6 +227,7 @@ impl Stat {
             mtime_ns: md.mtime().saturating_mul(1_000_000_000).saturating_add(md.mtime_nsec()),
             inode: md.ino(),
             mode: md.mode() & 0o7777,
+            dev: md.dev(),
         }
     }
     fn same_as(&self, m: &FileMeta) -> bool {
@@ -230,6 +284,7 @@ impl Agent {
             done: false,
         };
         let mut blocked: Vec<String> = Vec::new();
+        let mut vac = Vacated::default();
         let mut empty_dirs: BTreeSet<String> = BTreeSet::new();
         let mut dirs_capped = false;
         let (mut next_files, mut next_bytes) = (PROGRESS_FILES, PROGRESS_BYTES);
@@ -288,15 +343,15 @@ impl Agent {
                 if k.as_str() >= path.as_str() {
                     break;
                 }
-                if let Some((k, _)) = cursor.take() {
-                    self.maybe_delete(root, k, &blocked, rep)?;
+                if let Some((k, m)) = cursor.take() {
+                    self.maybe_delete(root, k, m, &blocked, rep, &mut vac)?;
                 }
             }
             let old = match cursor.peek(self)? {
                 Some((k, _)) if *k == path => cursor.take().map(|x| x.1),
                 _ => None,
             };
-            if let Err(e) = self.scan_file(&path, &entry, old, rep) {
+            if let Err(e) = self.scan_file(&path, &entry, old, rep, &mut vac) {
                 match e {
                     Error::Io { .. } => {
                         tracing::warn!("scan: {e}; will retry next scan");
@@ -321,10 +376,11 @@ impl Agent {
             dirs_capped |= !note_empty(&mut empty_dirs, p);
         }
         while cursor.peek(self)?.is_some() {
-            if let Some((k, _)) = cursor.take() {
-                self.maybe_delete(root, k, &blocked, rep)?;
+            if let Some((k, m)) = cursor.take() {
+                self.maybe_delete(root, k, m, &blocked, rep, &mut vac)?;
             }
         }
+        self.store.drop_basis(&vac.kept_basis)?;
         if dirs_capped {
             tracing::warn!(root = %root.dir.display(), "more than {MAX_EMPTY_DIRS} empty directories; not tracking them");
             return Ok(());
@@ -377,7 +433,15 @@ impl Agent {
         Ok(())
     }
 
-    fn maybe_delete(&mut self, root: &Root, path: String, blocked: &[String], rep: &mut ScanReport) -> Result<()> {
+    fn maybe_delete(
+        &mut self,
+        root: &Root,
+        path: String,
+        meta: FileMeta,
+        blocked: &[String],
+        rep: &mut ScanReport,
+        vac: &mut Vacated,
+    ) -> Result<()> {
         if blocked.iter().any(|b| path.starts_with(b.as_str())) {
             return Ok(());
         }
@@ -387,16 +451,237 @@ impl Agent {
                 return Ok(());
             }
         }
+        // A rename candidate: a new path later in this scan may be this
+        // file. A page-delta file's bases stay until the root is done.
+        let mut keep = None;
+        if let Some(g) = self.vacate(&path, meta, vac)? {
+            let c = self.policy.classes.get(self.policy.class_idx(&path));
+            if c.is_some_and(|c| c.sqlite_pages && c.page_deltas) {
+                keep = Some(DeltaWrites {
+                    keep_basis: true,
+                    ..DeltaWrites::default()
+                });
+                vac.kept_basis.push(path.clone());
+            }
+            vac.put(
+                g.0,
+                Gone {
+                    basis: keep.is_some(),
+                    ..g.1
+                },
+            );
+        }
         let now = (self.config().clock)();
         let shared = self.policy.shared(&path);
         self.store
-            .record_shared(ChangeBody::Delete(path), None, &[], now, shared)?;
+            .record_with_deltas(ChangeBody::Delete(path), None, &[], keep.as_ref(), now, shared)?;
         rep.files_deleted += 1;
         rep.changes_recorded += 1;
         Ok(())
     }
 
-    fn scan_file(&mut self, path: &str, entry: &DirEntry, old: Option<FileMeta>, rep: &mut ScanReport) -> Result<()> {
+    /// `path`'s tracked version as a rename candidate, with its device:
+    /// None if it cannot be one (unknown device, untrusted stat, no chunks
+    /// or no room).
+    fn vacate(&self, path: &str, meta: FileMeta, vac: &Vacated) -> Result<Option<(u64, Gone)>> {
+        let Some(dev) = meta.dev.filter(|_| !meta.dirty && !meta.racy && meta.size > 0) else {
+            return Ok(None);
+        };
+        let Some(fc) = self.store.file_chunks(path)?.filter(|fc| vac.room(fc.chunks.len())) else {
+            return Ok(None);
+        };
+        Ok(Some((
+            dev,
+            Gone {
+                path: path.to_string(),
+                meta,
+                fc,
+                basis: false,
+            },
+        )))
+    }
+
+    /// Records `path` as a tracked file renamed, if its stat names one: a
+    /// version whose path was deleted or given another inode in this scan
+    /// (`vac`), or still tracked under another path (the `inodes` table),
+    /// with the same device, inode, size and mtime — the trust a scan gives
+    /// an unchanged stat. Its chunks are taken as they were; only the last
+    /// chunk is read, checked by its tag and hashed onto the saved state to
+    /// give the whole-file SHA-256. False: read the file as usual.
+    #[allow(clippy::too_many_arguments)]
+    fn adopt(
+        &mut self,
+        path: &str,
+        fs_path: &Path,
+        st: &Stat,
+        old: Option<&FileMeta>,
+        (ci, class, page_deltas): (usize, &str, bool),
+        stat_wall_ns: i64,
+        rep: &mut ScanReport,
+        vac: &mut Vacated,
+    ) -> Result<bool> {
+        let g = match vac.take(st.dev, st.inode) {
+            Some(g) => g,
+            None => {
+                let Some(p) = self.store.inode_path(st.dev, st.inode)?.filter(|p| p != path) else {
+                    return Ok(false);
+                };
+                let (Some(meta), Some(fc)) = (self.store.file_meta(&p)?, self.store.file_chunks(&p)?) else {
+                    return Ok(false);
+                };
+                if meta.dev != Some(st.dev) || meta.inode != st.inode {
+                    return Ok(false);
+                }
+                Gone {
+                    path: p,
+                    meta,
+                    fc,
+                    basis: true,
+                }
+            }
+        };
+        let (m, fc) = (&g.meta, &g.fc);
+        let Some(chunker) = self.chunkers.get(ci) else {
+            return Err(Error::Config("no chunker for the policy class".into()));
+        };
+        // State-file input: lengths bounded and adding up to the size.
+        let sane = fc
+            .chunks
+            .iter()
+            .all(|c| c.len > 0 && c.len as usize <= chunker.max_chunk())
+            && fc.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == st.size;
+        let Some((last, before)) = fc.chunks.split_last() else {
+            return Ok(false);
+        };
+        let last_start: u64 = before.iter().map(|c| u64::from(c.len)).sum();
+        let saved = ResumableSha256::from_bytes(&fc.sha_before_last)
+            .ok()
+            .filter(|s| s.len() == last_start);
+        let same = !m.dirty
+            && !m.racy
+            && m.size == st.size
+            && m.mtime_ns == st.mtime_ns
+            && fc.cuts == Some(chunker.fingerprint());
+        let (true, true, Some(mut sha)) = (same, sane, saved) else {
+            return Ok(false);
+        };
+        // Every chunk must be one a full read would reuse: known under its
+        // tag with this id, and a delta chunk only while its sealed bytes
+        // are kept (they move to this change). A page-delta file also takes
+        // the old path's bases, so those must still be there.
+        if page_deltas && !g.basis {
+            return Ok(false);
+        }
+        // The old path's slots as of now (an acknowledged candidate is the
+        // anchor), to be this path's: the same chunks at the same offsets.
+        let mut w = DeltaWrites {
+            basis_end: st.size,
+            ..DeltaWrites::default()
+        };
+        {
+            let known = self.store.known_reader()?;
+            let old = PageDeltas {
+                basis: self.store.basis_reader(&g.path)?,
+                cloud: self.store.cloud().clone(),
+                device: self.store.device().clone(),
+                on: None,
+                w: DeltaWrites::default(),
+                zc: None,
+            };
+            let mut at = 0u64;
+            for c in &fc.chunks {
+                let slot = match page_deltas {
+                    true => old.current(at)?,
+                    false => BasisSlot::default(),
+                };
+                match known.get(&c.tag)? {
+                    Some(k) if k.id == c.id => {
+                        if k.base.is_some_and(|b| b.delta) {
+                            if old.basis.has_sealed(&k.id)? {
+                                w.keep_sealed.push(k.id);
+                            } else if slot.anchor.as_ref().is_none_or(|a| a.id != k.id) {
+                                // Neither kept nor held by the cloud as this
+                                // page's version: a full read seals it again.
+                                return Ok(false);
+                            }
+                        }
+                    }
+                    _ => return Ok(false),
+                }
+                if slot != BasisSlot::default() {
+                    w.basis.push((at, slot));
+                }
+                at += u64::from(c.len);
+            }
+        }
+        use std::os::unix::fs::FileExt;
+        let f = File::open(fs_path).map_err(|e| Error::io(fs_path, e))?;
+        let fmd = f.metadata().map_err(|e| Error::io(fs_path, e))?;
+        self.read_buf.resize(last.len as usize, 0);
+        f.read_exact_at(&mut self.read_buf, last_start)
+            .map_err(|e| Error::io(fs_path, e))?;
+        rep.bytes_read += u64::from(last.len);
+        self.store.counters.bytes_read += u64::from(last.len);
+        let after = fs::symlink_metadata(fs_path).map(|m| Stat::of(&m)).ok();
+        if Stat::of(&fmd) != *st || after != Some(*st) || self.sealer.index_tag(&self.read_buf) != last.tag {
+            return Ok(false);
+        }
+        sha.update(&self.read_buf);
+        let fv = FileVersion {
+            path: path.to_string(),
+            size: st.size,
+            mtime_ns: st.mtime_ns,
+            class: class.to_string(),
+            chunks: fc.chunks.iter().map(|c| ChunkRef { id: c.id, len: c.len }).collect(),
+            sha256: sha.finish(),
+            mode: st.mode,
+        };
+        let meta = FileMeta {
+            size: st.size,
+            mtime_ns: st.mtime_ns,
+            inode: st.inode,
+            mode: st.mode,
+            seq: 0,
+            dirty: false,
+            racy: st.mtime_ns > stat_wall_ns.saturating_sub(crate::store::RACY_NS),
+            dev: Some(st.dev),
+        };
+        let deltas = page_deltas.then_some(w);
+        tracing::debug!(path, from = %g.path, "renamed: chunks taken from the old path");
+        // Under another class (a rotated `app.log` → `app.log.1`) the
+        // chunks are still these: the cuts are this class's (checked
+        // above), and a full read would find each one known by its tag.
+        let fc = FileChunks {
+            class: class.to_string(),
+            ..g.fc
+        };
+        let now = (self.config().clock)();
+        let shared = self.policy.shared(path);
+        self.store.record_with_deltas(
+            ChangeBody::File(fv),
+            Some((meta, fc)),
+            &[],
+            deltas.as_ref(),
+            now,
+            shared,
+        )?;
+        match old {
+            Some(_) => rep.files_changed += 1,
+            None => rep.files_new += 1,
+        }
+        rep.files_renamed += 1;
+        rep.changes_recorded += 1;
+        Ok(true)
+    }
+
+    fn scan_file(
+        &mut self,
+        path: &str,
+        entry: &DirEntry,
+        old: Option<FileMeta>,
+        rep: &mut ScanReport,
+        vac: &mut Vacated,
+    ) -> Result<()> {
         let fs_path = entry.path();
         let stat_wall_ns = i64::try_from((self.config().clock)())
             .unwrap_or(i64::MAX)
@@ -410,6 +695,15 @@ impl Agent {
         let st = Stat::of(&md);
         if let Some(o) = &old {
             if !o.dirty && !o.racy && st.same_as(o) {
+                // Recorded by an agent before 2026-12-07: the device is
+                // added once, so a later rename of this file is recognised.
+                if o.dev.is_none() {
+                    let m = FileMeta {
+                        dev: Some(st.dev),
+                        ..o.clone()
+                    };
+                    self.store.update_file_meta(path, &m)?;
+                }
                 rep.files_unchanged += 1;
                 return Ok(());
             }
@@ -428,6 +722,23 @@ impl Agent {
         let class = class.as_str();
         // A symbolic link is archived as itself: its content is the target path.
         let is_link = entry.file_type().is_symlink();
+        // Another inode than the one tracked here (or none tracked): the
+        // tracked version is a rename candidate, and this may be a rename.
+        if !is_link
+            && old
+                .as_ref()
+                .is_none_or(|o| o.inode != st.inode || o.dev != Some(st.dev))
+        {
+            if let Some(o) = old.clone() {
+                if let Some((dev, g)) = self.vacate(path, o, vac)? {
+                    vac.put(dev, g);
+                }
+            }
+            let what = (ci, class, page_deltas);
+            if self.adopt(path, fs_path, &st, old.as_ref(), what, stat_wall_ns, rep, vac)? {
+                return Ok(());
+            }
+        }
         let mut file = if is_link {
             let target = fs::read_link(fs_path).map_err(|e| Error::io(fs_path, e))?;
             Src::Mem(std::io::Cursor::new(target.into_os_string().into_vec()))
@@ -825,6 +1136,7 @@ impl Agent {
             seq: 0,
             dirty: false,
             racy: st.mtime_ns > stat_wall_ns.saturating_sub(crate::store::RACY_NS),
+            dev: Some(st.dev),
         };
         // Re-read only because the last stat was not trustworthy, and the
         // content and metadata are what was recorded: no new version.

@@ -91,6 +91,9 @@ const BASIS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("basis");
 const SEALED: TableDefinition<(u32, u64, [u8; 32]), &[u8]> = TableDefinition::new("sealed");
 /// Chunk id → the (epoch, seq) of its `sealed` entry.
 const SEALED_IDX: TableDefinition<[u8; 32], (u32, u64)> = TableDefinition::new("sealed_idx");
+/// (device, inode) → the tracked path last recorded with it. A hint for
+/// rename detection only: a reader checks the path's `files` entry.
+const INODES: TableDefinition<(u64, u64), &str> = TableDefinition::new("inodes");
 
 /// Most server-change targets kept. Beyond it new targets are refused (and
 /// logged), the cursor stays, and pruning stops: a hold might be missed.
@@ -138,6 +141,12 @@ pub struct FileMeta {
     #[n(6)]
     #[cbor(default)]
     pub racy: bool,
+    /// The filesystem (`st_dev`) the inode number belongs to; None from
+    /// agents before 2026-12-07. A renamed file is recognised by device,
+    /// inode, size and mtime only when this is known.
+    #[n(7)]
+    #[cbor(default)]
+    pub dev: Option<u64>,
 }
 
 /// Timestamps closer than this to the read are not trusted (coarse kernel
@@ -226,6 +235,9 @@ pub struct DeltaWrites {
     pub sealed: Vec<(Hash32, Vec<u8>)>,
     /// Delta chunks this version references again: kept until it is sent.
     pub keep_sealed: Vec<Hash32>,
+    /// A deletion that leaves the path's slots in place (a rename may
+    /// take them later in the same scan, which then drops them).
+    pub keep_basis: bool,
 }
 
 /// Key of a manifest path in the `basis` table.
@@ -798,6 +810,7 @@ impl Store {
             txn.open_table(SHARED_VV)?;
             txn.open_table(SERVER_STATE)?;
             txn.open_table(BASIS)?;
+            txn.open_table(INODES)?;
             txn.open_table(SEALED)?;
             txn.open_table(SEALED_IDX)?;
             let stored = meta
@@ -1130,6 +1143,10 @@ impl Store {
                 counters.files_tracked = counters.files_tracked.saturating_sub(1);
                 counters.logical_bytes = counters.logical_bytes.saturating_sub(o.size);
             }
+            let mut inodes = txn.open_table(INODES)?;
+            if let Some(o) = &old {
+                Self::unlink_inode(&mut inodes, o, path)?;
+            }
             match (&change.body, file) {
                 (ChangeBody::File(_), Some((mut meta, fc))) => {
                     meta.seq = seq;
@@ -1138,6 +1155,9 @@ impl Store {
                     counters.logical_bytes += meta.size;
                     files.insert(path, protocol::to_cbor(&meta).as_slice())?;
                     chunks.insert(path, protocol::to_cbor(&fc).as_slice())?;
+                    if let Some(dev) = meta.dev {
+                        inodes.insert((dev, meta.inode), path)?;
+                    }
                 }
                 (ChangeBody::File(f), None) if f.is_dir() => {
                     txn.open_table(EMPTY_DIRS)?.insert(path, seq)?;
@@ -1200,6 +1220,9 @@ impl Store {
             basis.retain_in((pk, 0)..=(pk, u64::MAX), |_, _| false)?;
             return Ok(());
         };
+        if d.keep_basis {
+            return Ok(());
+        }
         if d.regroup {
             let stride = crate::chunker::PAGE_GROUP as u64;
             basis.retain_in((pk, 0)..=(pk, u64::MAX), |k, _| k.1.is_multiple_of(stride))?;
@@ -1264,7 +1287,59 @@ impl Store {
         txn.set_durability(Durability::None)?;
         {
             let mut files = txn.open_table(FILES)?;
-            files.insert(path, protocol::to_cbor(meta).as_slice())?;
+            let old: Option<FileMeta> = match files.insert(path, protocol::to_cbor(meta).as_slice())? {
+                Some(v) => Some(cbor_decode("file state", v.value())?),
+                None => None,
+            };
+            let mut inodes = txn.open_table(INODES)?;
+            if let Some(o) = &old {
+                Self::unlink_inode(&mut inodes, o, path)?;
+            }
+            if let Some(dev) = meta.dev {
+                inodes.insert((dev, meta.inode), path)?;
+            }
+        }
+        txn.commit()?;
+        self.dirtied();
+        Ok(())
+    }
+
+    /// Removes `old`'s `inodes` entry if it still names `path` (another
+    /// path may have been recorded with that inode since: a rename).
+    fn unlink_inode(inodes: &mut redb::Table<(u64, u64), &str>, old: &FileMeta, path: &str) -> Result<()> {
+        let Some(dev) = old.dev else {
+            return Ok(());
+        };
+        let ours = inodes.get((dev, old.inode))?.is_some_and(|v| v.value() == path);
+        if ours {
+            inodes.remove((dev, old.inode))?;
+        }
+        Ok(())
+    }
+
+    /// The tracked path last recorded with this device and inode, if any
+    /// (a hint: its `files` entry may since name another inode).
+    pub fn inode_path(&self, dev: u64, inode: u64) -> Result<Option<String>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(INODES)?;
+        let v = t.get((dev, inode))?;
+        Ok(v.map(|v| v.value().to_string()))
+    }
+
+    /// Removes the delta bases of `paths` (files deleted by a scan whose
+    /// bases were kept for a rename that may follow in the same scan).
+    pub fn drop_basis(&mut self, paths: &[String]) -> Result<()> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None)?;
+        {
+            let mut basis = txn.open_table(BASIS)?;
+            for p in paths {
+                let pk = path_key(p);
+                basis.retain_in((pk, 0)..=(pk, u64::MAX), |_, _| false)?;
+            }
         }
         txn.commit()?;
         self.dirtied();
@@ -1774,8 +1849,11 @@ impl Store {
         let txn = self.db.begin_write()?;
         {
             let mut files = txn.open_table(FILES)?;
-            if files.remove(path)?.is_none() {
+            let Some(old) = files.remove(path)?.map(|v| v.value().to_vec()) else {
                 return Ok(());
+            };
+            if let Ok(o) = cbor_decode::<FileMeta>("file state", &old) {
+                Self::unlink_inode(&mut txn.open_table(INODES)?, &o, path)?;
             }
             txn.open_table(FILE_CHUNKS)?.remove(path)?;
             txn.open_table(DURABLE)?.remove(path)?;
@@ -2339,6 +2417,7 @@ mod tests {
             seq: 0,
             dirty: false,
             racy: false,
+            dev: None,
         };
         let fc = FileChunks {
             chunks: vec![StoredChunk {

@@ -274,3 +274,35 @@ fn regional_acknowledgement_is_not_enough_for_a_base() {
     a.scan_once().unwrap();
     assert_eq!(a.status().unwrap().chunks_delta, 1);
 }
+
+#[test]
+fn a_renamed_database_keeps_its_delta_bases() {
+    // "archive" sorts before the old name, "zone" after: the old path is
+    // still tracked, or already deleted, when the new one is met.
+    for new_name in ["archive.sqlite", "zone.sqlite"] {
+        let mut db = database();
+        let (_t, file, mut a) = scanned("quality.sqlite", &db);
+        settle(&file);
+        a.scan_once().unwrap(); // the stat is trusted from now on
+        let (_, v1) = newest(&mut a);
+        ack_all(&mut a);
+
+        let moved = file.with_file_name(new_name);
+        std::fs::rename(&file, &moved).unwrap();
+        let r = a.scan_once().unwrap();
+        assert_eq!((r.files_renamed, r.bytes_chunked), (1, 0), "{new_name}: {r:?}");
+        let (_, v2) = newest(&mut a);
+        assert_eq!(v2.chunks, v1.chunks);
+
+        // An edit under the new name is a delta against the durable page,
+        // as it would have been under the old one.
+        edit(&mut db, 3, 7);
+        write(&moved, &db);
+        let r = a.scan_once().unwrap();
+        assert_eq!(r.chunks_delta, 1, "{new_name}: {r:?}");
+        let (c3, v3) = newest(&mut a);
+        let stored = a.chunk(&c3, &v3.chunks[3].id).unwrap().unwrap();
+        let b = base_of(&stored).unwrap().expect("a delta names its base");
+        assert_eq!(b.id, v1.chunks[3].id);
+    }
+}
