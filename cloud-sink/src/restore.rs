@@ -215,21 +215,95 @@ async fn write_items(
     }
 }
 
+/// What the writer hands the hashing thread: a written chunk's plaintext,
+/// or the end of a file (answered with the file's SHA-256).
+enum ToHash {
+    Data(Vec<u8>),
+    End,
+}
+
+/// The hashing thread of [`write_files`]: the whole-file SHA-256 of what
+/// the writer wrote, one digest per `End`, so hashing and writing overlap.
+fn hash_files(rx: std::sync::mpsc::Receiver<ToHash>, tx: std::sync::mpsc::SyncSender<protocol::Hash32>) {
+    let mut sha = ResumableSha256::new();
+    while let Ok(m) = rx.recv() {
+        match m {
+            ToHash::Data(b) => sha.update(&b),
+            ToHash::End => {
+                let done = std::mem::replace(&mut sha, ResumableSha256::new());
+                if tx.send(done.finish()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A verified file waiting for its fsync and rename.
+type ToFinish = (TempFile, PathBuf, FileVersion);
+
+/// Files verified and written, waiting for the finishing thread.
+const FINISH_QUEUE: usize = 4;
+
 /// The writer side of [`write_items`], on a blocking thread: `rx` yields
-/// every chunk of every non-merged item, in order.
+/// every chunk of every non-merged item, in order. Two more threads
+/// overlap with it: the whole-file SHA-256 ([`hash_files`], at most
+/// `WRITE_QUEUE` chunks behind), and the fsync and rename of each verified
+/// file (in order, at most `FINISH_QUEUE` files behind), so the next file
+/// is written while the last one reaches the disk. A file is renamed into
+/// place only after its size and digest match; the restore fails with the
+/// first error of any of the three.
 fn write_files(
     out: &Path,
     items: &[Item],
     pool: &SealerPool,
-    mut rx: tokio::sync::mpsc::Receiver<Result<(ChunkRef, Fetched)>>,
+    rx: tokio::sync::mpsc::Receiver<Result<(ChunkRef, Fetched)>>,
 ) -> Result<RestoreReport> {
+    std::thread::scope(|s| {
+        // Owned by this closure and dropped before the scope joins the
+        // threads, which ends them.
+        let (to_hash, hash_rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
+        let (digest_tx, digests) = std::sync::mpsc::sync_channel(1);
+        s.spawn(move || hash_files(hash_rx, digest_tx));
+        let (to_finish, finish_rx) = std::sync::mpsc::sync_channel::<ToFinish>(FINISH_QUEUE);
+        let finisher = s.spawn(move || -> Result<()> {
+            for (w, target, f) in finish_rx {
+                w.finish(&target, &f)?;
+            }
+            Ok(())
+        });
+        let written = write_files_with(out, items, pool, rx, &to_hash, &digests, &to_finish);
+        drop(to_finish);
+        let finished = finisher
+            .join()
+            .unwrap_or_else(|_| Err(Error::Task("the finishing thread panicked".into())));
+        // The finisher's error first: the writer only saw that it stopped.
+        finished.and(written)
+    })
+}
+
+fn write_files_with(
+    out: &Path,
+    items: &[Item],
+    pool: &SealerPool,
+    mut rx: tokio::sync::mpsc::Receiver<Result<(ChunkRef, Fetched)>>,
+    to_hash: &std::sync::mpsc::SyncSender<ToHash>,
+    digests: &std::sync::mpsc::Receiver<protocol::Hash32>,
+    to_finish: &std::sync::mpsc::SyncSender<ToFinish>,
+) -> Result<RestoreReport> {
+    let hash_gone = || Error::Task("the hashing thread stopped".into());
+    let finish = |w: TempFile, target: &Path, f: &FileVersion| {
+        to_finish
+            .send((w, target.to_path_buf(), f.clone()))
+            .map_err(|_| Error::Task("the finishing thread stopped".into()))
+    };
     let mut report = RestoreReport::default();
     for item in items {
         let target = prepare_target(out, &item.rel)?;
         if let Some(bytes) = &item.merged {
             let mut w = TempFile::create(&target)?;
             w.file.write_all(bytes)?;
-            w.finish(&target, &item.file)?;
+            finish(w, &target, &item.file)?;
             report.files += 1;
             report.bytes += bytes.len() as u64;
             report.paths.push(target);
@@ -256,7 +330,6 @@ fn write_files(
             continue;
         }
         let mut w = TempFile::create(&target)?;
-        let mut sha = ResumableSha256::new();
         let mut written = 0u64;
         // A symbolic link's content is its target path: kept, bounded, to
         // create the link once verified.
@@ -282,14 +355,16 @@ fn write_files(
                     r.len
                 )));
             }
-            sha.update(&plain);
             match &mut link {
                 Some(l) => l.extend_from_slice(&plain),
                 None => w.file.write_all(&plain)?,
             }
             written += plain.len() as u64;
+            to_hash.send(ToHash::Data(plain)).map_err(|_| hash_gone())?;
         }
-        if written != item.file.size || sha.finish() != item.file.sha256 {
+        to_hash.send(ToHash::End).map_err(|_| hash_gone())?;
+        let digest = digests.recv().map_err(|_| hash_gone())?;
+        if written != item.file.size || digest != item.file.sha256 {
             return Err(Error::Verify(format!(
                 "{}: restored bytes do not match the signed size and SHA-256",
                 item.file.path
@@ -300,7 +375,7 @@ fn write_files(
                 drop(w);
                 make_link(&target, &l)?;
             }
-            None => w.finish(&target, &item.file)?,
+            None => finish(w, &target, &item.file)?,
         }
         report.files += 1;
         report.bytes += written;
@@ -411,12 +486,19 @@ fn opened_chunks<'a>(
     refs: Vec<ChunkRef>,
 ) -> impl Stream<Item = Result<(ChunkRef, Fetched)>> + 'a {
     futures::stream::iter(batches(refs))
-        .map(move |b| fetch_batch(client, b))
+        .map(move |b| {
+            // A task of its own: a batch downloads while the one before is
+            // opened and written (a future in `buffered` only moves when
+            // the stream is polled, and that waits for the writer).
+            let c = client.clone();
+            AbortOnDrop(tokio::spawn(async move { fetch_batch(&c, b).await }))
+        })
         .buffered(BATCHES_IN_FLIGHT)
         .flat_map(|fetched| {
             let items: Vec<Result<(ChunkRef, Vec<u8>)>> = match fetched {
-                Ok(v) => v.into_iter().map(Ok).collect(),
-                Err(e) => vec![Err(e)],
+                Ok(Ok(v)) => v.into_iter().map(Ok).collect(),
+                Ok(Err(e)) => vec![Err(e)],
+                Err(e) => vec![Err(e.into())],
             };
             futures::stream::iter(items)
         })
@@ -425,6 +507,23 @@ fn opened_chunks<'a>(
             open_stored(client, pool, r, stored).await.map(|p| (r, p))
         })
         .buffered(FETCH_CONCURRENCY)
+}
+
+/// A spawned task that is aborted when its handle is dropped (a restore
+/// that stops early does not leave downloads running).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = std::result::Result<T, tokio::task::JoinError>;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
 }
 
 /// The stored bytes of a batch of chunks, not yet checked against their

@@ -113,6 +113,7 @@ const MAX_EMPTY_DIRS: usize = 100_000;
 /// their chunk entries (72 bytes each).
 const MAX_VACATED: usize = 4096;
 const MAX_VACATED_CHUNKS: usize = 1 << 15;
+const BACKFILL_BATCH: usize = 1024;
 
 /// A tracked version whose path no longer holds its inode: a path seen
 /// later in the same scan with that device, inode, size and mtime is the
@@ -131,8 +132,12 @@ struct Gone {
 struct Vacated {
     by_inode: HashMap<(u64, u64), Gone>,
     chunks: usize,
-    /// Deleted paths whose delta bases were kept: dropped when the root is done.
+    /// Deleted paths whose delta bases were kept: dropped when the root is
+    /// done. At most `MAX_VACATED`.
     kept_basis: Vec<String>,
+    /// Unchanged files whose record lacks the device or birth time (an
+    /// older agent's): written in batches of `BACKFILL_BATCH`.
+    backfill: Vec<(String, FileMeta)>,
 }
 
 impl Vacated {
@@ -218,6 +223,8 @@ struct Stat {
     inode: u64,
     mode: u32,
     dev: u64,
+    /// Birth time, where the filesystem reports one (statx).
+    btime: Option<i64>,
 }
 
 impl Stat {
@@ -228,6 +235,11 @@ impl Stat {
             inode: md.ino(),
             mode: md.mode() & 0o7777,
             dev: md.dev(),
+            btime: md
+                .created()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .and_then(|d| i64::try_from(d.as_nanos()).ok()),
         }
     }
     fn same_as(&self, m: &FileMeta) -> bool {
@@ -243,6 +255,10 @@ impl Agent {
         let t0 = (self.config().clock)();
         let mut rep = ScanReport::default();
         self.store.rescan = false;
+        let swept = self.store.drop_kept_basis()?;
+        if swept > 0 {
+            tracing::info!(files = swept, "dropped the delta bases a stopped scan kept for renames");
+        }
         for root in self.roots.clone() {
             self.scan_root(&root, &mut rep, t0)?;
         }
@@ -381,6 +397,7 @@ impl Agent {
             }
         }
         self.store.drop_basis(&vac.kept_basis)?;
+        self.store.update_file_metas(&vac.backfill)?;
         if dirs_capped {
             tracing::warn!(root = %root.dir.display(), "more than {MAX_EMPTY_DIRS} empty directories; not tracking them");
             return Ok(());
@@ -456,7 +473,7 @@ impl Agent {
         let mut keep = None;
         if let Some(g) = self.vacate(&path, meta, vac)? {
             let c = self.policy.classes.get(self.policy.class_idx(&path));
-            if c.is_some_and(|c| c.sqlite_pages && c.page_deltas) {
+            if c.is_some_and(|c| c.sqlite_pages && c.page_deltas) && vac.kept_basis.len() < MAX_VACATED {
                 keep = Some(DeltaWrites {
                     keep_basis: true,
                     ..DeltaWrites::default()
@@ -484,10 +501,13 @@ impl Agent {
     /// None if it cannot be one (unknown device, untrusted stat, no chunks
     /// or no room).
     fn vacate(&self, path: &str, meta: FileMeta, vac: &Vacated) -> Result<Option<(u64, Gone)>> {
-        let Some(dev) = meta.dev.filter(|_| !meta.dirty && !meta.racy && meta.size > 0) else {
+        let trusted = !meta.dirty && !meta.racy && meta.size > 0 && meta.btime_ns.is_some();
+        let Some(dev) = meta.dev.filter(|_| trusted) else {
             return Ok(None);
         };
-        let Some(fc) = self.store.file_chunks(path)?.filter(|fc| vac.room(fc.chunks.len())) else {
+        // An undecodable entry is no candidate (and must not stop the scan).
+        let fc = self.store.file_chunks(path).ok().flatten();
+        let Some(fc) = fc.filter(|fc| vac.room(fc.chunks.len())) else {
             return Ok(None);
         };
         Ok(Some((
@@ -526,7 +546,10 @@ impl Agent {
                 let Some(p) = self.store.inode_path(st.dev, st.inode)?.filter(|p| p != path) else {
                     return Ok(false);
                 };
-                let (Some(meta), Some(fc)) = (self.store.file_meta(&p)?, self.store.file_chunks(&p)?) else {
+                // Undecodable entries are no candidate (and must not stop the scan).
+                let meta = self.store.file_meta(&p).ok().flatten();
+                let fc = self.store.file_chunks(&p).ok().flatten();
+                let (Some(meta), Some(fc)) = (meta, fc) else {
                     return Ok(false);
                 };
                 if meta.dev != Some(st.dev) || meta.inode != st.inode {
@@ -561,6 +584,8 @@ impl Agent {
             && !m.racy
             && m.size == st.size
             && m.mtime_ns == st.mtime_ns
+            && st.btime.is_some()
+            && m.btime_ns == st.btime
             && fc.cuts == Some(chunker.fingerprint());
         let (true, true, Some(mut sha)) = (same, sane, saved) else {
             return Ok(false);
@@ -599,7 +624,7 @@ impl Agent {
                         if k.base.is_some_and(|b| b.delta) {
                             if old.basis.has_sealed(&k.id)? {
                                 w.keep_sealed.push(k.id);
-                            } else if slot.anchor.as_ref().is_none_or(|a| a.id != k.id) {
+                            } else if slot.anchor.as_ref().is_none_or(|a| a.id != k.id || !old.acked(a)) {
                                 // Neither kept nor held by the cloud as this
                                 // page's version: a full read seals it again.
                                 return Ok(false);
@@ -645,8 +670,14 @@ impl Agent {
             dirty: false,
             racy: st.mtime_ns > stat_wall_ns.saturating_sub(crate::store::RACY_NS),
             dev: Some(st.dev),
+            btime_ns: st.btime,
         };
-        let deltas = page_deltas.then_some(w);
+        // Without page deltas the path keeps no slots (`basis_end` 0), but
+        // kept delta chunks still move to this change.
+        if !page_deltas || st.size > MAX_DELTA_FILE {
+            (w.basis, w.basis_end) = (Vec::new(), 0);
+        }
+        w.replace = true;
         tracing::debug!(path, from = %g.path, "renamed: chunks taken from the old path");
         // Under another class (a rotated `app.log` → `app.log.1`) the
         // chunks are still these: the cuts are this class's (checked
@@ -657,14 +688,8 @@ impl Agent {
         };
         let now = (self.config().clock)();
         let shared = self.policy.shared(path);
-        self.store.record_with_deltas(
-            ChangeBody::File(fv),
-            Some((meta, fc)),
-            &[],
-            deltas.as_ref(),
-            now,
-            shared,
-        )?;
+        self.store
+            .record_with_deltas(ChangeBody::File(fv), Some((meta, fc)), &[], Some(&w), now, shared)?;
         match old {
             Some(_) => rep.files_changed += 1,
             None => rep.files_new += 1,
@@ -695,14 +720,19 @@ impl Agent {
         let st = Stat::of(&md);
         if let Some(o) = &old {
             if !o.dirty && !o.racy && st.same_as(o) {
-                // Recorded by an agent before 2026-12-07: the device is
-                // added once, so a later rename of this file is recognised.
-                if o.dev.is_none() {
+                // Recorded by an agent before 2026-12-07: the device and
+                // birth time are added once (batched), so a later rename of
+                // this file is recognised.
+                if o.dev != Some(st.dev) || (o.btime_ns.is_none() && st.btime.is_some()) {
                     let m = FileMeta {
                         dev: Some(st.dev),
+                        btime_ns: st.btime,
                         ..o.clone()
                     };
-                    self.store.update_file_meta(path, &m)?;
+                    vac.backfill.push((path.to_string(), m));
+                    if vac.backfill.len() >= BACKFILL_BATCH {
+                        self.store.update_file_metas(&std::mem::take(&mut vac.backfill))?;
+                    }
                 }
                 rep.files_unchanged += 1;
                 return Ok(());
@@ -1137,6 +1167,7 @@ impl Agent {
             dirty: false,
             racy: st.mtime_ns > stat_wall_ns.saturating_sub(crate::store::RACY_NS),
             dev: Some(st.dev),
+            btime_ns: st.btime,
         };
         // Re-read only because the last stat was not trustworthy, and the
         // content and metadata are what was recorded: no new version.

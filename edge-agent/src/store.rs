@@ -94,6 +94,10 @@ const SEALED_IDX: TableDefinition<[u8; 32], (u32, u64)> = TableDefinition::new("
 /// (device, inode) → the tracked path last recorded with it. A hint for
 /// rename detection only: a reader checks the path's `files` entry.
 const INODES: TableDefinition<(u64, u64), &str> = TableDefinition::new("inodes");
+/// Paths deleted by a scan whose `basis` rows were kept for a rename later
+/// in that scan: dropped when the root's walk ends, or, after a scan that
+/// stopped early, when the next one starts.
+const KEPT_BASIS: TableDefinition<&str, ()> = TableDefinition::new("kept_basis");
 
 /// Most server-change targets kept. Beyond it new targets are refused (and
 /// logged), the cursor stays, and pruning stops: a hold might be missed.
@@ -147,6 +151,14 @@ pub struct FileMeta {
     #[n(7)]
     #[cbor(default)]
     pub dev: Option<u64>,
+    /// The file's birth time (statx `btime`), where the filesystem reports
+    /// one; None from agents before 2026-12-07. An inode number can be
+    /// handed to another file (freed and reused, or renumbered on a
+    /// remount, as FAT does); a birth time cannot be set, so a rename is
+    /// recognised only when both match.
+    #[n(8)]
+    #[cbor(default)]
+    pub btime_ns: Option<i64>,
 }
 
 /// Timestamps closer than this to the read are not trusted (coarse kernel
@@ -238,6 +250,9 @@ pub struct DeltaWrites {
     /// A deletion that leaves the path's slots in place (a rename may
     /// take them later in the same scan, which then drops them).
     pub keep_basis: bool,
+    /// The path's slots are removed before `basis` is written (a renamed
+    /// file's slots replace whatever the path had).
+    pub replace: bool,
 }
 
 /// Key of a manifest path in the `basis` table.
@@ -811,6 +826,7 @@ impl Store {
             txn.open_table(SERVER_STATE)?;
             txn.open_table(BASIS)?;
             txn.open_table(INODES)?;
+            txn.open_table(KEPT_BASIS)?;
             txn.open_table(SEALED)?;
             txn.open_table(SEALED_IDX)?;
             let stored = meta
@@ -1221,7 +1237,11 @@ impl Store {
             return Ok(());
         };
         if d.keep_basis {
+            txn.open_table(KEPT_BASIS)?.insert(path, ())?;
             return Ok(());
+        }
+        if d.replace {
+            basis.retain_in((pk, 0)..=(pk, u64::MAX), |_, _| false)?;
         }
         if d.regroup {
             let stride = crate::chunker::PAGE_GROUP as u64;
@@ -1283,20 +1303,30 @@ impl Store {
     /// Updates the stat of a tracked file whose content was checked and
     /// found identical to its recorded version: no change, no seq.
     pub fn update_file_meta(&mut self, path: &str, meta: &FileMeta) -> Result<()> {
+        self.update_file_metas(&[(path.to_string(), meta.clone())])
+    }
+
+    /// [`Store::update_file_meta`] for many files, in one transaction.
+    pub fn update_file_metas(&mut self, metas: &[(String, FileMeta)]) -> Result<()> {
+        if metas.is_empty() {
+            return Ok(());
+        }
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::None)?;
         {
             let mut files = txn.open_table(FILES)?;
-            let old: Option<FileMeta> = match files.insert(path, protocol::to_cbor(meta).as_slice())? {
-                Some(v) => Some(cbor_decode("file state", v.value())?),
-                None => None,
-            };
             let mut inodes = txn.open_table(INODES)?;
-            if let Some(o) = &old {
-                Self::unlink_inode(&mut inodes, o, path)?;
-            }
-            if let Some(dev) = meta.dev {
-                inodes.insert((dev, meta.inode), path)?;
+            for (path, meta) in metas {
+                let old = files.insert(path.as_str(), protocol::to_cbor(meta).as_slice())?;
+                // An undecodable old entry is overwritten; its inode hint
+                // (if any) stays, and readers check hints.
+                let old: Option<FileMeta> = old.and_then(|v| minicbor::decode(v.value()).ok());
+                if let Some(o) = &old {
+                    Self::unlink_inode(&mut inodes, o, path)?;
+                }
+                if let Some(dev) = meta.dev {
+                    inodes.insert((dev, meta.inode), path.as_str())?;
+                }
             }
         }
         txn.commit()?;
@@ -1336,14 +1366,32 @@ impl Store {
         txn.set_durability(Durability::None)?;
         {
             let mut basis = txn.open_table(BASIS)?;
+            let mut kept = txn.open_table(KEPT_BASIS)?;
             for p in paths {
                 let pk = path_key(p);
                 basis.retain_in((pk, 0)..=(pk, u64::MAX), |_, _| false)?;
+                kept.remove(p.as_str())?;
             }
         }
         txn.commit()?;
         self.dirtied();
         Ok(())
+    }
+
+    /// Drops the bases still kept for deleted paths: a scan that stopped
+    /// before its root's walk ended left them. Called when a scan starts.
+    pub fn drop_kept_basis(&mut self) -> Result<usize> {
+        let paths: Vec<String> = {
+            let r = self.db.begin_read()?;
+            let t = r.open_table(KEPT_BASIS)?;
+            let mut v = Vec::new();
+            for item in t.iter()? {
+                v.push(item?.0.value().to_string());
+            }
+            v
+        };
+        self.drop_basis(&paths)?;
+        Ok(paths.len())
     }
 
     /// Notes a durable commit: every commit so far is durable.
@@ -2418,6 +2466,7 @@ mod tests {
             dirty: false,
             racy: false,
             dev: None,
+            btime_ns: None,
         };
         let fc = FileChunks {
             chunks: vec![StoredChunk {
@@ -2539,6 +2588,51 @@ mod tests {
         }
         assert_eq!(r.get(0).unwrap().anchor.map(|a| a.len), Some(g as u32));
         assert_eq!(r.get(g).unwrap(), slot(4096), "slots at group offsets stay");
+    }
+
+    #[test]
+    fn bases_kept_by_a_deletion_are_dropped_when_the_next_scan_starts() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&t.path().join("s.redb"), &dev()).unwrap();
+        let slot = BasisSlot {
+            anchor: Some(BasisPage {
+                id: Hash32([3; 32]),
+                len: 4096,
+                depth: 0,
+                epoch: 0,
+                seq: 1,
+                zplain: vec![1, 2, 3],
+            }),
+            ..BasisSlot::default()
+        };
+        let (body, f) = file("db/q.sqlite", 4096);
+        let d = DeltaWrites {
+            basis: vec![(0, slot.clone())],
+            basis_end: 4096,
+            ..DeltaWrites::default()
+        };
+        s.record_with_deltas(body, f, &[], Some(&d), now_ms(), None).unwrap();
+        // Deleted, its bases kept for a rename; the scan stops there.
+        let keep = DeltaWrites {
+            keep_basis: true,
+            ..DeltaWrites::default()
+        };
+        s.record_with_deltas(
+            ChangeBody::Delete("db/q.sqlite".into()),
+            None,
+            &[],
+            Some(&keep),
+            now_ms(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.basis_reader("db/q.sqlite").unwrap().get(0).unwrap(), slot);
+        assert_eq!(s.drop_kept_basis().unwrap(), 1);
+        assert_eq!(
+            s.basis_reader("db/q.sqlite").unwrap().get(0).unwrap(),
+            BasisSlot::default()
+        );
+        assert_eq!(s.drop_kept_basis().unwrap(), 0, "dropped once");
     }
 
     fn record(s: &mut Store, path: &str, size: u64) -> Change {
