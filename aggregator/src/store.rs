@@ -28,6 +28,7 @@ use protocol::manifest::Change;
 use protocol::msg::{Changes, ChunkData, SeqStatus, Status, MAX_MESSAGE};
 use protocol::pack::{PackEntry, MAGIC, MAX_PACK, TRAILER_MAGIC};
 use protocol::server::ServerStore;
+use protocol::sha::ResumableSha256;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -165,6 +166,10 @@ struct OpenPack {
     /// Committed length (everything up to here is fsynced and indexed).
     len: u64,
     chunks: u64,
+    /// SHA-256 state of the first `len` bytes, kept as they are written so
+    /// closing names the pack without reading it back; None for a pack
+    /// opened again after a restart (read back once, at its close).
+    sha: Option<ResumableSha256>,
 }
 
 pub struct AggStore {
@@ -365,6 +370,7 @@ impl AggStore {
                     file,
                     len: size,
                     chunks,
+                    sha: None,
                 }
             }
             None => {
@@ -481,11 +487,13 @@ impl AggStore {
         let open = self.lock_open()?;
         let tx = self.db.begin_write()?;
         let end = open.len;
+        let sha = open.sha.clone();
         Ok(Group {
             store: self,
             open,
             tx: Some(tx),
             end,
+            sha,
             new_chunks: 0,
             dirty: false,
             wrote_chunks: false,
@@ -579,7 +587,13 @@ impl AggStore {
         open.file.write_all_at(&tail, open.len).map_err(io_err(&path))?;
         open.file.sync_data().map_err(io_err(&path))?;
         let size = open.len + tail.len() as u64;
-        let id = hash_file(&path, size)?;
+        let id = match open.sha.take().filter(|h| h.len() == open.len) {
+            Some(mut h) => {
+                h.update(&tail);
+                h.finish()
+            }
+            None => hash_file(&path, size)?,
+        };
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
         tx.open_table(PACKS)?.insert(open.seq, (PACK_CLOSED, &id.0, size))?;
@@ -878,6 +892,8 @@ pub struct Group<'a> {
     /// End of the open pack including this group's appended bytes (only
     /// `open.len` of it is committed).
     end: u64,
+    /// The open pack's SHA-256 state over `end` bytes (see `OpenPack::sha`).
+    sha: Option<ResumableSha256>,
     new_chunks: u64,
     /// The transaction holds writes.
     dirty: bool,
@@ -969,6 +985,9 @@ impl Group<'_> {
             self.fail(&e);
             return Err(e);
         }
+        if let Some(h) = &mut self.sha {
+            h.update(&buf);
+        }
         self.end = end;
         self.new_chunks += entries.len() as u64;
         self.dirty = true;
@@ -981,6 +1000,7 @@ impl Group<'_> {
                 tracing::error!("closing a full pack: {e}; retried later");
             }
             self.end = self.open.len;
+            self.sha = self.open.sha.clone();
             match self.store.db.begin_write() {
                 Ok(tx) => self.tx = Some(tx),
                 Err(e) => {
@@ -1097,6 +1117,7 @@ impl Group<'_> {
         }
         let added = end - self.open.len;
         self.open.len = end;
+        self.open.sha = self.sha.clone();
         self.open.chunks += self.new_chunks;
         self.store.spool.fetch_add(added, Ordering::Relaxed);
         if self.applied {
@@ -1245,11 +1266,14 @@ fn create_open_pack(db: &Database, packs: &Path, seq: u64) -> Result<OpenPack> {
     tx.open_table(PACKS)?
         .insert(seq, (PACK_OPEN, &ZERO_ID, MAGIC.len() as u64))?;
     tx.commit()?;
+    let mut sha = ResumableSha256::new();
+    sha.update(MAGIC);
     Ok(OpenPack {
         seq,
         file,
         len: MAGIC.len() as u64,
         chunks: 0,
+        sha: Some(sha),
     })
 }
 
@@ -1690,6 +1714,31 @@ mod tests {
         assert_eq!(again[0].change, c1);
         assert!(again[0].qno > ready[1].qno, "missing change moved to the back");
         assert_eq!(s.sink_rejected().expect("rej")[0].2, "bad key");
+    }
+
+    #[test]
+    fn a_closed_pack_is_named_by_the_sha256_of_its_bytes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pack_bytes =
+            |id: Hash32| std::fs::read(dir.path().join("packs").join(format!("{}.pack", id.to_hex()))).expect("pack");
+        let first = {
+            let s = AggStore::open(dir.path(), cfg()).expect("open");
+            // Three groups, and a chunk already held (not written again).
+            for i in 0..3 {
+                s.put_chunks(&[chunk(i, 3000 + i as usize), chunk(0, 3000)])
+                    .expect("put");
+            }
+            let id = s.close_open_pack().expect("close").expect("pack");
+            assert_eq!(Hash32::of(&pack_bytes(id)), id, "hashed while written");
+            s.put_chunks(&[chunk(7, 5000)]).expect("put");
+            id
+        };
+        // Reopened with a pack half full: its state is read back at close.
+        let s = AggStore::open(dir.path(), cfg()).expect("reopen");
+        s.put_chunks(&[chunk(8, 6000)]).expect("put");
+        let id = s.close_open_pack().expect("close").expect("pack");
+        assert_ne!(id, first);
+        assert_eq!(Hash32::of(&pack_bytes(id)), id, "read back after a restart");
     }
 
     #[test]
