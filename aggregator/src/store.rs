@@ -170,6 +170,9 @@ struct OpenPack {
     /// closing names the pack without reading it back; None for a pack
     /// opened again after a restart (read back once, at its close).
     sha: Option<ResumableSha256>,
+    /// Recorded closed, but the next open pack could not be made yet:
+    /// nothing may be written to this file again (it is a closed pack).
+    retired: bool,
 }
 
 pub struct AggStore {
@@ -371,6 +374,7 @@ impl AggStore {
                     len: size,
                     chunks,
                     sha: None,
+                    retired: false,
                 }
             }
             None => {
@@ -484,7 +488,8 @@ impl AggStore {
     /// write lock until it ends, so nothing else commits in between.
     pub fn group(&self) -> Result<Group<'_>> {
         // Lock order everywhere: open pack, then the redb write transaction.
-        let open = self.lock_open()?;
+        let mut open = self.lock_open()?;
+        self.ensure_open(&mut open)?;
         let tx = self.db.begin_write()?;
         let end = open.len;
         let sha = open.sha.clone();
@@ -553,7 +558,19 @@ impl AggStore {
         self.close_locked(&mut open)
     }
 
+    /// Replaces a retired open pack (a close whose last steps failed) with
+    /// a new one, so nothing is appended to a closed pack's file.
+    fn ensure_open(&self, open: &mut OpenPack) -> Result<()> {
+        if open.retired {
+            let next = create_open_pack(&self.db, &self.packs_dir(), open.seq + 1)?;
+            self.spool.fetch_add(next.len, Ordering::Relaxed);
+            *open = next;
+        }
+        Ok(())
+    }
+
     fn close_locked(&self, open: &mut OpenPack) -> Result<Option<Hash32>> {
+        self.ensure_open(open)?;
         if let Ok(mut w) = self.waiting_since.lock() {
             *w = None;
         }
@@ -585,8 +602,11 @@ impl AggStore {
         tail.extend_from_slice(&index_len.to_be_bytes());
         tail.extend_from_slice(TRAILER_MAGIC);
         open.file.write_all_at(&tail, open.len).map_err(io_err(&path))?;
-        open.file.sync_data().map_err(io_err(&path))?;
         let size = open.len + tail.len() as u64;
+        // Bytes past the trailer (a failed group's, never indexed) would be
+        // uploaded with the pack and break its id: cut them off.
+        open.file.set_len(size).map_err(io_err(&path))?;
+        open.file.sync_data().map_err(io_err(&path))?;
         let id = match open.sha.take().filter(|h| h.len() == open.len) {
             Some(mut h) => {
                 h.update(&tail);
@@ -598,6 +618,9 @@ impl AggStore {
         tx.set_durability(Durability::Immediate)?;
         tx.open_table(PACKS)?.insert(open.seq, (PACK_CLOSED, &id.0, size))?;
         tx.commit()?;
+        // Closed from here on: if a step below fails, the next group starts
+        // a new open pack (`ensure_open`), and a restart finishes the rename.
+        open.retired = true;
         let final_path = packs.join(format!("{}.pack", id.to_hex()));
         std::fs::rename(&path, &final_path).map_err(io_err(&path))?;
         fsync_dir(&packs)?;
@@ -999,6 +1022,12 @@ impl Group<'_> {
             if let Err(e) = self.store.close_locked(&mut self.open) {
                 tracing::error!("closing a full pack: {e}; retried later");
             }
+            // A close that failed after recording the pack closed left it
+            // retired: this group goes on in a new open pack, or stops.
+            if let Err(e) = self.store.ensure_open(&mut self.open) {
+                self.fail(&e);
+                return Err(e);
+            }
             self.end = self.open.len;
             self.sha = self.open.sha.clone();
             match self.store.db.begin_write() {
@@ -1274,6 +1303,7 @@ fn create_open_pack(db: &Database, packs: &Path, seq: u64) -> Result<OpenPack> {
         len: MAGIC.len() as u64,
         chunks: 0,
         sha: Some(sha),
+        retired: false,
     })
 }
 
@@ -1739,6 +1769,23 @@ mod tests {
         let id = s.close_open_pack().expect("close").expect("pack");
         assert_ne!(id, first);
         assert_eq!(Hash32::of(&pack_bytes(id)), id, "read back after a restart");
+    }
+
+    #[test]
+    fn bytes_of_a_failed_group_are_not_part_of_the_closed_pack() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = AggStore::open(dir.path(), cfg()).expect("open");
+        s.put_chunks(&[chunk(1, 3000)]).expect("put");
+        {
+            // Written to the open pack, then the group is dropped uncommitted.
+            let mut g = s.group().expect("group");
+            g.put_chunks(&[chunk(2, 200_000)]).expect("put");
+        }
+        s.put_chunks(&[chunk(3, 1000)]).expect("put");
+        let id = s.close_open_pack().expect("close").expect("pack");
+        let bytes = std::fs::read(dir.path().join("packs").join(format!("{}.pack", id.to_hex()))).expect("pack");
+        assert_eq!(Hash32::of(&bytes), id, "the uploaded file is the pack its id names");
+        assert!(bytes.len() < 200_000);
     }
 
     #[test]

@@ -12,10 +12,11 @@ use futures::{Stream, StreamExt};
 use protocol::seal::{base_of, BaseRef, Cipher, Sealer, TenantKey, MAX_DEPTH};
 use protocol::sha::ResumableSha256;
 use protocol::{Change, ChangeBody, ChunkRef, DeviceRef, FileVersion};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,8 +25,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// plaintext (its signed length); an extension chunk also its base chain
 /// (at most `MAX_DEPTH` more chunks).
 const FETCH_CONCURRENCY: usize = 8;
-/// Fetched chunks queued for the writer thread. So at most
-/// FETCH_CONCURRENCY + WRITE_QUEUE + 1 chunks are held at a time, plus the
+/// Fetched chunks queued for the writer thread, and written chunks queued
+/// for the hashing thread. So at most FETCH_CONCURRENCY + 2 × WRITE_QUEUE
+/// plus 2 chunks are held at a time, plus the
 /// batches in flight and the one being handed out (`BATCHES_IN_FLIGHT` + 1,
 /// each at most `BATCH_MAX` chunks within its answer limit), whatever the
 /// sink answers (16 was measured no faster than 8 here: BENCHMARKS §9).
@@ -177,8 +179,9 @@ pub async fn restore(client: &SinkClient, req: RestoreRequest, key: &TenantKey) 
 /// extension chunks are checked against their ids and opened on the
 /// blocking pool, see `PARALLEL_OPEN_MIN`); a writer thread takes them in
 /// order from a bounded queue, checks and opens the small ones, checks each
-/// chunk's length, hashes, writes, and renames each file into place only
-/// after its size and SHA-256 match the signed manifest. Every check of the
+/// chunk's length and writes; a hashing thread computes each file's SHA-256
+/// and a finishing thread renames each file into place, in order, only
+/// after its size and SHA-256 matched the signed manifest. Every check of the
 /// sequential version is kept: chunk id, AEAD, per-chunk length, whole-file
 /// size and SHA-256.
 async fn write_items(
@@ -239,8 +242,42 @@ fn hash_files(rx: std::sync::mpsc::Receiver<ToHash>, tx: std::sync::mpsc::SyncSe
     }
 }
 
-/// A verified file waiting for its fsync and rename.
-type ToFinish = (TempFile, PathBuf, FileVersion);
+/// A verified file waiting for its fsync and rename: the temporary file,
+/// its target, and the manifest's mode and mtime.
+type ToFinish = (TempFile, PathBuf, u32, i64);
+
+/// What the writer and the finishing thread share: the targets handed
+/// over and not yet renamed, and whether the finisher failed.
+#[derive(Default)]
+struct Finishing {
+    pending: Mutex<HashSet<PathBuf>>,
+    failed: AtomicBool,
+}
+
+impl Finishing {
+    fn is_pending(&self, p: &Path) -> bool {
+        self.pending.lock().map_or(true, |s| s.contains(p))
+    }
+}
+
+/// Why the writer stopped: its own error, or the finisher's (then the
+/// finisher's error is the answer).
+enum Stopped {
+    Finisher,
+    Error(Error),
+}
+
+impl From<Error> for Stopped {
+    fn from(e: Error) -> Stopped {
+        Stopped::Error(e)
+    }
+}
+
+impl From<std::io::Error> for Stopped {
+    fn from(e: std::io::Error) -> Stopped {
+        Stopped::Error(e.into())
+    }
+}
 
 /// Files verified and written, waiting for the finishing thread.
 const FINISH_QUEUE: usize = 4;
@@ -259,6 +296,7 @@ fn write_files(
     pool: &SealerPool,
     rx: tokio::sync::mpsc::Receiver<Result<(ChunkRef, Fetched)>>,
 ) -> Result<RestoreReport> {
+    let state = Finishing::default();
     std::thread::scope(|s| {
         // Owned by this closure and dropped before the scope joins the
         // threads, which ends them.
@@ -266,19 +304,29 @@ fn write_files(
         let (digest_tx, digests) = std::sync::mpsc::sync_channel(1);
         s.spawn(move || hash_files(hash_rx, digest_tx));
         let (to_finish, finish_rx) = std::sync::mpsc::sync_channel::<ToFinish>(FINISH_QUEUE);
+        let st = &state;
         let finisher = s.spawn(move || -> Result<()> {
-            for (w, target, f) in finish_rx {
-                w.finish(&target, &f)?;
+            for (w, target, mode, mtime_ns) in finish_rx {
+                if let Err(e) = w.finish(&target, mode, mtime_ns) {
+                    st.failed.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+                if let Ok(mut p) = st.pending.lock() {
+                    p.remove(&target);
+                }
             }
             Ok(())
         });
-        let written = write_files_with(out, items, pool, rx, &to_hash, &digests, &to_finish);
+        let written = write_files_with(out, items, pool, rx, &to_hash, &digests, (&to_finish, st));
         drop(to_finish);
         let finished = finisher
             .join()
             .unwrap_or_else(|_| Err(Error::Task("the finishing thread panicked".into())));
-        // The finisher's error first: the writer only saw that it stopped.
-        finished.and(written)
+        match (written, finished) {
+            (Ok(r), Ok(())) => Ok(r),
+            (Ok(_), Err(e)) | (Err(Stopped::Finisher), Err(e)) | (Err(Stopped::Error(e)), _) => Err(e),
+            (Err(Stopped::Finisher), Ok(())) => Err(Error::Task("the finishing thread stopped".into())),
+        }
     })
 }
 
@@ -289,16 +337,30 @@ fn write_files_with(
     mut rx: tokio::sync::mpsc::Receiver<Result<(ChunkRef, Fetched)>>,
     to_hash: &std::sync::mpsc::SyncSender<ToHash>,
     digests: &std::sync::mpsc::Receiver<protocol::Hash32>,
-    to_finish: &std::sync::mpsc::SyncSender<ToFinish>,
-) -> Result<RestoreReport> {
+    (to_finish, state): (&std::sync::mpsc::SyncSender<ToFinish>, &Finishing),
+) -> std::result::Result<RestoreReport, Stopped> {
     let hash_gone = || Error::Task("the hashing thread stopped".into());
     let finish = |w: TempFile, target: &Path, f: &FileVersion| {
+        if let Ok(mut p) = state.pending.lock() {
+            p.insert(target.to_path_buf());
+        }
         to_finish
-            .send((w, target.to_path_buf(), f.clone()))
-            .map_err(|_| Error::Task("the finishing thread stopped".into()))
+            .send((w, target.to_path_buf(), f.mode, f.mtime_ns))
+            .map_err(|_| Stopped::Finisher)
     };
+    let stopped = || state.failed.load(Ordering::SeqCst);
     let mut report = RestoreReport::default();
     for item in items {
+        // A file queued for its rename at this path or above it must be in
+        // place first, so the path checks below see it (and refuse to put
+        // a file under a file); nothing more is done once the finisher failed.
+        let want = item.rel.iter().fold(out.to_path_buf(), |p, c| p.join(c));
+        while want.ancestors().any(|a| state.is_pending(a)) && !stopped() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if stopped() {
+            return Err(Stopped::Finisher);
+        }
         let target = prepare_target(out, &item.rel)?;
         if let Some(bytes) = &item.merged {
             let mut w = TempFile::create(&target)?;
@@ -318,7 +380,8 @@ fn write_files_with(
                     return Err(Error::UnsafePath(
                         item.file.path.clone(),
                         "a non-directory is in the way of a directory".into(),
-                    ))
+                    )
+                    .into())
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&target)?,
                 Err(e) => return Err(e.into()),
@@ -338,12 +401,16 @@ fn write_files_with(
             return Err(Error::Verify(format!(
                 "{}: symbolic link target of {} bytes",
                 item.file.path, item.file.size
-            )));
+            ))
+            .into());
         }
         for _ in 0..item.file.chunks.len() {
             let Some(next) = rx.blocking_recv() else {
-                return Err(Error::Task("chunk stream ended early".into()));
+                return Err(Error::Task("chunk stream ended early".into()).into());
             };
+            if stopped() {
+                return Err(Stopped::Finisher);
+            }
             let (r, fetched) = next?;
             let plain = fetched.open(pool, &r)?;
             if plain.len() != r.len as usize {
@@ -353,7 +420,8 @@ fn write_files_with(
                     r.id,
                     plain.len(),
                     r.len
-                )));
+                ))
+                .into());
             }
             match &mut link {
                 Some(l) => l.extend_from_slice(&plain),
@@ -368,7 +436,8 @@ fn write_files_with(
             return Err(Error::Verify(format!(
                 "{}: restored bytes do not match the signed size and SHA-256",
                 item.file.path
-            )));
+            ))
+            .into());
         }
         match link {
             Some(l) => {
@@ -896,16 +965,18 @@ impl TempFile {
         })
     }
 
-    fn finish(mut self, target: &Path, f: &FileVersion) -> Result<()> {
+    /// Sets the manifest's `mode` and `mtime_ns`, makes the file durable and
+    /// renames it to `target`.
+    fn finish(mut self, target: &Path, mode: u32, mtime_ns: i64) -> Result<()> {
         // Mode bits without setuid/setgid/sticky; 0 means "unknown": keep the default.
-        if f.mode & 0o777 != 0 {
+        if mode & 0o777 != 0 {
             self.file
-                .set_permissions(std::fs::Permissions::from_mode(f.mode & 0o777))?;
+                .set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
         }
-        let mtime = if f.mtime_ns >= 0 {
-            UNIX_EPOCH.checked_add(Duration::from_nanos(f.mtime_ns as u64))
+        let mtime = if mtime_ns >= 0 {
+            UNIX_EPOCH.checked_add(Duration::from_nanos(mtime_ns as u64))
         } else {
-            UNIX_EPOCH.checked_sub(Duration::from_nanos(f.mtime_ns.unsigned_abs()))
+            UNIX_EPOCH.checked_sub(Duration::from_nanos(mtime_ns.unsigned_abs()))
         };
         self.file.set_modified(mtime.unwrap_or(SystemTime::UNIX_EPOCH))?;
         self.file.sync_all()?;

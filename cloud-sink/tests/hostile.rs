@@ -478,3 +478,26 @@ async fn tampered_objects_fail_verification() -> Result<()> {
     assert_eq!(files[0].sha256, Some(Hash32::of(&plain).to_hex()));
     sink.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_under_a_restored_file_is_refused_after_that_file_is_in_place() -> Result<()> {
+    // Signed versions of `a` and `a/b` as current at once (no filesystem
+    // holds both): `a` is restored, then `a/b` is refused because a file is
+    // in its way, not raced against `a`'s rename (which runs on the
+    // finishing thread).
+    let root = tempfile::tempdir()?;
+    let out = root.path().join("out");
+    let tk = TenantKey::generate()?;
+    let mut gw = Device::new("gw-u", &tk)?;
+    for _ in 0..5 {
+        let a = gw.file("x/a", b"first", T0_MS)?;
+        let ab = gw.file("x/a/b", b"second", T0_MS + 1)?;
+        let chunks: Vec<ChunkData> = a.chunks.iter().chain(&ab.chunks).cloned().collect();
+        let client = serve_hostile(hostile_set(&gw, vec![a.change.clone(), ab.change.clone()], &chunks)).await?;
+        let err = restore_to(&client, &gw, None, &out).await.err().context("a/b")?;
+        assert!(matches!(err, Error::UnsafePath(..)), "{err}");
+        assert_eq!(std::fs::read(out.join("x/a"))?, b"first");
+        std::fs::remove_dir_all(&out)?;
+    }
+    Ok(())
+}
