@@ -242,6 +242,21 @@ impl Stat {
                 .and_then(|d| i64::try_from(d.as_nanos()).ok()),
         }
     }
+    /// The state to record for a version read with this stat, taken at
+    /// `stat_wall_ns` (a recent mtime is not trusted next time: `racy`).
+    fn meta(&self, stat_wall_ns: i64) -> FileMeta {
+        FileMeta {
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+            inode: self.inode,
+            mode: self.mode,
+            seq: 0,
+            dirty: false,
+            racy: self.mtime_ns > stat_wall_ns.saturating_sub(crate::store::RACY_NS),
+            dev: Some(self.dev),
+            btime_ns: self.btime,
+        }
+    }
     fn same_as(&self, m: &FileMeta) -> bool {
         self.size == m.size && self.mtime_ns == m.mtime_ns && self.inode == m.inode
     }
@@ -661,17 +676,7 @@ impl Agent {
             sha256: sha.finish(),
             mode: st.mode,
         };
-        let meta = FileMeta {
-            size: st.size,
-            mtime_ns: st.mtime_ns,
-            inode: st.inode,
-            mode: st.mode,
-            seq: 0,
-            dirty: false,
-            racy: st.mtime_ns > stat_wall_ns.saturating_sub(crate::store::RACY_NS),
-            dev: Some(st.dev),
-            btime_ns: st.btime,
-        };
+        let meta = st.meta(stat_wall_ns);
         // Without page deltas the path keeps no slots (`basis_end` 0), but
         // kept delta chunks still move to this change.
         if !page_deltas || st.size > MAX_DELTA_FILE {
@@ -1158,17 +1163,7 @@ impl Agent {
                 st.mode
             },
         };
-        let mut meta = FileMeta {
-            size: st.size,
-            mtime_ns: st.mtime_ns,
-            inode: st.inode,
-            mode: st.mode,
-            seq: 0,
-            dirty: false,
-            racy: st.mtime_ns > stat_wall_ns.saturating_sub(crate::store::RACY_NS),
-            dev: Some(st.dev),
-            btime_ns: st.btime,
-        };
+        let mut meta = st.meta(stat_wall_ns);
         // Re-read only because the last stat was not trustworthy, and the
         // content and metadata are what was recorded: no new version.
         if let Some(o) = old
