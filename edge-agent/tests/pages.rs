@@ -290,6 +290,12 @@ fn a_renamed_database_keeps_its_delta_bases() {
         let moved = file.with_file_name(new_name);
         std::fs::rename(&file, &moved).unwrap();
         let r = a.scan_once().unwrap();
+        // Rename detection needs birth times; without them the renamed
+        // database is read in full.
+        if std::fs::metadata(&moved).and_then(|m| m.created()).is_err() {
+            assert_eq!((r.files_renamed, r.bytes_chunked), (0, db.len() as u64));
+            continue;
+        }
         assert_eq!((r.files_renamed, r.bytes_chunked), (1, 0), "{new_name}: {r:?}");
         let (_, v2) = newest(&mut a);
         assert_eq!(v2.chunks, v1.chunks);
