@@ -248,16 +248,27 @@ fn hash_files(rx: std::sync::mpsc::Receiver<ToHash>, tx: std::sync::mpsc::SyncSe
 type ToFinish = (TempFile, PathBuf, u32, i64);
 
 /// What the writer and the finishing thread share: the targets handed
-/// over and not yet renamed, and whether the finisher failed.
+/// over and not yet renamed, and whether the finisher stopped.
 #[derive(Default)]
 struct Finishing {
     pending: Mutex<HashSet<PathBuf>>,
-    failed: AtomicBool,
+    stopped: AtomicBool,
 }
 
 impl Finishing {
     fn is_pending(&self, p: &Path) -> bool {
-        self.pending.lock().map_or(true, |s| s.contains(p))
+        self.pending.lock().is_ok_and(|s| s.contains(p))
+    }
+}
+
+/// Sets the flag when dropped: the finishing thread marks itself stopped
+/// however it ends (an error, or a panic), so the writer never waits for a
+/// rename that will not come.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -307,11 +318,10 @@ fn write_files(
         let (to_finish, finish_rx) = std::sync::mpsc::sync_channel::<ToFinish>(FINISH_QUEUE);
         let st = &state;
         let finisher = s.spawn(move || -> Result<()> {
+            // It ends normally only once the writer is done sending.
+            let _stopped = StopOnDrop(&st.stopped);
             for (w, target, mode, mtime_ns) in finish_rx {
-                if let Err(e) = w.finish(&target, mode, mtime_ns) {
-                    st.failed.store(true, Ordering::SeqCst);
-                    return Err(e);
-                }
+                w.finish(&target, mode, mtime_ns)?;
                 if let Ok(mut p) = st.pending.lock() {
                     p.remove(&target);
                 }
@@ -349,12 +359,12 @@ fn write_files_with(
             .send((w, target.to_path_buf(), f.mode, f.mtime_ns))
             .map_err(|_| Stopped::Finisher)
     };
-    let stopped = || state.failed.load(Ordering::SeqCst);
+    let stopped = || state.stopped.load(Ordering::SeqCst);
     let mut report = RestoreReport::default();
     for item in items {
         // A file queued for its rename at this path or above it must be in
         // place first, so the path checks below see it (and refuse to put
-        // a file under a file); nothing more is done once the finisher failed.
+        // a file under a file); nothing more is done once the finisher stopped.
         let want = item.rel.iter().fold(out.to_path_buf(), |p, c| p.join(c));
         while want.ancestors().any(|a| state.is_pending(a)) && !stopped() {
             std::thread::sleep(Duration::from_millis(1));
