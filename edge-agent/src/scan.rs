@@ -582,19 +582,6 @@ impl Agent {
         let Some(chunker) = self.chunkers.get(ci) else {
             return Err(Error::Config("no chunker for the policy class".into()));
         };
-        // State-file input: lengths bounded and adding up to the size.
-        let sane = fc
-            .chunks
-            .iter()
-            .all(|c| c.len > 0 && c.len as usize <= chunker.max_chunk())
-            && fc.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == st.size;
-        let Some((last, before)) = fc.chunks.split_last() else {
-            return Ok(false);
-        };
-        let last_start: u64 = before.iter().map(|c| u64::from(c.len)).sum();
-        let saved = ResumableSha256::from_bytes(&fc.sha_before_last)
-            .ok()
-            .filter(|s| s.len() == last_start);
         let same = !m.dirty
             && !m.racy
             && m.size == st.size
@@ -602,22 +589,28 @@ impl Agent {
             && st.btime.is_some()
             && m.btime_ns == st.btime
             && fc.cuts == Some(chunker.fingerprint());
-        let (true, true, Some(mut sha)) = (same, sane, saved) else {
+        let (true, Some(mut sha), Some(last)) =
+            (same, resume_state(fc, st.size, chunker.max_chunk()), fc.chunks.last())
+        else {
             return Ok(false);
+        };
+        let last_start = st.size - u64::from(last.len);
+        // A page-delta file takes the old path's slots as of now (an
+        // acknowledged candidate is the anchor): the same chunks at the same
+        // offsets, so those must still be there. Other files keep none.
+        let slots = page_deltas && st.size <= MAX_DELTA_FILE;
+        if slots && !g.basis {
+            return Ok(false);
+        }
+        let mut w = DeltaWrites {
+            basis_end: if slots { st.size } else { 0 },
+            replace: true,
+            ..DeltaWrites::default()
         };
         // Every chunk must be one a full read would reuse: known under its
         // tag with this id, and a delta chunk only while its sealed bytes
-        // are kept (they move to this change). A page-delta file also takes
-        // the old path's bases, so those must still be there.
-        if page_deltas && !g.basis {
-            return Ok(false);
-        }
-        // The old path's slots as of now (an acknowledged candidate is the
-        // anchor), to be this path's: the same chunks at the same offsets.
-        let mut w = DeltaWrites {
-            basis_end: st.size,
-            ..DeltaWrites::default()
-        };
+        // are kept (they move to this change) or the cloud holds it as this
+        // page's anchor.
         {
             let known = self.store.known_reader()?;
             let old = PageDeltas {
@@ -630,7 +623,7 @@ impl Agent {
             };
             let mut at = 0u64;
             for c in &fc.chunks {
-                let slot = match page_deltas {
+                let slot = match slots {
                     true => old.current(at)?,
                     false => BasisSlot::default(),
                 };
@@ -640,8 +633,7 @@ impl Agent {
                             if old.basis.has_sealed(&k.id)? {
                                 w.keep_sealed.push(k.id);
                             } else if slot.anchor.as_ref().is_none_or(|a| a.id != k.id || !old.acked(a)) {
-                                // Neither kept nor held by the cloud as this
-                                // page's version: a full read seals it again.
+                                // A full read would seal it again.
                                 return Ok(false);
                             }
                         }
@@ -677,12 +669,6 @@ impl Agent {
             mode: st.mode,
         };
         let meta = st.meta(stat_wall_ns);
-        // Without page deltas the path keeps no slots (`basis_end` 0), but
-        // kept delta chunks still move to this change.
-        if !page_deltas || st.size > MAX_DELTA_FILE {
-            (w.basis, w.basis_end) = (Vec::new(), 0);
-        }
-        w.replace = true;
         tracing::debug!(path, from = %g.path, "renamed: chunks taken from the old path");
         // Under another class (a rotated `app.log` → `app.log.1`) the
         // chunks are still these: the cuts are this class's (checked
@@ -762,7 +748,7 @@ impl Agent {
         if !is_link
             && old
                 .as_ref()
-                .is_none_or(|o| o.inode != st.inode || o.dev != Some(st.dev))
+                .is_none_or(|o| o.inode != st.inode || o.dev.is_some_and(|d| d != st.dev))
         {
             if let Some(o) = old.clone() {
                 if let Some((dev, g)) = self.vacate(path, o, vac)? {
@@ -863,7 +849,7 @@ impl Agent {
         // differs, the bytes before it are read again (through a duplicate of
         // this descriptor, so the same file) and hashed. A write during the
         // scan is caught by the stat check after the read, as for any read.
-        let mut same: Option<(FileChunks, File)> = None;
+        let mut same: Option<(FileChunks, File, ResumableSha256)> = None;
         let (cuts, max_chunk) = match self.chunkers.get(ci) {
             Some(c) => (c.fingerprint(), c.max_chunk()),
             None => return Err(Error::Config("no chunker for the policy class".into())),
@@ -871,14 +857,8 @@ impl Agent {
         if let (Some(o), Src::File(f)) = (&old, &file) {
             if start == 0 && !o.dirty && o.size == st.size && o.inode == st.inode {
                 if let Some(fc) = self.store.file_chunks(path)?.filter(|fc| fc.class == class) {
-                    // State-file input: lengths bounded (each is read into
-                    // memory below) and adding up to the file's size.
-                    let sane = fc.chunks.iter().all(|c| c.len > 0 && c.len as usize <= max_chunk)
-                        && fc.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == st.size;
-                    let last_start: u64 = fc.chunks.iter().rev().skip(1).map(|c| u64::from(c.len)).sum();
-                    let saved = ResumableSha256::from_bytes(&fc.sha_before_last).ok();
-                    if sane && !fc.chunks.is_empty() && saved.is_some_and(|s| s.len() == last_start) {
-                        same = Some((fc, f.try_clone().map_err(|e| Error::io(fs_path, e))?));
+                    if let Some(saved) = resume_state(&fc, st.size, max_chunk) {
+                        same = Some((fc, f.try_clone().map_err(|e| Error::io(fs_path, e))?, saved));
                     }
                 }
             }
@@ -912,7 +892,7 @@ impl Agent {
         // only from the first chunk that differs. Only if this chunking cut
         // them (an older geometry or other sizes record another `cuts`).
         let plan: Vec<StoredChunk> = match &same {
-            Some((fc, _)) if fc.cuts == Some(cuts) => fc.chunks.clone(),
+            Some((fc, _, _)) if fc.cuts == Some(cuts) => fc.chunks.clone(),
             _ => Vec::new(),
         };
         let Agent {
@@ -930,18 +910,21 @@ impl Agent {
         let mut on_chunk = |plain: &[u8], tag: Hash32| -> Result<()> {
             let at = off;
             off += plain.len() as u64;
-            match same.as_ref().map(|(fc, f)| (fc, f, fc.chunks.get(chunks.len()))) {
-                Some((fc, _, Some(c))) if c.tag == tag && c.len as usize == plain.len() => {
+            match same
+                .as_ref()
+                .map(|(fc, f, saved)| (fc, f, saved, fc.chunks.get(chunks.len())))
+            {
+                Some((fc, _, saved, Some(c))) if c.tag == tag && c.len as usize == plain.len() => {
                     if chunks.len() + 1 == fc.chunks.len() {
                         // Every chunk is the old version's: so is the hash.
-                        sha_before_last = ResumableSha256::from_bytes(&fc.sha_before_last)?;
+                        sha_before_last = saved.clone();
                         sha = sha_before_last.clone();
                         sha.update(plain);
                         same = None;
                         same_hit = true;
                     }
                 }
-                Some((_, f, _)) => {
+                Some((_, f, _, _)) => {
                     torn |= !hash_prefix(f, &chunks, &tagger, &mut sha, fs_path)?;
                     reread += at;
                     same = None;
@@ -1221,6 +1204,20 @@ impl Agent {
         rep.changes_recorded += 1;
         Ok(())
     }
+}
+
+/// The SHA-256 state saved before `fc`'s last chunk, if `fc` can stand for
+/// a file of `size` bytes: chunks present, each at most `max_chunk` (they
+/// are read into memory) and adding up to `size`, and the state covering
+/// all but the last. State-file input, so checked before any use.
+fn resume_state(fc: &FileChunks, size: u64, max_chunk: usize) -> Option<ResumableSha256> {
+    let (_, before) = fc.chunks.split_last()?;
+    let sane = fc.chunks.iter().all(|c| c.len > 0 && c.len as usize <= max_chunk)
+        && fc.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == size;
+    let last_start: u64 = before.iter().map(|c| u64::from(c.len)).sum();
+    ResumableSha256::from_bytes(&fc.sha_before_last)
+        .ok()
+        .filter(|s| sane && s.len() == last_start)
 }
 
 /// Hashes the bytes of `f` that `prefix` (the chunks read so far, from

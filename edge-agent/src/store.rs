@@ -1036,7 +1036,6 @@ impl Store {
         v.map(|v| cbor_decode("file chunks", v.value())).transpose()
     }
 
-    /// A read view of the known-chunk table, for one file's worth of lookups.
     /// Whether known chunks of an older agent's tag function are kept
     /// (see `known_hmac`).
     pub fn has_legacy_known(&self) -> Result<bool> {
@@ -1052,6 +1051,7 @@ impl Store {
         Ok(v.and_then(|v| KnownChunk::from_bytes(v.value())))
     }
 
+    /// A read view of the known-chunk table, for one file's worth of lookups.
     pub fn known_reader(&self) -> Result<KnownReader> {
         let r = self.db.begin_read()?;
         Ok(KnownReader {
@@ -1159,10 +1159,11 @@ impl Store {
                 counters.files_tracked = counters.files_tracked.saturating_sub(1);
                 counters.logical_bytes = counters.logical_bytes.saturating_sub(o.size);
             }
-            let mut inodes = txn.open_table(INODES)?;
-            if let Some(o) = &old {
-                Self::unlink_inode(&mut inodes, o, path)?;
-            }
+            let new_meta = match (&change.body, &file) {
+                (ChangeBody::File(_), Some((m, _))) => Some(m),
+                _ => None,
+            };
+            Self::relink_inode(&mut txn.open_table(INODES)?, old.as_ref(), new_meta, path)?;
             match (&change.body, file) {
                 (ChangeBody::File(_), Some((mut meta, fc))) => {
                     meta.seq = seq;
@@ -1171,9 +1172,6 @@ impl Store {
                     counters.logical_bytes += meta.size;
                     files.insert(path, protocol::to_cbor(&meta).as_slice())?;
                     chunks.insert(path, protocol::to_cbor(&fc).as_slice())?;
-                    if let Some(dev) = meta.dev {
-                        inodes.insert((dev, meta.inode), path)?;
-                    }
                 }
                 (ChangeBody::File(f), None) if f.is_dir() => {
                     txn.open_table(EMPTY_DIRS)?.insert(path, seq)?;
@@ -1321,12 +1319,7 @@ impl Store {
                 // An undecodable old entry is overwritten; its inode hint
                 // (if any) stays, and readers check hints.
                 let old: Option<FileMeta> = old.and_then(|v| minicbor::decode(v.value()).ok());
-                if let Some(o) = &old {
-                    Self::unlink_inode(&mut inodes, o, path)?;
-                }
-                if let Some(dev) = meta.dev {
-                    inodes.insert((dev, meta.inode), path.as_str())?;
-                }
+                Self::relink_inode(&mut inodes, old.as_ref(), Some(meta), path)?;
             }
         }
         txn.commit()?;
@@ -1334,15 +1327,28 @@ impl Store {
         Ok(())
     }
 
-    /// Removes `old`'s `inodes` entry if it still names `path` (another
-    /// path may have been recorded with that inode since: a rename).
-    fn unlink_inode(inodes: &mut redb::Table<(u64, u64), &str>, old: &FileMeta, path: &str) -> Result<()> {
-        let Some(dev) = old.dev else {
+    /// Moves `path`'s `inodes` entry from its `old` state's inode to its
+    /// `new` one (None: the path is gone). Nothing is written while the
+    /// inode stays (most records). The old entry is removed only if it
+    /// still names `path` (another path may have taken it since: a rename).
+    fn relink_inode(
+        inodes: &mut redb::Table<(u64, u64), &str>,
+        old: Option<&FileMeta>,
+        new: Option<&FileMeta>,
+        path: &str,
+    ) -> Result<()> {
+        let key = |m: &FileMeta| m.dev.map(|d| (d, m.inode));
+        let (old, new) = (old.and_then(key), new.and_then(key));
+        if old == new {
             return Ok(());
-        };
-        let ours = inodes.get((dev, old.inode))?.is_some_and(|v| v.value() == path);
-        if ours {
-            inodes.remove((dev, old.inode))?;
+        }
+        if let Some(k) = old {
+            if inodes.get(k)?.is_some_and(|v| v.value() == path) {
+                inodes.remove(k)?;
+            }
+        }
+        if let Some(k) = new {
+            inodes.insert(k, path)?;
         }
         Ok(())
     }
@@ -1901,7 +1907,7 @@ impl Store {
                 return Ok(());
             };
             if let Ok(o) = cbor_decode::<FileMeta>("file state", &old) {
-                Self::unlink_inode(&mut txn.open_table(INODES)?, &o, path)?;
+                Self::relink_inode(&mut txn.open_table(INODES)?, Some(&o), None, path)?;
             }
             txn.open_table(FILE_CHUNKS)?.remove(path)?;
             txn.open_table(DURABLE)?.remove(path)?;

@@ -25,6 +25,14 @@ fn birth_times(dir: &Path) -> bool {
     std::fs::metadata(dir).and_then(|m| m.created()).is_ok()
 }
 
+/// A temporary directory holding an empty watch folder `plant`.
+fn watch_folder() -> (tempfile::TempDir, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let watch = t.path().join("plant");
+    std::fs::create_dir(&watch).unwrap();
+    (t, watch)
+}
+
 fn write_settled(path: &Path, content: &[u8]) {
     std::fs::write(path, content).unwrap();
     settle(path);
@@ -41,9 +49,7 @@ fn same_file(got: &FileVersion, expected: &FileVersion, bytes: &[u8]) {
 
 #[test]
 fn a_renamed_file_is_recorded_with_its_chunks_reading_only_its_last_chunk() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir(&watch).unwrap();
+    let (t, watch) = watch_folder();
     // `a.bin` → `b.bin`: the walk meets the old path first (it is deleted
     // before the new one is seen). `z.csv` → `c.csv`: the new path first
     // (the old one is still tracked then).
@@ -121,9 +127,7 @@ fn a_renamed_file_is_recorded_with_its_chunks_reading_only_its_last_chunk() {
 
 #[test]
 fn a_rotated_log_is_recognised_and_the_new_log_read() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir(&watch).unwrap();
+    let (t, watch) = watch_folder();
     let (one, two) = (csv_lines(600 << 10, 1), csv_lines(700 << 10, 2));
     write_settled(&watch.join("app.log"), &one);
     write_settled(&watch.join("app.log.1"), &two);
@@ -156,9 +160,7 @@ fn a_rotated_log_is_recognised_and_the_new_log_read() {
 
 #[test]
 fn a_copy_is_read_in_full_and_a_stale_inode_hint_is_ignored() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir(&watch).unwrap();
+    let (t, watch) = watch_folder();
     let bin = pseudo_random(1 << 20, 9);
     write_settled(&watch.join("a.bin"), &bin);
     let mut a = agent(t.path(), &watch);
@@ -196,9 +198,7 @@ fn a_copy_is_read_in_full_and_a_stale_inode_hint_is_ignored() {
 
 #[test]
 fn a_file_recorded_by_an_older_agent_is_recognised_once_its_stat_is_completed() {
-    let t = tempfile::tempdir().unwrap();
-    let watch = t.path().join("plant");
-    std::fs::create_dir(&watch).unwrap();
+    let (t, watch) = watch_folder();
     let bin = pseudo_random(1 << 20, 4);
     write_settled(&watch.join("a.bin"), &bin);
     agent(t.path(), &watch).scan_once().unwrap();
